@@ -1,0 +1,103 @@
+"""Op-support tables shared by the backend modules (data only, no SDK imports)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..types import BackendOption, LayerInfo, ModelAnalysis
+
+NodeCheck = Callable[[LayerInfo, BackendOption, ModelAnalysis], "str | None"]
+
+
+def onnx_default_ops() -> frozenset[str]:
+    """Every op in the default ONNX domain known to the installed onnx package."""
+    import onnx.defs
+
+    return frozenset(s.name for s in onnx.defs.get_all_schemas_with_history() if s.domain in ("", "ai.onnx"))
+
+
+#: Ops no inference backend we target runs (sequences, strings, optionals, training, randomness).
+NEVER = frozenset(
+    "ConcatFromSequence SequenceAt SequenceConstruct SequenceEmpty SequenceErase SequenceInsert SequenceLength "
+    "SequenceMap SplitToSequence Optional OptionalGetElement OptionalHasElement StringNormalizer StringConcat "
+    "StringSplit RegexFullMatch TfIdfVectorizer ImageDecoder Bernoulli Multinomial RandomNormal RandomNormalLike "
+    "RandomUniform RandomUniformLike Gradient Momentum Adagrad Adam".split()
+)
+
+#: ONNX ops our TFLite writer maps to TFLite builtins (BatchNormalization is folded
+#: into the preceding conv, shape computations on static shapes are folded).
+TFLITE_OPS = frozenset(
+    "Conv ConvTranspose Gemm MatMul Add Sub Mul Div Relu Clip Sigmoid Tanh HardSigmoid HardSwish LeakyRelu PRelu "
+    "Elu MaxPool AveragePool GlobalAveragePool GlobalMaxPool Reshape Flatten Transpose Concat Softmax LogSoftmax "
+    "Squeeze Unsqueeze Pad Resize Slice Split BatchNormalization Identity Dropout ReduceMean ReduceMax ReduceMin "
+    "ReduceSum ReduceProd Exp Log Sqrt Rsqrt Pow Neg Abs Max Min ArgMax ArgMin Gather Cast Shape Constant "
+    "DepthToSpace SpaceToDepth Tile Expand Where Equal Less Greater LessOrEqual GreaterOrEqual Not And Or Erf "
+    "Gelu LayerNormalization Floor Ceil Round Sin Cos Softplus Sign Range QuantizeLinear DequantizeLinear".split()
+)
+
+#: TFLite Micro kernels (int8 reference / CMSIS-NN) reached from ONNX.
+TFLM_OPS = frozenset(
+    "Conv ConvTranspose Gemm MatMul Add Sub Mul Div Relu Clip Sigmoid Tanh HardSwish HardSigmoid LeakyRelu PRelu "
+    "MaxPool AveragePool GlobalAveragePool Reshape Flatten Transpose Concat Softmax Squeeze Unsqueeze Pad Resize "
+    "Slice Split BatchNormalization Identity Dropout ReduceMean ReduceMax Max Min ArgMax DepthToSpace "
+    "SpaceToDepth QuantizeLinear DequantizeLinear Shape Constant".split()
+)
+
+#: ONNX ops our Core ML (MIL) builder maps.
+COREML_OPS = frozenset(
+    (
+        "Conv ConvTranspose Gemm MatMul Add Sub Mul Div Relu Clip Sigmoid Tanh HardSigmoid HardSwish LeakyRelu "
+        "PRelu Elu Selu Softplus Softsign MaxPool AveragePool GlobalAveragePool GlobalMaxPool Reshape Flatten "
+        "Transpose Concat Softmax LogSoftmax Squeeze Unsqueeze Pad Resize Upsample Slice Split BatchNormalization "
+        "InstanceNormalization LayerNormalization GroupNormalization Identity Dropout ReduceMean ReduceMax ReduceMin "
+        "ReduceSum ReduceProd ReduceL2 Exp Log Sqrt Reciprocal Pow Neg Abs Max Min ArgMax ArgMin Gather GatherElements "
+        "Cast Shape Constant ConstantOfShape DepthToSpace SpaceToDepth Tile Expand Where Equal Less Greater Not And Or "
+        "Erf Gelu Floor Ceil Round Sin Cos Einsum Range TopK CumSum Sign Atan LpNormalization LRN "
+        "QuantizeLinear DequantizeLinear"
+    ).split()
+)
+
+
+def static_shapes(layer: LayerInfo, option: BackendOption, analysis: ModelAnalysis) -> str | None:
+    if option.requires_static_shapes and any(not s or any(d <= 0 for d in s) for s in layer.output_shapes):
+        return "output shape is not static"
+    return None
+
+
+def max_rank(n: int) -> NodeCheck:
+    def check(layer: LayerInfo, option: BackendOption, analysis: ModelAnalysis) -> str | None:
+        r = max((len(s) for s in layer.output_shapes), default=0)
+        return f"rank-{r} tensors (this backend handles rank <= {n})" if r > n else None
+
+    return check
+
+
+def const_weight(layer: LayerInfo, option: BackendOption, analysis: ModelAnalysis) -> str | None:
+    if layer.op_type in ("Gemm", "MatMul", "Conv", "ConvTranspose") and not layer.weights:
+        return "needs a constant weight (both operands are activations)"
+    return None
+
+
+def div_by_constant(layer: LayerInfo, option: BackendOption, analysis: ModelAnalysis) -> str | None:
+    """Integer-only runtimes have no DIV kernel; a division by a constant is written as MUL by its reciprocal."""
+    if layer.op_type == "Div" and (len(layer.inputs) < 2 or layer.inputs[1] not in layer.weights):
+        return "divides by an activation (int8 kernels exist only for division by a constant)"
+    return None
+
+
+def check_layers(analysis: ModelAnalysis, option: BackendOption, supported: frozenset[str] | Callable[[str, str], bool],
+                 checks: list[NodeCheck]) -> list[str]:
+    """Reasons the backend option cannot run the model, one per failing layer (empty: all supported)."""
+    reasons = []
+    for ly in analysis.layers:
+        ok = supported(ly.op_type, ly.domain) if callable(supported) else (ly.domain in ("", "ai.onnx") and ly.op_type in supported)
+        if not ok:
+            dom = f"{ly.domain}." if ly.domain else ""
+            reasons.append(f"{ly.name}: op {dom}{ly.op_type} is not supported by {option.backend}")
+            continue
+        for c in checks:
+            why = c(ly, option, analysis)
+            if why:
+                reasons.append(f"{ly.name}: {ly.op_type} {why}")
+                break
+    return reasons

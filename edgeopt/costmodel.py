@@ -1,0 +1,173 @@
+"""Predicting latency, memory and storage of a model on a target from its analysis.
+
+A per-layer roofline: a layer takes the longer of its arithmetic at the unit's
+peak rate (times the backend's efficiency) and its memory traffic at the unit's
+bandwidth, plus a fixed per-layer overhead.  Activations that every backend fuses
+into the producing conv/matmul (ReLU, clip, bias/scale) and pure view ops
+(Reshape, Flatten, Squeeze...) cost nothing.  Pure: no vendor SDKs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .graph import ArenaPlan, plan_arena
+from .types import WEIGHT_BITS, BackendOption, ComputeUnit, LayerInfo, ModelAnalysis, Target, TensorInfo
+
+#: Ops that are views of their input on every backend.
+VIEW_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout"})
+#: Elementwise ops every backend fuses into a preceding conv/gemm/matmul.
+FUSABLE = frozenset({"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "PRelu", "Elu",
+                     "BatchNormalization", "Add", "Mul", "Sub", "Div"})
+PRODUCERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "MatMulNBits"})
+#: Bytes of quantization metadata per output channel (fp32 scale + zero point).
+_PER_CHANNEL_BYTES = 5
+#: Weight-only int4 block size (MatMulNBits default) and bytes per block (fp16 scale + packed zero point).
+INT4_BLOCK = 32
+_INT4_BLOCK_BYTES = 2.5
+
+
+def fused_layers(analysis: ModelAnalysis) -> set[str]:
+    """Names of layers that cost nothing because backends fuse them or treat them as views."""
+    producer: dict[str, LayerInfo] = {o: ly for ly in analysis.layers for o in ly.outputs}
+    consumers: dict[str, int] = {}
+    for ly in analysis.layers:
+        for i in ly.inputs:
+            consumers[i] = consumers.get(i, 0) + 1
+    fused: set[str] = set()
+    chain_ok: set[str] = set()  # layers that are a producer or already fused onto one
+    for ly in analysis.layers:
+        if ly.op_type in VIEW_OPS:
+            fused.add(ly.name)
+            continue
+        if ly.op_type in PRODUCERS:
+            chain_ok.add(ly.name)
+            continue
+        if ly.op_type not in FUSABLE:
+            continue
+        acts = [i for i in ly.inputs if i and i not in ly.weights]
+        if len(acts) != 1:
+            continue  # binary op of two activations (residual add): a real layer
+        src = producer.get(acts[0])
+        if src is not None and src.name in chain_ok and consumers.get(acts[0], 0) == 1:
+            fused.add(ly.name)
+            chain_ok.add(ly.name)
+    return fused
+
+
+def planned_weight_bytes(layer: LayerInfo, precision: str, sparsity: str = "none", ratio: float = 0.0,
+                         compresses: bool = False) -> int:
+    """Stored bytes of a layer's weights after quantization and pruning."""
+    if not layer.quantizable:
+        # biases, BN parameters, shape constants: stored in the float precision the layer runs
+        if precision in ("fp16", "bf16"):
+            float_bytes = min(layer.weight_bytes, layer.params * 4)
+            return layer.weight_bytes - float_bytes + float_bytes // 2
+        return layer.weight_bytes
+    main = layer.weight_shapes[0] if layer.weight_shapes else []
+    n_main = 1
+    for d in main:
+        n_main *= d
+    rest = max(0, layer.params - n_main)  # bias
+    out_ch = main[0] if main else 1
+    keep = 1.0
+    if sparsity == "channel":
+        keep = 1.0 - ratio
+    elif sparsity == "2:4":
+        keep = 0.5
+    elif sparsity == "unstructured" and compresses:
+        keep = 1.0 - ratio
+    bits = WEIGHT_BITS[precision]
+    body = n_main * keep * bits / 8
+    if sparsity == "2:4":
+        body += n_main * keep * 2 / 8  # 2-bit index per kept element
+    elif sparsity == "unstructured" and compresses:
+        body += n_main / 8  # bitmask
+    meta = 0.0
+    if precision == "int8" or precision == "wint8":
+        meta = out_ch * keep * _PER_CHANNEL_BYTES if sparsity == "channel" else out_ch * _PER_CHANNEL_BYTES
+    elif precision == "wint4":
+        meta = n_main * keep / INT4_BLOCK * _INT4_BLOCK_BYTES
+    bias_bits = 32 if precision in ("fp32", "int8", "wint8", "wint4") else 16
+    return int(round(body + meta + rest * keep * bias_bits / 8))
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    ms: float
+    compute_ms: float
+    memory_ms: float
+    bound: str  # "compute" | "memory" | "fused"
+
+
+def layer_latency(layer: LayerInfo, precision: str, option: BackendOption, unit: ComputeUnit, *,
+                  fused: bool = False, weight_bytes: int | None = None, sparsity_speedup: float = 1.0,
+                  keep: float = 1.0) -> LayerCost:
+    if fused:
+        return LayerCost(0.0, 0.0, 0.0, "fused")
+    cp = option.compute_precision(precision)
+    eff = option.efficiency or unit.efficiency
+    ops = (2 * layer.macs * keep + layer.flops)
+    compute_s = ops / (unit.peak_ops_per_s[cp] * eff) / sparsity_speedup
+    act_bytes = (layer.input_elems + layer.output_elems * keep) * option.activation_bits(precision) / 8
+    wb = layer.weight_bytes if weight_bytes is None else weight_bytes
+    memory_s = (act_bytes + wb) / unit.memory_bandwidth_bytes_per_s
+    ms = max(compute_s, memory_s) * 1e3 + unit.layer_overhead_us / 1e3
+    return LayerCost(ms, compute_s * 1e3, memory_s * 1e3, "compute" if compute_s >= memory_s else "memory")
+
+
+def tensor_bits(analysis: ModelAnalysis, precisions: Mapping[str, str], option: BackendOption) -> dict[str, int]:
+    """Bits per element of each activation tensor: its producer's precision; graph inputs: their consumer's."""
+    by_output = {o: ly for ly in analysis.layers for o in ly.outputs}
+    first_consumer: dict[str, LayerInfo] = {}
+    for ly in analysis.layers:
+        for i in ly.inputs:
+            first_consumer.setdefault(i, ly)
+    bits: dict[str, int] = {}
+    for t in analysis.tensors:
+        ly = by_output.get(t.name) or first_consumer.get(t.name)
+        dtype_bits = {"float": 32, "float16": 16, "bfloat16": 16, "int8": 8, "uint8": 8, "int64": 64, "int32": 32,
+                      "bool": 8, "double": 64}.get(t.dtype, 32)
+        if ly is None:
+            bits[t.name] = dtype_bits
+        elif t.dtype in ("float", "float16", "bfloat16"):
+            bits[t.name] = option.activation_bits(precisions[ly.name])
+        else:
+            bits[t.name] = dtype_bits
+    return bits
+
+
+def fused_tensors(analysis: ModelAnalysis) -> list[TensorInfo]:
+    """Activation tensors as a fusing runtime holds them: the output of a conv/matmul
+    that an activation is fused into never exists on its own."""
+    fused = {ly.name for ly in analysis.layers if ly.op_type not in VIEW_OPS} & fused_layers(analysis)
+    first = {t.name: t.first for t in analysis.tensors}
+    dropped: set[str] = set()
+    for ly in analysis.layers:  # topological order: a chain conv -> bn -> relu collapses step by step
+        if ly.name in fused:
+            src = next(i for i in ly.inputs if i and i not in ly.weights)
+            if src in first and ly.outputs[0] in first:
+                first[ly.outputs[0]] = min(first[ly.outputs[0]], first[src])
+                dropped.add(src)
+    return [t if first[t.name] == t.first else t.model_copy(update={"first": first[t.name]})
+            for t in analysis.tensors if t.name not in dropped]
+
+
+def arena(analysis: ModelAnalysis, precisions: Mapping[str, str], option: BackendOption) -> ArenaPlan:
+    """Arena of the fused graph (what a runtime that fuses activations allocates)."""
+    bits = tensor_bits(analysis, precisions, option)
+
+    def nbytes(t: TensorInfo) -> int:
+        return (t.elems * bits[t.name] + 7) // 8
+
+    return plan_arena(fused_tensors(analysis), nbytes)
+
+
+def graph_overhead_bytes(analysis: ModelAnalysis) -> int:
+    """File bytes that are not weights (graph structure, names, metadata)."""
+    return max(0, analysis.file_bytes - analysis.total_weight_bytes)
+
+
+def unit_of(target: Target, option: BackendOption) -> ComputeUnit:
+    return target.compute_units[option.unit]

@@ -1,0 +1,131 @@
+"""Terminal rendering of analyses, targets and plans (rich tables)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .planner import FIDELITY_ORDER, _fmt_bytes, check_option, evaluate
+from .types import ModelAnalysis, Plan, Target
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rich.console import Console
+
+
+def _si(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n:.0f}"
+
+
+def console() -> Console:
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=False, width=140)
+
+
+def targets_table(targets: list[Target], out: Console) -> None:
+    from rich.table import Table
+
+    t = Table(title="targets", title_justify="left")
+    for c in ("name", "class", "backends (preferred first)", "RAM", "storage", "latency"):
+        t.add_column(c)
+    for tg in targets:
+        b = tg.budgets
+        t.add_row(tg.name, tg.device_class, ", ".join(f"{o.label}: {'/'.join(o.precisions)}" for o in tg.backends),
+                  _fmt_bytes(int(b.ram)), _fmt_bytes(int(b.storage)), f"{b.latency_ms:g} ms")
+    out.print(t)
+
+
+def target_detail(tg: Target, out: Console) -> None:
+    import yaml
+
+    out.print(yaml.safe_dump(tg.model_dump(mode="json"), sort_keys=False).rstrip())
+
+
+def analysis_summary(a: ModelAnalysis, out: Console, *, top: int | None = None) -> None:
+    from rich.table import Table
+
+    from .costmodel import fused_layers
+    from .graph import plan_arena
+
+    out.print(f"[bold]model[/] {a.path}  opset {a.opset}  {a.producer}  sha256 {a.sha256[:12]}")
+    out.print("inputs  " + ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in a.inputs.items())
+              + "   outputs " + ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in a.outputs.items()))
+    out.print(f"layers {len(a.layers)}  params {a.total_params:,}  weights {_fmt_bytes(a.total_weight_bytes)}"
+              f"  MACs {_si(a.total_macs)}  other FLOPs {_si(a.total_flops)}  file {_fmt_bytes(a.file_bytes)}")
+    arena32 = plan_arena(a.tensors, lambda t: t.elems * 4)
+    arena8 = plan_arena(a.tensors, lambda t: t.elems)
+    out.print(f"activation memory: fp32 peak live {_fmt_bytes(arena32.peak_live_bytes)}, greedy arena "
+              f"{_fmt_bytes(arena32.arena_bytes)}; int8 peak live {_fmt_bytes(arena8.peak_live_bytes)}, "
+              f"arena {_fmt_bytes(arena8.arena_bytes)} (peak at layer {arena32.peak_step})")
+    for n in a.notes:
+        out.print(f"[yellow]note[/] {n}")
+    fused = fused_layers(a)
+    t = Table(title="layers", title_justify="left")
+    for c, j in (("#", "right"), ("name", "left"), ("op", "left"), ("output", "left"), ("params", "right"),
+                 ("weights", "right"), ("MACs", "right"), ("act out", "right"), ("", "left")):
+        t.add_column(c, justify=j)
+    rows = list(enumerate(a.layers))
+    if top:
+        rows = sorted(rows, key=lambda r: -(r[1].macs + r[1].flops))[:top]
+        t.title = f"top {top} layers by arithmetic"
+    for i, ly in rows:
+        t.add_row(str(i), ly.name[:48], ly.op_type, " ".join("x".join(map(str, s)) for s in ly.output_shapes),
+                  f"{ly.params:,}" if ly.params else "", _fmt_bytes(ly.weight_bytes) if ly.weight_bytes else "",
+                  _si(ly.macs) if ly.macs else "", _fmt_bytes(ly.output_elems * 4),
+                  "fused" if ly.name in fused else "")
+    out.print(t)
+
+
+def target_fit(a: ModelAnalysis, tg: Target, out: Console) -> None:
+    """Op pre-flight and predicted cost per backend option and precision."""
+    from rich.table import Table
+
+    out.print(f"\n[bold]target[/] {tg.name}: {tg.description}")
+    t = Table(title="predicted on each backend option (uniform precision)", title_justify="left")
+    for c in ("backend", "ops", "precision", "latency", "RAM", "storage", "budgets"):
+        t.add_column(c)
+    for option in tg.backends:
+        reasons = check_option(a, option)
+        if reasons:
+            t.add_row(option.label, f"[red]{len(reasons)} unsupported[/]", "", "", "", "", "")
+            for r in reasons[:5]:
+                out.print(f"[red]unsupported[/] {option.label}: {r}")
+            if len(reasons) > 5:
+                out.print(f"[red]unsupported[/] {option.label}: ... {len(reasons) - 5} more")
+            continue
+        for p in (p for p in FIDELITY_ORDER if p in option.precisions):
+            ev = evaluate(a, tg, option, p)
+            missed = [c.name.replace("_ms", "") for c in ev.checks if not c.ok]
+            t.add_row(option.label, "[green]ok[/]", p, f"{ev.latency_ms:.3f} ms", _fmt_bytes(ev.ram),
+                      _fmt_bytes(ev.storage), "[green]fit[/]" if not missed else f"[red]over: {', '.join(missed)}[/]")
+    out.print(t)
+
+
+def plan_summary(plan: Plan, out: Console, *, layers: bool = True) -> None:
+    from rich.table import Table
+
+    out.print(f"\n[bold]plan[/] for target {plan.target} on {plan.backend}/{plan.unit}"
+              + (f" {plan.backend_options}" if plan.backend_options else ""))
+    for c in plan.budgets:
+        shown = f"{c.predicted:.3f} ms" if c.name == "latency_ms" else _fmt_bytes(c.predicted)
+        limit = f"{c.budget:g} ms" if c.name == "latency_ms" else _fmt_bytes(c.budget)
+        mark = "[green]ok[/]" if c.ok else "[red]OVER[/]"
+        out.print(f"  {c.name.replace('_ms', ''):8} {shown:>12}  budget {limit:>10}  {mark}")
+    counts: dict[str, int] = {}
+    for lp in plan.layers:
+        counts[lp.precision] = counts.get(lp.precision, 0) + 1
+    out.print("  precisions: " + ", ".join(f"{k} x{v}" for k, v in counts.items()))
+    for r in plan.rationale:
+        out.print(f"  - {r}")
+    if not layers:
+        return
+    t = Table(title="per-layer plan", title_justify="left")
+    for c in ("name", "op", "precision", "sparsity", "weights", "pred. ms", "why"):
+        t.add_column(c)
+    for lp in plan.layers:
+        sp = "" if lp.sparsity == "none" else f"{lp.sparsity} {lp.sparsity_ratio:.0%}"
+        t.add_row(lp.name[:40], lp.op_type, lp.precision, sp, _fmt_bytes(lp.weight_bytes) if lp.weight_bytes else "",
+                  f"{lp.predicted_ms:.4f}", lp.reason)
+    out.print(t)

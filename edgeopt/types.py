@@ -1,0 +1,281 @@
+"""The data that moves between edgeopt's stages.
+
+Every model here is frozen and rejects unknown fields, so a typo in a target
+file or a hand-edited plan is an error instead of a silently ignored key.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator, model_validator
+
+#: Numeric formats a layer can run in.  ``int8`` quantizes weights and
+#: activations (static QDQ); ``wint8``/``wint4`` quantize weights only and keep
+#: floating-point activations (MatMulNBits-style).
+Precision = Literal["fp32", "fp16", "bf16", "int8", "wint8", "wint4"]
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "wint8", "wint4")
+
+#: Bits per stored weight element for each precision.
+WEIGHT_BITS: dict[str, int] = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8, "wint8": 8, "wint4": 4}
+#: Bits per element of the arithmetic each precision computes in.
+BITS: dict[str, int] = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8}
+WEIGHT_ONLY = ("wint8", "wint4")
+
+#: Sparsity patterns: ``unstructured`` (any zero), ``2:4`` (N:M, two of every
+#: four along the reduction axis), ``channel`` (whole output channels removed,
+#: which every backend runs since the layer simply becomes smaller).
+Sparsity = Literal["none", "unstructured", "2:4", "channel"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --------------------------------------------------------------------------- targets
+
+
+class Budgets(_Frozen):
+    """What the model may use on the device.  Sizes accept ``512KiB``, ``2MB``, or bytes."""
+
+    ram: ByteSize = Field(description="working memory for activations (+ weights if they must be in RAM)")
+    storage: ByteSize = Field(description="room for the model file (flash on an MCU)")
+    latency_ms: float = Field(gt=0, description="one inference, batch 1")
+    weights_in_ram: bool = Field(
+        default=True,
+        description="whether weights are loaded into RAM (false on an MCU, where they execute from flash)",
+    )
+
+
+class ComputeUnit(_Frozen):
+    """A roofline model of one compute unit (CPU cluster, GPU, NPU, DSP)."""
+
+    description: str = ""
+    peak_ops_per_s: dict[str, float] = Field(
+        description="peak arithmetic rate per compute precision (1 MAC = 2 ops)"
+    )
+    memory_bandwidth_bytes_per_s: float = Field(gt=0)
+    efficiency: float = Field(
+        default=0.5, gt=0, le=1, description="fraction of peak a well-tuned kernel reaches"
+    )
+    layer_overhead_us: float = Field(default=0.0, ge=0, description="fixed cost per layer (dispatch, launch)")
+
+    @field_validator("peak_ops_per_s")
+    @classmethod
+    def _known_precisions(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = sorted(set(v) - set(PRECISIONS))
+        if bad:
+            raise ValueError(f"unknown precision(s) {bad}; valid: {list(PRECISIONS)}")
+        if any(x <= 0 for x in v.values()):
+            raise ValueError("peak rates must be positive")
+        return v
+
+
+class SparsitySupport(_Frozen):
+    pattern: Literal["unstructured", "2:4", "channel"]
+    speedup: float = Field(default=1.0, ge=1.0, description="compute speed-up on layers using it")
+    precisions: list[Precision] | None = Field(default=None, description="None: all the backend's precisions")
+    compresses_storage: bool = Field(default=False, description="whether the format stores it compactly")
+
+
+class BackendOption(_Frozen):
+    """One way to run models on a target: a backend on one compute unit."""
+
+    backend: Literal["onnxruntime", "openvino", "tflite", "tflm", "coreml", "tensorrt"]
+    unit: str = Field(description="key into the target's compute units")
+    options: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="backend settings (delegate, execution provider, precision hint...)"
+    )
+    precisions: list[Precision]
+    sparsity: list[SparsitySupport] = Field(default_factory=list)
+    requires_full_integer: bool = Field(
+        default=False, description="every layer must be int8 (TFLM, NNAPI/EdgeTPU style accelerators)"
+    )
+    requires_static_shapes: bool = False
+    efficiency: float | None = Field(default=None, gt=0, le=1, description="overrides the unit's efficiency")
+    weight_only_compute: Literal["fp32", "fp16", "bf16"] = Field(
+        default="fp32", description="the float arithmetic weight-only (wint8/wint4) layers compute in"
+    )
+
+    def compute_precision(self, precision: str) -> str:
+        """The arithmetic a layer in ``precision`` runs (what the peak rate is looked up by)."""
+        return self.weight_only_compute if precision in WEIGHT_ONLY else precision
+
+    def activation_bits(self, precision: str) -> int:
+        return BITS[self.compute_precision(precision)]
+
+    @property
+    def label(self) -> str:
+        extra = self.options.get("delegate") or self.options.get("provider") or self.options.get("device")
+        return f"{self.backend}/{self.unit}" + (f"({extra})" if extra else "")
+
+
+class Target(_Frozen):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    description: str
+    device_class: Literal["server-gpu", "edge-gpu", "cpu", "mobile", "microcontroller"]
+    budgets: Budgets
+    compute_units: dict[str, ComputeUnit]
+    backends: list[BackendOption] = Field(min_length=1, description="in order of preference")
+
+    @model_validator(mode="after")
+    def _units_exist(self) -> Target:
+        for b in self.backends:
+            if b.unit not in self.compute_units:
+                raise ValueError(
+                    f"backend {b.backend} runs on unit {b.unit!r}, which is not among compute_units "
+                    f"{sorted(self.compute_units)}"
+                )
+            unit = self.compute_units[b.unit]
+            missing = sorted({b.compute_precision(p) for p in b.precisions} - set(unit.peak_ops_per_s))
+            if missing:
+                raise ValueError(
+                    f"backend {b.backend} on unit {b.unit!r} lists precisions computing in {missing}, "
+                    f"but the unit has no peak rate for them"
+                )
+        return self
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+class LayerInfo(_Frozen):
+    """What analysis knows about one compute node."""
+
+    name: str
+    op_type: str
+    domain: str = ""
+    inputs: list[str]
+    outputs: list[str]
+    weights: list[str] = Field(description="constant inputs (initializers, Constant nodes and folded constants)")
+    weight_shapes: list[list[int]] = Field(default_factory=list, description="shapes of ``weights``, same order")
+    attributes: dict[str, int | float | str | list[int] | list[float]] = Field(default_factory=dict)
+    params: int
+    weight_bytes: int = Field(description="bytes of the weights as stored now")
+    macs: int
+    flops: int = Field(description="non-MAC arithmetic (elementwise, pooling, normalization)")
+    input_elems: int
+    output_elems: int
+    output_shapes: list[list[int]]
+    quantizable: bool = Field(description="whether it has weights a quantizer or pruner would change")
+
+
+class TensorInfo(_Frozen):
+    name: str
+    shape: list[int]
+    dtype: str
+    elems: int
+    first: int = Field(description="index of the step that creates it (-1: graph input)")
+    last: int = Field(description="index of the last step that reads it (len(steps): graph output)")
+
+
+class ModelAnalysis(_Frozen):
+    path: str
+    sha256: str
+    opset: int
+    producer: str
+    inputs: dict[str, list[int]]
+    outputs: dict[str, list[int]]
+    layers: list[LayerInfo]
+    tensors: list[TensorInfo] = Field(description="activation tensors, in creation order")
+    total_params: int
+    total_weight_bytes: int
+    total_macs: int
+    total_flops: int
+    file_bytes: int
+    notes: list[str] = Field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- plans
+
+
+class LayerPlan(_Frozen):
+    name: str
+    op_type: str
+    precision: Precision
+    sparsity: Sparsity = "none"
+    sparsity_ratio: float = Field(default=0.0, ge=0, lt=1)
+    predicted_ms: float
+    weight_bytes: int = Field(description="predicted stored weight bytes after the plan")
+    reason: str
+
+
+class BudgetCheck(_Frozen):
+    name: Literal["ram", "storage", "latency_ms"]
+    predicted: float
+    budget: float
+
+    @property
+    def ok(self) -> bool:
+        return self.predicted <= self.budget
+
+
+class Plan(_Frozen):
+    """The hand-off between planning and building: everything build needs to replay."""
+
+    schema_version: Literal[1] = 1
+    edgeopt_version: str
+    model_sha256: str
+    target: str
+    target_sha256: str = Field(description="hash of the target definition the plan was made for")
+    backend: str
+    unit: str
+    backend_options: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    input_shapes: dict[str, list[int]]
+    layers: list[LayerPlan]
+    predicted_latency_ms: float
+    predicted_storage_bytes: int
+    predicted_ram_bytes: int
+    predicted_arena_bytes: int
+    budgets: list[BudgetCheck]
+    rationale: list[str] = Field(description="plan-level decisions, in order, in words")
+
+    def layer(self, name: str) -> LayerPlan:
+        for lp in self.layers:
+            if lp.name == name:
+                return lp
+        raise KeyError(name)
+
+
+# --------------------------------------------------------------------------- artifacts and profiles
+
+
+class Artifact(_Frozen):
+    """A built model on disk plus what is known about it (serialised as manifest.json)."""
+
+    schema_version: Literal[1] = 1
+    target: str
+    backend: str
+    files: dict[str, str] = Field(description="relative path -> sha256")
+    primary: str = Field(description="relative path of the file a runtime loads")
+    size_bytes: int
+    plan: Plan
+    tool_versions: dict[str, str]
+    predicted_latency_ms: float
+    measured_latency_ms: float | None = None
+    accuracy: dict[str, float] = Field(default_factory=dict, description="metric -> value (baseline_, delta_)")
+    created_utc: str
+
+
+class OpTiming(_Frozen):
+    name: str
+    op_type: str
+    mean_us: float
+    share: float
+
+
+class Profile(_Frozen):
+    schema_version: Literal[1] = 1
+    artifact_sha256: str
+    target: str
+    backend: str
+    device: str
+    host: dict[str, str]
+    threads: int
+    warmup: int
+    repeats: int
+    latency_ms: dict[str, float] = Field(description="p50, p90, p99, mean, min")
+    peak_memory_bytes: int | None = None
+    ops: list[OpTiming] = Field(default_factory=list)
+    predicted_latency_ms: float | None = None
+    created_utc: str

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edgeopt.types import Plan
+
+
+def run(*args, check_rc=None):
+    p = subprocess.run([sys.executable, "-m", "edgeopt.cli", *map(str, args)], capture_output=True, text=True, timeout=120)
+    if check_rc is not None:
+        assert p.returncode == check_rc, (p.returncode, p.stdout, p.stderr)
+    return p
+
+
+def one_line_error(p, *fragments):
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_import_is_light():
+    code = "import sys, edgeopt, edgeopt.cli; print(sorted(m for m in ('onnx','rich','onnxruntime','openvino','numpy','yaml') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_help_and_version():
+    assert "analyze" in run("--help", check_rc=0).stdout
+    assert run("--version", check_rc=0).stdout.startswith("edgeopt ")
+
+
+def test_targets_list_and_show(tmp_path):
+    out = run("targets", "list", check_rc=0).stdout
+    for name in ("gpu-server", "jetson-orin", "x86-cpu", "android-mid", "ios", "mcu-cortex-m7"):
+        assert name in out
+    shown = json.loads(run("targets", "show", "mcu-cortex-m7", "--json", check_rc=0).stdout)
+    assert shown["budgets"]["ram"] == 524288
+    assert "latency_ms: 100" in run("targets", "show", "mcu-cortex-m7", check_rc=0).stdout
+    one_line_error(run("targets", "show", "nano"), "unknown target 'nano'", "mcu-cortex-m7")
+
+
+def test_analyze_real_model_with_target(ppocr_cls):
+    p = run("analyze", ppocr_cls, "--input-shape", "x=1x3x48x192", "--target", "android-mid", check_rc=0)
+    assert "params 133,628" in p.stdout and "tflite/cpu(xnnpack)" in p.stdout and "fit" in p.stdout
+    one_line_error(run("analyze", ppocr_cls), "x=1x3x?x?", "--input-shape")
+    data = json.loads(run("analyze", ppocr_cls, "--input-shape", "x=1x3x48x192", "--json", check_rc=0).stdout)
+    assert data["total_macs"] > 15_000_000
+
+
+def test_plan_writes_json_that_validates(tmp_path, digits_model):
+    out = tmp_path / "sub" / "plan.json"
+    p = run("plan", digits_model, "--target", "mcu-cortex-m7", "-o", out, check_rc=0)
+    assert "int8" in p.stdout
+    plan = Plan.model_validate_json(out.read_text())
+    assert plan.target == "mcu-cortex-m7" and plan.backend == "tflm"
+    assert [f.name for f in out.parent.iterdir()] == ["plan.json"]  # no temp files left behind
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (("analyze", "/nonexistent/m.onnx"), ("does not exist",)),
+    (("plan", "{model}", "--target", "pixel-9"), ("unknown target 'pixel-9'", "android-mid")),
+    (("plan", "{model}", "--target", "ios", "--precision", "int3"), ("precision 'int3'", "fp16")),
+    (("plan", "{model}", "--target", "x86-cpu", "--backend", "coreml"), ("no backend 'coreml'", "onnxruntime")),
+])
+def test_bad_input_exits_2_with_one_line(digits_model, args, fragments):
+    one_line_error(run(*[a.format(model=digits_model) for a in args]), *fragments)
+
+
+def test_corrupt_and_non_onnx_inputs(tmp_path, digits_model):
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(digits_model.read_bytes()[:5000])
+    one_line_error(run("analyze", cut), str(cut))
+    tfl = tmp_path / "m.tflite"
+    tfl.write_bytes(b"\x1c\x00\x00\x00TFL3" + bytes(64))
+    one_line_error(run("analyze", tfl), "TFLite flatbuffer", "not an ONNX model")
+
+
+def test_demo_prints_analysis_accuracy_and_plan():
+    p = run("demo", check_rc=0)
+    assert "params 40,394" in p.stdout
+    assert "accuracy on 360 held-out digits: 0.99" in p.stdout
+    assert "plan for target mcu-cortex-m7 on tflm/cpu" in p.stdout and "int8 x12" in p.stdout
