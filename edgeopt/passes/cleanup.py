@@ -1,0 +1,214 @@
+"""Graph cleanup: Constant nodes -> initializers, constant folding (static
+``Shape`` included), Conv+BatchNormalization fusion, Identity/Dropout removal.
+
+Quantizers and pruners look for weights among initializers; PaddlePaddle exports
+(PP-OCR) store them as ``Constant`` nodes, so every weight-changing pass runs
+:func:`constants_to_initializers` first.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import PassConfig, PassOutcome
+from ._util import Graph, ensure_names
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnx
+
+NEEDS_CALIBRATION = False
+
+
+class Config(PassConfig):
+    constants_to_initializers: bool = True
+    fold_constants: bool = True
+    fuse_batchnorm: bool = True
+    remove_identity: bool = True
+
+
+def _constant_array(node: onnx.NodeProto) -> np.ndarray | None:
+    import onnx
+
+    for a in node.attribute:
+        if a.name == "value":
+            return onnx.numpy_helper.to_array(a.t)
+        if a.name == "value_float":
+            return np.array(a.f, np.float32)
+        if a.name == "value_floats":
+            return np.array(list(a.floats), np.float32)
+        if a.name == "value_int":
+            return np.array(a.i, np.int64)
+        if a.name == "value_ints":
+            return np.array(list(a.ints), np.int64)
+    return None
+
+
+def constants_to_initializers(model: onnx.ModelProto, config: PassConfig | None = None) -> list[str]:
+    """Turn the main graph's Constant nodes into initializers; returns the names of converted nodes."""
+    g = Graph(model)
+    keep, done = [], []
+    for n in model.graph.node:
+        value = _constant_array(n) if n.op_type == "Constant" else None
+        if value is not None and (config is None or config.selects(n.name)):
+            g.set_initializer(n.output[0], value)
+            done.append(n.name or n.output[0])
+        else:
+            keep.append(n)
+    if done:
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+    return done
+
+
+def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception:
+        return {}
+    out = {}
+    for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        dims = vi.type.tensor_type.shape.dim
+        if vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") and d.dim_value > 0 for d in dims):
+            out[vi.name] = [d.dim_value for d in dims]
+    return out
+
+
+def fold_constants(model: onnx.ModelProto, config: PassConfig | None = None) -> list[str]:
+    """Evaluate nodes whose inputs are all constant (and Shape of static tensors); returns folded node names."""
+    import onnx
+
+    from ..fidelity import session
+
+    g = Graph(model)
+    shapes = _static_shapes(model)
+    const = set(g.inits)
+    foldable: list[onnx.NodeProto] = []
+    for n in model.graph.node:
+        if config is not None and not config.selects(n.name):
+            continue
+        if n.op_type.startswith("Random") or n.domain not in ("", "ai.onnx") or any(a.HasField("g") for a in n.attribute):
+            continue
+        if n.op_type in ("Shape", "Size") and n.input[0] in shapes and n.input[0] not in const:
+            shp = np.array(shapes[n.input[0]], np.int64)
+            start = next((a.i for a in n.attribute if a.name == "start"), 0)
+            end = next((a.i for a in n.attribute if a.name == "end"), None)
+            val = shp[start:end] if n.op_type == "Shape" else np.array(int(np.prod(shp)), np.int64)
+            g.set_initializer(n.output[0], val)
+            const.add(n.output[0])
+            foldable.append(n)
+            continue
+        if n.input and all((not i) or i in const for i in n.input):
+            foldable.append(n)
+            const.update(n.output)
+    if not foldable:
+        return []
+    folded_ids = {id(n) for n in foldable}
+    needed = [o for n in foldable for o in n.output if o and o not in g.inits]
+    values: dict[str, np.ndarray] = {}
+    if needed:
+        sub = onnx.helper.make_graph([n for n in foldable if n.op_type not in ("Shape", "Size") or n.input[0] in const],
+                                     "fold", [], [onnx.helper.make_value_info(o, onnx.TypeProto()) for o in needed],
+                                     initializer=list(model.graph.initializer))
+        m = onnx.helper.make_model(sub, opset_imports=list(model.opset_import))
+        m.ir_version = model.ir_version
+        try:
+            res = session(m, optimize=False).run(needed, {})
+        except Exception:
+            from onnx.reference import ReferenceEvaluator
+
+            res = ReferenceEvaluator(m).run(needed, {})
+        values = dict(zip(needed, res))
+    for name, v in values.items():
+        g.set_initializer(name, np.asarray(v))
+    keep = [n for n in model.graph.node if id(n) not in folded_ids]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    Graph(model).remove_unused_initializers()
+    return [n.name for n in foldable]
+
+
+def fuse_batchnorm(model: onnx.ModelProto, config: PassConfig | None = None, outcome: PassOutcome | None = None) -> list[str]:
+    """Fold BatchNormalization into the Conv before it; returns the names of the convs changed."""
+    g = Graph(model)
+    fused: list[str] = []
+    drop: set[int] = set()
+    for conv in list(model.graph.node):
+        if conv.op_type != "Conv" or (config is not None and not config.selects(conv.name)):
+            continue
+        bn = g.only_consumer(conv.output[0])
+        if bn is None or bn.op_type != "BatchNormalization":
+            continue
+        w = g.array(conv.input[1])
+        params = [g.array(i) for i in bn.input[1:5]]
+        if w is None or any(p is None for p in params):
+            if outcome is not None:
+                outcome.skip(conv.name, "BatchNormalization parameters or conv weight are not constant")
+            continue
+        scale, bias, mean, var = (p.astype(np.float64) for p in params)
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        k = scale / np.sqrt(var + eps)
+        b = g.array(conv.input[2]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] else np.zeros_like(mean)
+        w_name = g.unique(f"{conv.name}.weight_bnfused")
+        b_name = g.unique(f"{conv.name}.bias_bnfused")
+        g.set_initializer(w_name, (w.astype(np.float64) * k.reshape(-1, *([1] * (w.ndim - 1)))).astype(w.dtype))
+        g.set_initializer(b_name, ((b - mean) * k + bias).astype(w.dtype))
+        x = conv.input[0]
+        del conv.input[:]
+        conv.input.extend([x, w_name, b_name])
+        conv.output[0] = bn.output[0]
+        fused.append(conv.name)
+        drop.add(id(bn))
+    if drop:
+        keep = [n for n in model.graph.node if id(n) not in drop]
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+    return fused
+
+
+def remove_identity(model: onnx.ModelProto, config: PassConfig | None = None) -> list[str]:
+    """Drop Identity and (inference-mode) Dropout nodes, rewiring their consumers."""
+    g = Graph(model)
+    removed: list[str] = []
+    rename: dict[str, str] = {}
+    keep = []
+    for n in model.graph.node:
+        if n.op_type in ("Identity", "Dropout") and (config is None or config.selects(n.name)) and n.output[0] not in g.outputs:
+            if n.op_type == "Dropout" and len(n.output) > 1 and n.output[1] and g.consumers.get(n.output[1]):
+                keep.append(n)
+                continue
+            rename[n.output[0]] = rename.get(n.input[0], n.input[0])
+            removed.append(n.name)
+        else:
+            keep.append(n)
+    if removed:
+        for n in keep:
+            for i, name in enumerate(n.input):
+                if name in rename:
+                    n.input[i] = rename[name]
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+    return removed
+
+
+def apply(model: onnx.ModelProto, config: Config, calib=None) -> PassOutcome:
+    ensure_names(model)
+    out = PassOutcome(model)
+    steps = []
+    if config.constants_to_initializers:
+        steps.append(("Constant -> initializer", constants_to_initializers(model, config)))
+    if config.fold_constants:
+        steps.append(("constant folding", fold_constants(model, config)))
+    if config.fuse_batchnorm:
+        steps.append(("BatchNormalization fused into Conv", fuse_batchnorm(model, config, out)))
+    if config.remove_identity:
+        steps.append(("Identity/Dropout removed", remove_identity(model, config)))
+    Graph(model).remove_unused_initializers()
+    for what, names in steps:
+        out.applied.extend(names)
+        if names:
+            out.notes.append(f"{what}: {len(names)}")
+    return out
