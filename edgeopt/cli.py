@@ -47,6 +47,17 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("-o", "--output", type=Path, help="write the plan as JSON to this file")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
 
+    c = sub.add_parser("compress", help="apply one compression pass (ONNX -> ONNX) and report its effect")
+    _add_model_args(c)
+    c.add_argument("--pass", dest="pass_name", required=True,
+                   help="cleanup, fp16, bf16, int8, weight_only, prune, channel_prune, lowrank, palettize")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help='a pass config field, value as JSON or a bare string, e.g. --set ratio=0.3 --set \'exclude=["/14/Gemm"]\'')
+    c.add_argument("--calib", type=Path, help="calibration data: a folder of .npy/.npz files, or one .npy/.npz file")
+    c.add_argument("--labels", type=Path, help=".npy labels for the calibration samples (reports accuracy)")
+    c.add_argument("-o", "--output", type=Path, required=True, help="where to write the transformed .onnx")
+    c.add_argument("--json", action="store_true", help="print the pass report as JSON")
+
     d = sub.add_parser("demo", help="analyse and plan the embedded default model (a digits CNN)")
     d.add_argument("--target", default="mcu-cortex-m7", help="target (default: mcu-cortex-m7)")
     return ap
@@ -116,6 +127,55 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_sets(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise EdgeoptError(f"bad --set '{item}'; expected KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .calibration import as_calibration
+    from .graph import load_model
+    from .io import atomic_write_model
+    from .passes import run_pass
+
+    model = load_model(args.model, load_external_data=True)
+    calib = None
+    if args.calib is not None:
+        if not args.calib.exists():
+            raise EdgeoptError(f"calibration data {args.calib} does not exist")
+        labels = np.load(args.labels) if args.labels else None
+        if args.calib.is_dir():
+            data = args.calib
+        elif args.calib.suffix == ".npz":
+            with np.load(args.calib) as z:
+                data = {k: z[k] for k in z.files}
+        else:
+            data = np.load(args.calib)
+        calib = as_calibration(data, model, labels=labels)
+    result = run_pass(args.pass_name, model, _parse_sets(args.set), calib, eval_limit=None)
+    atomic_write_model(result.model, args.output)
+    if args.json:
+        print(result.report.model_dump_json(indent=2))
+    else:
+        print(result.report.summary())
+        for s in result.report.skipped:
+            print(f"  skipped {s.node}: {s.reason}")
+        for n in result.report.notes:
+            print(f"  note: {n}")
+        print(f"wrote {args.output}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .datasets import default_model_path, digits
     from .graph import analyze
@@ -144,7 +204,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"targets": _cmd_targets, "analyze": _cmd_analyze, "plan": _cmd_plan, "demo": _cmd_demo}[args.cmd]
+    handler = {"targets": _cmd_targets, "analyze": _cmd_analyze, "plan": _cmd_plan, "compress": _cmd_compress,
+               "demo": _cmd_demo}[args.cmd]
     try:
         return handler(args)
     except EdgeoptError as e:

@@ -46,3 +46,23 @@ def atomic_dir(dest: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, dest)
+
+
+def atomic_write_model(model, path: str | Path) -> None:
+    """Save an ONNX model so the destination is either the old file or the complete new one.
+
+    Models over ~1.8 GB are written with their weights in ``<name>.data`` beside them.
+    """
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    big = model.ByteSize() > 1_800_000_000
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as d:
+        tmp = Path(d) / path.name
+        if big:
+            onnx.save(model, str(tmp), save_as_external_data=True, location=f"{path.name}.data")
+            os.replace(Path(d) / f"{path.name}.data", path.parent / f"{path.name}.data")
+        else:
+            onnx.save(model, str(tmp))
+        os.replace(tmp, path)

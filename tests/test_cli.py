@@ -86,3 +86,23 @@ def test_demo_prints_analysis_accuracy_and_plan():
     assert "params 40,394" in p.stdout
     assert "accuracy on 360 held-out digits: 0.99" in p.stdout
     assert "plan for target mcu-cortex-m7 on tflm/cpu" in p.stdout and "int8 x12" in p.stdout
+
+
+def test_compress_writes_model_and_reports(tmp_path, digits_model):
+    import numpy as np
+
+    from edgeopt.datasets import digits
+
+    x, y = digits("test")
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    out = tmp_path / "o" / "m16.onnx"
+    p = run("compress", digits_model, "--pass", "fp16", "--calib", tmp_path / "x.npy", "--labels", tmp_path / "y.npy",
+            "--set", 'exclude=["/14/Gemm"]', "-o", out, check_rc=0)
+    assert "fp16: 11 node(s) changed" in p.stdout and "accuracy 0.9917 (+0.0000)" in p.stdout
+    from edgeopt.graph import load_model
+
+    assert len(load_model(out).graph.node) > 0
+    one_line_error(run("compress", digits_model, "--pass", "fp16", "--set", "bogus=1", "-o", tmp_path / "b.onnx"), "bogus")
+    one_line_error(run("compress", digits_model, "--pass", "int3", "-o", tmp_path / "b.onnx"), "unknown pass 'int3'")
+    assert not (tmp_path / "b.onnx").exists()

@@ -101,7 +101,6 @@ def _restore_float_outputs(model: onnx.ModelProto, float_outputs: set[str]) -> N
 
 
 def _bf16(model: onnx.ModelProto, config: Bf16Config) -> PassOutcome:
-    import onnx
     from onnx import TensorProto, helper
 
     ensure_names(model)
