@@ -56,7 +56,7 @@ def analysis_summary(a: ModelAnalysis, out: Console, *, top: int | None = None) 
               f"  MACs {_si(a.total_macs)}  other FLOPs {_si(a.total_flops)}  file {_fmt_bytes(a.file_bytes)}")
     arena32 = plan_arena(a.tensors, lambda t: t.elems * 4)
     arena8 = plan_arena(a.tensors, lambda t: t.elems)
-    out.print(f"activation memory: fp32 peak live {_fmt_bytes(arena32.peak_live_bytes)}, greedy arena "
+    out.print(f"activation memory (graph as stored, before fusion): fp32 peak live {_fmt_bytes(arena32.peak_live_bytes)}, greedy arena "
               f"{_fmt_bytes(arena32.arena_bytes)}; int8 peak live {_fmt_bytes(arena8.peak_live_bytes)}, "
               f"arena {_fmt_bytes(arena8.arena_bytes)} (peak at layer {arena32.peak_step})")
     for n in a.notes:
