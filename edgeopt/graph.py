@@ -430,6 +430,19 @@ def _infer_shapes(model: onnx.ModelProto) -> tuple[dict[str, list[int]], dict[st
     return shapes, dtypes
 
 
+def expose_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph also outputs the intermediate tensors ``names``."""
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for n in names:
+        if n not in have:
+            m.graph.output.add().name = n
+    return m
+
+
 def _shapes_by_running(path: Path, model: onnx.ModelProto, names: list[str], input_shapes: Mapping[str, list[int]],
                        dtypes: Mapping[str, int]) -> dict[str, list[int]]:
     """Last resort for shapes that inference cannot derive: run the model once in onnxruntime."""
@@ -439,12 +452,7 @@ def _shapes_by_running(path: Path, model: onnx.ModelProto, names: list[str], inp
         import onnxruntime as ort
     except ImportError:
         return {}
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for n in names:
-        if n not in have:
-            m.graph.output.add().name = n
+    m = expose_outputs(model, names)
     try:
         if _has_external(m):
             from onnx.external_data_helper import load_external_data_for_model

@@ -58,6 +58,24 @@ COREML_OPS = frozenset(
 )
 
 
+def onnx_op_checker(unsupported: frozenset[str] = frozenset(), contrib: frozenset[str] = frozenset(),
+                    ml: bool = False) -> Callable[[str, str], bool]:
+    """``(op, domain) -> supported`` for backends that run every ONNX op except ``unsupported``,
+    plus the listed com.microsoft ``contrib`` ops (and all of ai.onnx.ml when ``ml``)."""
+    cache: list[frozenset[str]] = []
+
+    def supported(op: str, domain: str) -> bool:
+        if domain in ("", "ai.onnx"):
+            if not cache:
+                cache.append(onnx_default_ops() - NEVER - unsupported)
+            return op in cache[0]
+        if domain == "com.microsoft":
+            return op in contrib
+        return ml and domain == "ai.onnx.ml"
+
+    return supported
+
+
 def static_shapes(layer: LayerInfo, option: BackendOption, analysis: ModelAnalysis) -> str | None:
     if option.requires_static_shapes and any(not s or any(d <= 0 for d in s) for s in layer.output_shapes):
         return "output shape is not static"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 from ..types import BackendOption, ModelAnalysis
 from . import _ops
 
@@ -19,17 +17,7 @@ CONTRIB_OPS = frozenset(
 )
 
 
-@lru_cache(maxsize=1)
-def _supported() -> frozenset[str]:
-    return _ops.onnx_default_ops() - _ops.NEVER
-
-
-def _is_supported(op: str, domain: str) -> bool:
-    if domain in ("", "ai.onnx"):
-        return op in _supported()
-    if domain == "com.microsoft":
-        return op in CONTRIB_OPS
-    return domain == "ai.onnx.ml"
+_is_supported = _ops.onnx_op_checker(contrib=CONTRIB_OPS, ml=True)
 
 
 def check_ops(analysis: ModelAnalysis, option: BackendOption) -> list[str]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 from ..types import BackendOption, ModelAnalysis
 from . import _ops
 
@@ -20,15 +18,7 @@ CONTRIB_OPS = frozenset(
 )
 
 
-@lru_cache(maxsize=1)
-def _supported() -> frozenset[str]:
-    return _ops.onnx_default_ops() - _ops.NEVER - UNSUPPORTED
-
-
-def _is_supported(op: str, domain: str) -> bool:
-    if domain in ("", "ai.onnx"):
-        return op in _supported()
-    return domain == "com.microsoft" and op in CONTRIB_OPS
+_is_supported = _ops.onnx_op_checker(UNSUPPORTED, CONTRIB_OPS)
 
 
 def check_ops(analysis: ModelAnalysis, option: BackendOption) -> list[str]:

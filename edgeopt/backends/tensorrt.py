@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 from ..types import BackendOption, ModelAnalysis
 from . import _ops
 
@@ -25,9 +23,7 @@ DLA_OPS = frozenset(
 )
 
 
-@lru_cache(maxsize=1)
-def _supported() -> frozenset[str]:
-    return _ops.onnx_default_ops() - _ops.NEVER - UNSUPPORTED
+_is_supported = _ops.onnx_op_checker(UNSUPPORTED)
 
 
 def _no_fp64(layer, option, analysis) -> str | None:
@@ -38,7 +34,8 @@ def _no_fp64(layer, option, analysis) -> str | None:
 
 
 def check_ops(analysis: ModelAnalysis, option: BackendOption) -> list[str]:
-    supported = _supported()
+    supported = _is_supported
     if option.options.get("device") == "dla" and not option.options.get("gpu_fallback", False):
-        supported = supported & DLA_OPS
+        def supported(op: str, domain: str) -> bool:
+            return op in DLA_OPS and _is_supported(op, domain)
     return _ops.check_layers(analysis, option, supported, [_no_fp64, _ops.max_rank(8)])

@@ -102,17 +102,10 @@ def ensure_names(model: onnx.ModelProto) -> None:
 
 def collect_activations(model: onnx.ModelProto, tensors: list[str], data, limit: int | None = None) -> dict[str, np.ndarray]:
     """Values of intermediate ``tensors`` over calibration ``data`` (concatenated along axis 0)."""
-    import onnx
-
     from ..fidelity import session
+    from ..graph import expose_outputs
 
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for t in tensors:
-        if t not in have:
-            m.graph.output.add().name = t
-    sess = session(m, optimize=False)
+    sess = session(expose_outputs(model, tensors), optimize=False)
     parts: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
     for feed in data.batches(limit=limit):
         for t, v in zip(tensors, sess.run(tensors, feed)):
