@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
-from ..types import BackendOption, ModelAnalysis
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import EdgeoptError
+from ..types import Artifact, BackendOption, ModelAnalysis, OpTiming, Plan
 from . import _ops
+from .base import Backend, Runner, make_artifact, tool_versions
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnx
+
+    from ..calibration import CalibrationData
 
 SDK_MODULES = ("onnxruntime",)
 SDK_LABEL = "onnxruntime"
@@ -22,3 +36,126 @@ _is_supported = _ops.onnx_op_checker(contrib=CONTRIB_OPS, ml=True)
 
 def check_ops(analysis: ModelAnalysis, option: BackendOption) -> list[str]:
     return _ops.check_layers(analysis, option, _is_supported, [_ops.static_shapes])
+
+
+# --------------------------------------------------------------------------- building and running
+
+SESSION_FILE = "session.json"
+
+
+def apply_precisions(model: onnx.ModelProto, plan: Plan, calib: CalibrationData | None,
+                     int8_config: dict | None = None) -> tuple[onnx.ModelProto, list[str]]:
+    """Apply a plan's per-layer precisions to a float ONNX model with edgeopt's passes.
+
+    Weight-only layers first (MatMul -> MatMulNBits), then int8 QDQ, then fp16;
+    returns the model and one note per pass run.
+    """
+    from ..passes import run_pass
+
+    by_precision: dict[str, list[str]] = {}
+    for lp in plan.layers:
+        by_precision.setdefault(lp.precision, []).append(lp.name)
+    notes: list[str] = []
+    for bits in (8, 4):
+        names = by_precision.get(f"wint{bits}")
+        if names:
+            res = run_pass("weight_only", model, {"bits": bits, "nodes": names}, None, evaluate=False)
+            model = res.model
+            notes.append(res.report.summary())
+    if by_precision.get("int8"):
+        if calib is None:
+            raise EdgeoptError(f"the plan quantizes {len(by_precision['int8'])} layer(s) to int8: give calibration data")
+        cfg = {"nodes": by_precision["int8"], **(int8_config or {})}
+        res = run_pass("int8", model, cfg, calib, evaluate=False)
+        model = res.model
+        notes.append(res.report.summary())
+    if by_precision.get("fp16"):
+        res = run_pass("fp16", model, {"nodes": by_precision["fp16"]}, None, evaluate=False)
+        model = res.model
+        notes.append(res.report.summary())
+    return model, notes
+
+
+class OrtRunner(Runner):
+    def __init__(self, model_path: Path, provider: str = "CPUExecutionProvider", threads: int | None = None,
+                 profile_dir: Path | None = None):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = int(threads)
+            so.inter_op_num_threads = 1
+        if profile_dir is not None:
+            so.enable_profiling = True
+            so.profile_file_prefix = str(Path(profile_dir) / "ort_profile")
+        available = ort.get_available_providers()
+        if provider not in available:
+            raise EdgeoptError(f"onnxruntime here has no {provider}; available: {', '.join(available)}")
+        self.session = ort.InferenceSession(str(model_path), so, providers=[provider])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self._model_path = model_path
+        self._provider, self._threads = provider, threads
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None, dict(feeds))
+
+    def op_profile(self, feeds: Mapping[str, np.ndarray], repeats: int = 20) -> list[OpTiming]:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            prof = OrtRunner(self._model_path, self._provider, self._threads, profile_dir=Path(d))
+            for _ in range(3):
+                prof.run(feeds)
+            trace_path = prof.session.end_profiling()  # drop warm-up events: start a fresh trace
+            prof = OrtRunner(self._model_path, self._provider, self._threads, profile_dir=Path(d))
+            for _ in range(repeats):
+                prof.run(feeds)
+            trace_path = prof.session.end_profiling()
+            events = json.loads(Path(trace_path).read_text())
+        return ops_from_trace(events, repeats)
+
+
+def ops_from_trace(events: list[dict], repeats: int) -> list[OpTiming]:
+    """Per-node mean kernel time from an onnxruntime profiling trace."""
+    total: dict[str, float] = {}
+    op_type: dict[str, str] = {}
+    for ev in events:
+        if ev.get("cat") != "Node" or not str(ev.get("name", "")).endswith("_kernel_time"):
+            continue
+        name = ev["name"][: -len("_kernel_time")]
+        total[name] = total.get(name, 0.0) + float(ev.get("dur", 0))
+        op_type[name] = ev.get("args", {}).get("op_name", "")
+    whole = sum(total.values()) or 1.0
+    return sorted((OpTiming(name=n, op_type=op_type[n], mean_us=t / max(repeats, 1), share=t / whole)
+                   for n, t in total.items()), key=lambda o: -o.mean_us)
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    sdk_modules = SDK_MODULES
+    sdk_label = SDK_LABEL
+
+    def convert(self, model: onnx.ModelProto, plan: Plan, out_dir: Path,
+                calib: CalibrationData | None = None) -> Artifact:
+        import onnx
+
+        self.require()
+        model, notes = apply_precisions(model, plan, calib)
+        out_dir = Path(out_dir)
+        onnx.save(model, str(out_dir / "model.onnx"))
+        opts = plan.backend_options
+        session = {"provider": str(opts.get("provider", "CPUExecutionProvider")), "threads": opts.get("threads"),
+                   "graph_optimization_level": "ORT_ENABLE_ALL", "passes": notes}
+        (out_dir / SESSION_FILE).write_text(json.dumps(session, indent=2) + "\n")
+        return make_artifact(out_dir, "model.onnx", plan, self.name, tool_versions("onnxconverter-common"))
+
+    def load(self, artifact: Artifact, artifact_dir: Path) -> Runner:
+        self.require()
+        artifact_dir = Path(artifact_dir)
+        session = json.loads((artifact_dir / SESSION_FILE).read_text())
+        return OrtRunner(artifact_dir / artifact.primary, session["provider"], session.get("threads"))
+
+
+BACKEND = OnnxRuntimeBackend()
