@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
-from ..types import BackendOption, ModelAnalysis
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import EdgeoptError
+from ..types import Artifact, BackendOption, ModelAnalysis, Plan
 from . import _ops
+from .base import Backend, Runner, RuntimeUnavailable, make_artifact, tool_versions
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnx
+
+    from ..calibration import CalibrationData
 
 SDK_MODULES = ("tensorrt",)
 SDK_LABEL = "tensorrt"
@@ -39,3 +53,185 @@ def check_ops(analysis: ModelAnalysis, option: BackendOption) -> list[str]:
         def supported(op: str, domain: str) -> bool:
             return op in DLA_OPS and _is_supported(op, domain)
     return _ops.check_layers(analysis, option, supported, [_no_fp64, _ops.max_rank(8)])
+
+
+# --------------------------------------------------------------------------- building and running
+
+BUILD_FILE = "build.json"
+BUILD_SCRIPT = "build_engine.py"
+ENGINE = "model.engine"
+
+_SCRIPT = r'''#!/usr/bin/env python3
+"""Build the TensorRT engine for this edgeopt artifact: model.onnx + build.json -> model.engine.
+
+Run it on the machine that will serve the engine (engines are specific to the GPU
+and the TensorRT version):  python build_engine.py   (or: edgeopt's tensorrt backend does it
+when TensorRT is installed where the artifact is built).  The equivalent trtexec
+command is in build.json ("trtexec").
+"""
+import json
+import pathlib
+import sys
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def main() -> int:
+    cfg = json.loads((HERE / "build.json").read_text())
+    try:
+        import tensorrt as trt
+    except ImportError:
+        print("error: tensorrt is not installed; pip install 'edgeopt[tensorrt]'", file=sys.stderr)
+        return 2
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    major = int(trt.__version__.split(".")[0])
+    flags = 0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(HERE / cfg["onnx"])):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        print(f"error: TensorRT could not parse {cfg['onnx']}: {errors}", file=sys.stderr)
+        return 2
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(cfg["workspace_bytes"]))
+    for flag in cfg["flags"]:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    if cfg.get("dla_core") is not None:
+        config.default_device_type = trt.DeviceType.DLA
+        config.DLA_core = int(cfg["dla_core"])
+        if cfg.get("gpu_fallback", True):
+            config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+    profile = builder.create_optimization_profile()
+    for name, shape in cfg["input_shapes"].items():
+        profile.set_shape(name, shape, shape, shape)
+    config.add_optimization_profile(profile)
+    engine = builder.build_serialized_network(network, config)
+    if engine is None:
+        print("error: TensorRT failed to build the engine (see the log above)", file=sys.stderr)
+        return 2
+    (HERE / cfg["engine"]).write_bytes(bytes(engine))
+    print(f"wrote {HERE / cfg['engine']} with TensorRT {trt.__version__}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+'''
+
+
+def build_config(plan: Plan, has_qdq: bool) -> dict:
+    precisions = {lp.precision for lp in plan.layers}
+    flags = []
+    if "fp16" in precisions:
+        flags.append("FP16")
+    if "bf16" in precisions:
+        flags.append("BF16")
+    if "int8" in precisions or has_qdq:
+        flags.append("INT8")
+    if any(lp.sparsity == "2:4" for lp in plan.layers):
+        flags.append("SPARSE_WEIGHTS")
+    opts = plan.backend_options
+    dla = opts.get("dla_core") if opts.get("device") == "dla" else None
+    shapes = {k: list(v) for k, v in plan.input_shapes.items()}
+    cmd = ["trtexec", "--onnx=model.onnx", f"--saveEngine={ENGINE}"]
+    cmd += [f"--{f.lower().replace('sparse_weights', 'sparsity=enable')}" for f in flags]
+    if dla is not None:
+        cmd += [f"--useDLACore={dla}"] + (["--allowGPUFallback"] if opts.get("gpu_fallback", True) else [])
+    shape_arg = ",".join(f"{k}:{'x'.join(map(str, v))}" for k, v in shapes.items())
+    cmd += [f"--minShapes={shape_arg}", f"--optShapes={shape_arg}", f"--maxShapes={shape_arg}"]
+    return {"onnx": "model.onnx", "engine": ENGINE, "flags": flags, "workspace_bytes": 1 << 30,
+            "dla_core": dla, "gpu_fallback": bool(opts.get("gpu_fallback", True)), "input_shapes": shapes,
+            "trtexec": " ".join(cmd)}
+
+
+def build_engine(artifact_dir: Path) -> Path:
+    """Run the artifact's build step here; raises the not-installed error where TensorRT is missing."""
+    import subprocess
+    import sys
+
+    BACKEND.require()
+    proc = subprocess.run([sys.executable, str(Path(artifact_dir) / BUILD_SCRIPT)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["engine build failed"])[-1]
+        raise EdgeoptError(last.removeprefix("error: "))
+    return Path(artifact_dir) / ENGINE
+
+
+class TrtRunner(Runner):
+    """Runs a serialized engine with TensorRT, device buffers from PyTorch's CUDA allocator."""
+
+    def __init__(self, engine_path: Path):
+        import tensorrt as trt
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeUnavailable("running a TensorRT engine needs a CUDA GPU")
+        self._trt, self._torch = trt, torch
+        logger = trt.Logger(trt.Logger.WARNING)
+        self.engine = trt.Runtime(logger).deserialize_cuda_engine(engine_path.read_bytes())
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.stream = torch.cuda.Stream()
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        torch, trt = self._torch, self._trt
+        keep = []
+        for name in self.input_names:
+            t = torch.from_numpy(np.ascontiguousarray(feeds[name])).cuda()
+            self.context.set_input_shape(name, tuple(t.shape))
+            self.context.set_tensor_address(name, t.data_ptr())
+            keep.append(t)
+        outs = []
+        for name in self.output_names:
+            shape = tuple(self.context.get_tensor_shape(name))
+            dtype = torch.from_numpy(np.empty(0, trt.nptype(self.engine.get_tensor_dtype(name)))).dtype
+            t = torch.empty(shape, dtype=dtype, device="cuda")
+            self.context.set_tensor_address(name, t.data_ptr())
+            outs.append(t)
+        self.context.execute_async_v3(self.stream.cuda_stream)
+        self.stream.synchronize()
+        return [o.cpu().numpy() for o in outs]
+
+
+class TensorRtBackend(Backend):
+    name = "tensorrt"
+    sdk_modules = SDK_MODULES
+    sdk_label = SDK_LABEL
+    convert_requires_sdk = False  # the ONNX and the build step are written anywhere; the engine where TensorRT is
+
+    def convert(self, model: onnx.ModelProto, plan: Plan, out_dir: Path,
+                calib: CalibrationData | None = None) -> Artifact:
+        import onnx
+
+        from .onnxruntime import apply_precisions
+
+        # TensorRT's explicit quantization wants symmetric int8 (zero point 0) on activations and weights;
+        # fp16/bf16 come from builder flags on the float graph, so only int8 layers are rewritten.
+        int8_plan = plan.model_copy(update={"layers": [lp if lp.precision == "int8" else lp.model_copy(update={"precision": "fp32"})
+                                                       for lp in plan.layers]})
+        model, notes = apply_precisions(model, int8_plan, calib,
+                                        int8_config={"activation_symmetric": True, "activation_type": "int8"})
+        out_dir = Path(out_dir)
+        onnx.save(model, str(out_dir / "model.onnx"))
+        has_qdq = any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+        cfg = {**build_config(plan, has_qdq), "passes": notes}
+        (out_dir / BUILD_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+        (out_dir / BUILD_SCRIPT).write_text(_SCRIPT)
+        primary = "model.onnx"
+        if self.is_available():
+            build_engine(out_dir)
+            primary = ENGINE
+        return make_artifact(out_dir, primary, plan, self.name, tool_versions("tensorrt"))
+
+    def load(self, artifact: Artifact, artifact_dir: Path) -> Runner:
+        self.require()
+        engine = Path(artifact_dir) / ENGINE
+        if not engine.is_file():
+            build_engine(Path(artifact_dir))
+        return TrtRunner(engine)
+
+
+BACKEND = TensorRtBackend()
