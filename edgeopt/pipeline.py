@@ -1,0 +1,213 @@
+"""The one orchestrator: plan -> structural passes -> backend convert -> validate -> profile -> manifest.
+
+Everything it writes goes to a temporary directory beside the destination that
+replaces the destination only when the whole build succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .errors import EdgeoptError, PlanError
+from .types import Artifact, Plan, Target
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnx
+
+    from .calibration import CalibrationData
+    from .types import ModelAnalysis
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class BuildInputs:
+    """A model with its data, prepared once and shared by every target of a fleet."""
+
+    path: Path
+    model: onnx.ModelProto
+    analysis: ModelAnalysis
+    calib: CalibrationData | None
+    evaluation: CalibrationData | None
+
+    @classmethod
+    def prepare(cls, path: str | Path, *, calib=None, eval_data=None, labels: np.ndarray | None = None,
+                input_shapes: dict[str, list[int]] | None = None) -> BuildInputs:
+        from .calibration import as_calibration
+        from .graph import analyze, load_model
+
+        p = Path(path)
+        model = load_model(p, load_external_data=True)
+        analysis = analyze(p, input_shapes, model=model)
+        cal = as_calibration(calib, model) if calib is not None else None
+        if eval_data is not None:
+            ev = as_calibration(eval_data, model, labels=labels)
+        elif cal is not None:
+            ev = cal if labels is None else as_calibration(cal, model, labels=labels)
+        else:
+            ev = None
+        return cls(p, model, analysis, cal, ev)
+
+    @classmethod
+    def default_model(cls) -> BuildInputs:
+        """The embedded digits CNN with its calibration split and labelled test split."""
+        from .datasets import default_model_path, digits
+
+        xc, _ = digits("calib")
+        xt, yt = digits("test")
+        return cls.prepare(default_model_path(), calib=xc, eval_data=xt, labels=yt)
+
+
+def load_plan(path: str | Path) -> Plan:
+    from pydantic import ValidationError
+
+    p = Path(path)
+    if not p.is_file():
+        raise PlanError(f"plan file {p} does not exist")
+    try:
+        return Plan.model_validate_json(p.read_text())
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise PlanError(f"{p} is not a valid plan: {'.'.join(map(str, first['loc']))}: {first['msg']}") from e
+    except ValueError as e:
+        raise PlanError(f"{p} is not a valid plan: {e}") from e
+
+
+def check_replay(plan: Plan, inputs: BuildInputs, target: Target) -> None:
+    from .targets import target_sha256
+
+    if plan.model_sha256 != inputs.analysis.sha256:
+        raise PlanError(f"the plan was made for another model (sha256 {plan.model_sha256[:12]}, this one "
+                        f"{inputs.analysis.sha256[:12]})")
+    if plan.target != target.name:
+        raise PlanError(f"the plan is for target {plan.target}, not {target.name}")
+    if plan.target_sha256 != target_sha256(target):
+        raise PlanError(f"target {target.name} changed since the plan was made; plan again")
+    layers = {ly.name for ly in inputs.analysis.layers}
+    unknown = [lp.name for lp in plan.layers if lp.name not in layers]
+    if unknown:
+        raise PlanError(f"the plan names layers the model does not have: {', '.join(unknown[:5])}")
+
+
+def structural_passes(model: onnx.ModelProto, plan: Plan, calib: CalibrationData | None) -> tuple[onnx.ModelProto, list[str]]:
+    """Pruning the plan asks for (channel, 2:4, unstructured), before the backend sets numeric formats."""
+    from .passes import run_pass
+
+    notes: list[str] = []
+    by_ratio: dict[tuple[str, float], list[str]] = {}
+    for lp in plan.layers:
+        if lp.sparsity != "none":
+            by_ratio.setdefault((lp.sparsity, round(lp.sparsity_ratio, 4)), []).append(lp.name)
+    for (kind, ratio), names in sorted(by_ratio.items()):
+        if kind == "channel":
+            if calib is None:
+                raise EdgeoptError("channel pruning reconstructs layers from calibration data: give --calib")
+            res = run_pass("channel_prune", model, {"nodes": names, "ratio": ratio}, calib, evaluate=False)
+        elif kind == "2:4":
+            res = run_pass("prune", model, {"nodes": names, "pattern": "n:m", "n": 2, "m": 4}, None, evaluate=False)
+        else:
+            res = run_pass("prune", model, {"nodes": names, "pattern": "unstructured", "sparsity": ratio}, None, evaluate=False)
+        model = res.model
+        notes.append(res.report.summary())
+    return model, notes
+
+
+def validate(artifact: Artifact, artifact_dir: Path, inputs: BuildInputs, limit: int = 512) -> dict[str, float]:
+    """Accuracy of the built artifact in its own runtime against the original ONNX model (empty when it cannot run here)."""
+    from .backends.base import RuntimeUnavailable, open_artifact
+    from .errors import BackendNotInstalledError
+    from .fidelity import compare_outputs, run
+
+    if inputs.evaluation is None:
+        return {}
+    try:
+        _, runner = open_artifact(artifact_dir)
+    except (RuntimeUnavailable, BackendNotInstalledError):
+        return {}
+    ref = run(inputs.model, inputs.evaluation, limit)
+    outs: list[list[np.ndarray]] = []
+    for feed in inputs.evaluation.batches(1, limit=limit):  # batch 1: artifacts may have fixed shapes
+        res = runner.run(feed)
+        outs = outs or [[] for _ in res]
+        for acc, r in zip(outs, res):
+            acc.append(np.asarray(r, dtype=np.float32))
+    got = [np.concatenate(o) for o in outs]
+    f = compare_outputs(ref, got, inputs.evaluation.labels)
+    out = {"snr_db": f.snr_db, "cosine": f.cosine}
+    if f.top1_agreement is not None:
+        out["top1_agreement"] = f.top1_agreement
+    if f.accuracy is not None:
+        out.update({"accuracy": f.accuracy, "baseline_accuracy": f.reference_accuracy, "accuracy_delta": f.accuracy_delta})
+    return out
+
+
+def measure(artifact_dir: Path, inputs: BuildInputs, repeats: int = 50) -> float | None:
+    """Median latency (ms, batch 1) of the artifact in its runtime here, or None where it cannot run."""
+    import time
+
+    from .backends.base import RuntimeUnavailable, open_artifact
+    from .errors import BackendNotInstalledError
+
+    try:
+        _, runner = open_artifact(artifact_dir)
+    except (RuntimeUnavailable, BackendNotInstalledError):
+        return None
+    feed = next(inputs.evaluation.batches(1)) if inputs.evaluation is not None else _zeros(inputs)
+    for _ in range(5):
+        runner.run(feed)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        runner.run(feed)
+        times.append((time.perf_counter() - t) * 1e3)
+    return float(np.median(times))
+
+
+def _zeros(inputs: BuildInputs) -> dict[str, np.ndarray]:
+    from .calibration import model_inputs
+
+    return {n: np.zeros(inputs.analysis.inputs[n], dtype) for n, _, dtype in model_inputs(inputs.model)}
+
+
+def build(inputs: BuildInputs, target: Target, out_dir: str | Path, *, plan: Plan | None = None,
+          backend: str | None = None, precision: str | None = None, validate_artifact: bool = True,
+          profile: bool = True, progress: Progress | None = None) -> Artifact:
+    """Build one optimized artifact for ``target`` in ``out_dir`` (replaced atomically) and return its manifest."""
+    from .backends.base import build_artifact, write_manifest
+    from .io import atomic_dir
+    from .planner import make_plan
+
+    say = progress or (lambda _msg: None)
+    out_dir = Path(out_dir)
+    if plan is None:
+        say(f"{target.name}: planning")
+        plan = make_plan(inputs.analysis, target, backend=backend, precision=precision)
+    else:
+        check_replay(plan, inputs, target)
+    say(f"{target.name}: passes")
+    model, notes = structural_passes(inputs.model, plan, inputs.calib)
+    with atomic_dir(out_dir) as tmp:
+        say(f"{target.name}: converting with {plan.backend}")
+        artifact_dir = tmp / "artifact"
+        artifact = build_artifact(model, plan, artifact_dir, inputs.calib)
+        accuracy = {}
+        if validate_artifact:
+            say(f"{target.name}: validating")
+            accuracy = validate(artifact, artifact_dir, inputs)
+        measured = measure(artifact_dir, inputs) if profile else None
+        artifact = artifact.model_copy(update={"accuracy": accuracy, "measured_latency_ms": measured})
+        write_manifest(artifact, artifact_dir)
+        for p in list(artifact_dir.iterdir()):
+            p.rename(tmp / p.name)
+        artifact_dir.rmdir()
+        (tmp / "plan.json").write_text(plan.model_dump_json(indent=2) + "\n")
+        if notes:
+            (tmp / "passes.json").write_text(json.dumps(notes, indent=2) + "\n")
+    say(f"{target.name}: done")
+    return artifact
