@@ -88,22 +88,59 @@ class Evaluation:
         return max(c.predicted / c.budget for c in self.checks)
 
 
+@dataclass(frozen=True)
+class Choice:
+    """One layer's numeric format and pruning."""
+
+    precision: str
+    sparsity: str = "none"
+    ratio: float = 0.0
+    reason: str = ""
+
+
+def _sparsity_support(option: BackendOption, pattern: str):
+    return next((s for s in option.sparsity if s.pattern == pattern), None)
+
+
+def _transition_ms(ly, prev_bits: int, bits: int, option: BackendOption, unit) -> float:
+    """Cost of converting a layer's input between formats (a Q/DQ or Cast the runtime must execute)."""
+    if prev_bits == bits:
+        return 0.0
+    return (ly.input_elems * (prev_bits + bits) / 8) / unit.memory_bandwidth_bytes_per_s * 1e3 + unit.layer_overhead_us / 1e3
+
+
 def evaluate(analysis: ModelAnalysis, target: Target, option: BackendOption, recipe: str,
-             precisions: dict[str, tuple[str, str]] | None = None) -> Evaluation:
-    precisions = precisions or recipe_precisions(analysis, option, recipe)
+             precisions: dict[str, tuple[str, str]] | None = None, choices: dict[str, Choice] | None = None) -> Evaluation:
+    """Predicted latency, storage and RAM of one per-layer assignment (``choices`` wins over ``precisions``)."""
+    if choices is None:
+        precisions = precisions or recipe_precisions(analysis, option, recipe)
+        choices = {k: Choice(p, reason=why) for k, (p, why) in precisions.items()}
     unit = unit_of(target, option)
     fused = fused_layers(analysis)
+    producer_bits = {}
     layers: list[LayerPlan] = []
     for ly in analysis.layers:
-        prec, why = precisions[ly.name]
-        wb = planned_weight_bytes(ly, prec)
-        cost = layer_latency(ly, prec, option, unit, fused=ly.name in fused, weight_bytes=wb)
-        layers.append(LayerPlan(name=ly.name, op_type=ly.op_type, precision=prec, predicted_ms=cost.ms,
-                                weight_bytes=wb, reason=why + _cost_note(ly.op_type, cost.bound)))
+        c = choices[ly.name]
+        support = _sparsity_support(option, c.sparsity) if c.sparsity != "none" else None
+        ratio = 0.5 if c.sparsity == "2:4" else c.ratio
+        wb = planned_weight_bytes(ly, c.precision, c.sparsity, ratio, bool(support and support.compresses_storage))
+        keep = 1.0 - ratio if c.sparsity == "channel" else 1.0
+        speedup = support.speedup if support is not None and c.sparsity != "channel" else 1.0
+        cost = layer_latency(ly, c.precision, option, unit, fused=ly.name in fused, weight_bytes=wb,
+                             sparsity_speedup=speedup, keep=keep)
+        bits = option.activation_bits(c.precision)
+        prev = [producer_bits[i] for i in ly.inputs if i in producer_bits]
+        extra = _transition_ms(ly, prev[0], bits, option, unit) if prev and ly.name not in fused else 0.0
+        for o in ly.outputs:
+            producer_bits[o] = bits
+        note = _cost_note(ly.op_type, cost.bound) + (f" (+{extra:.4f} ms format conversion)" if extra else "")
+        layers.append(LayerPlan(name=ly.name, op_type=ly.op_type, precision=c.precision, sparsity=c.sparsity,
+                                sparsity_ratio=ratio if c.sparsity != "none" else 0.0, predicted_ms=cost.ms + extra,
+                                weight_bytes=wb, reason=c.reason + note))
     latency = sum(lp.predicted_ms for lp in layers)
     weights = sum(lp.weight_bytes for lp in layers)
     storage = graph_overhead_bytes(analysis) + weights
-    ap = arena(analysis, {k: v[0] for k, v in precisions.items()}, option)
+    ap = arena(analysis, {k: v.precision for k, v in choices.items()}, option)
     ram = ap.arena_bytes + (weights if target.budgets.weights_in_ram else 0)
     b = target.budgets
     checks = [BudgetCheck(name="ram", predicted=ram, budget=int(b.ram)),

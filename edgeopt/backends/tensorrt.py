@@ -213,7 +213,7 @@ class TensorRtBackend(Backend):
         int8_plan = plan.model_copy(update={"layers": [lp if lp.precision == "int8" else lp.model_copy(update={"precision": "fp32"})
                                                        for lp in plan.layers]})
         model, notes = apply_precisions(model, int8_plan, calib,
-                                        int8_config={"activation_symmetric": True, "activation_type": "int8"})
+                                        int8_config={"activation_symmetric": True, "activation_type": "int8", "quantize_bias": False})
         out_dir = Path(out_dir)
         onnx.save(model, str(out_dir / "model.onnx"))
         has_qdq = any(n.op_type == "QuantizeLinear" for n in model.graph.node)
