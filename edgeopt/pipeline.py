@@ -176,18 +176,18 @@ def _zeros(inputs: BuildInputs) -> dict[str, np.ndarray]:
 
 
 def build(inputs: BuildInputs, target: Target, out_dir: str | Path, *, plan: Plan | None = None,
-          backend: str | None = None, precision: str | None = None, validate_artifact: bool = True,
-          profile: bool = True, progress: Progress | None = None) -> Artifact:
+          backend: str | None = None, precision: str | None = None, max_accuracy_drop: float | None = None,
+          validate_artifact: bool = True, profile: bool = True, progress: Progress | None = None) -> Artifact:
     """Build one optimized artifact for ``target`` in ``out_dir`` (replaced atomically) and return its manifest."""
     from .backends.base import build_artifact, write_manifest
     from .io import atomic_dir
-    from .planner import make_plan
 
     say = progress or (lambda _msg: None)
     out_dir = Path(out_dir)
     if plan is None:
         say(f"{target.name}: planning")
-        plan = make_plan(inputs.analysis, target, backend=backend, precision=precision)
+        plan = plan_for(inputs, target, backend=backend, precision=precision, max_accuracy_drop=max_accuracy_drop,
+                        progress=say)
     else:
         check_replay(plan, inputs, target)
     say(f"{target.name}: passes")
@@ -202,6 +202,10 @@ def build(inputs: BuildInputs, target: Target, out_dir: str | Path, *, plan: Pla
             accuracy = validate(artifact, artifact_dir, inputs)
         measured = measure(artifact_dir, inputs) if profile else None
         artifact = artifact.model_copy(update={"accuracy": accuracy, "measured_latency_ms": measured})
+        drop = -accuracy.get("accuracy_delta", 1.0 - accuracy.get("top1_agreement", 1.0))
+        if max_accuracy_drop is not None and accuracy and drop > max_accuracy_drop:
+            raise EdgeoptError(f"{target.name}: the built artifact loses {drop:.4f} accuracy, more than --max-accuracy-drop "
+                               f"{max_accuracy_drop}; plan with a smaller drop or more calibration data")
         write_manifest(artifact, artifact_dir)
         for p in list(artifact_dir.iterdir()):
             p.rename(tmp / p.name)
@@ -211,3 +215,64 @@ def build(inputs: BuildInputs, target: Target, out_dir: str | Path, *, plan: Pla
             (tmp / "passes.json").write_text(json.dumps(notes, indent=2) + "\n")
     say(f"{target.name}: done")
     return artifact
+
+
+def plan_for(inputs: BuildInputs, target: Target, *, backend: str | None = None, precision: str | None = None,
+             max_accuracy_drop: float | None = None, sensitivity: dict | None = None, progress: Progress | None = None) -> Plan:
+    """The planner's choice: per-layer search on measured sensitivity when calibration data exists
+    (and no precision is forced), else the whole-model recipe search."""
+    from .planner import make_plan, search_plan
+
+    if precision is not None or inputs.calib is None:
+        if max_accuracy_drop is not None and inputs.calib is None:
+            raise EdgeoptError("--max-accuracy-drop needs calibration data (--calib) to measure layer sensitivity")
+        return make_plan(inputs.analysis, target, backend=backend, precision=precision)
+    if sensitivity is None:
+        from .sensitivity import measure
+
+        sensitivity = measure(inputs.model, inputs.calib, progress=progress)
+    return search_plan(inputs.analysis, target, sensitivity, backend=backend, max_accuracy_drop=max_accuracy_drop)
+
+
+@dataclass
+class FleetResult:
+    entries: list  # report.FleetEntry
+    report: Path
+
+
+def fleet(inputs: BuildInputs, targets: list[Target], out_dir: str | Path, *, jobs: int = 2,
+          max_accuracy_drop: float | None = None, progress: Progress | None = None) -> FleetResult:
+    """Build every target into ``out_dir/<target>/`` in parallel, sharing calibration data and
+    sensitivity; write ``fleet.json`` and ``report.html``.  The directory is replaced atomically."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .io import atomic_dir
+    from .report import FleetEntry, fleet_html
+
+    say = progress or (lambda _msg: None)
+    sensitivity = None
+    if inputs.calib is not None:
+        from .sensitivity import measure
+
+        say("measuring layer sensitivity (shared by all targets)")
+        sensitivity = measure(inputs.model, inputs.calib, progress=say)
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+
+        def one(target: Target) -> FleetEntry:
+            try:
+                plan = plan_for(inputs, target, max_accuracy_drop=max_accuracy_drop, sensitivity=sensitivity)
+                art = build(inputs, target, tmp / target.name, plan=plan, progress=say)
+                return FleetEntry(target=target.name, ok=True, artifact=art)
+            except EdgeoptError as e:
+                say(f"{target.name}: failed: {e}")
+                return FleetEntry(target=target.name, ok=False, error=str(e))
+            except Exception as e:  # a bug in one backend must not sink the other targets; it is reported
+                say(f"{target.name}: internal error: {type(e).__name__}: {e}")
+                return FleetEntry(target=target.name, ok=False, error=f"internal error: {type(e).__name__}: {e}")
+
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            entries = list(pool.map(one, targets))
+        (tmp / "fleet.json").write_text(json.dumps([e.model_dump(mode="json") for e in entries], indent=2) + "\n")
+        (tmp / "report.html").write_text(fleet_html(inputs.path.name, entries))
+    return FleetResult(entries, out_dir / "report.html")

@@ -224,3 +224,174 @@ def _to_plan(analysis: ModelAnalysis, target: Target, ev: Evaluation, rationale:
         predicted_latency_ms=round(ev.latency_ms, 6), predicted_storage_bytes=ev.storage,
         predicted_ram_bytes=ev.ram, predicted_arena_bytes=ev.arena, budgets=ev.checks, rationale=rationale,
     )
+
+
+# --------------------------------------------------------------------------- sensitivity-driven search
+
+
+def layer_choices(analysis: ModelAnalysis, option: BackendOption, sens: dict) -> dict[str, list[tuple[Choice, float, float]]]:
+    """Per weighted layer: every (Choice, noise, flips) the backend option can run and sensitivity measured."""
+    out: dict[str, list[tuple[Choice, float, float]]] = {}
+    for ly in analysis.layers:
+        if not (ly.quantizable and ly.op_type in ("Conv", "Gemm", "MatMul")):
+            continue
+        cands: list[tuple[Choice, float, float]] = []
+        for p in option.precisions:
+            if p == "fp32":
+                base = (0.0, 0.0)
+            else:
+                s = sens.get((ly.name, p))
+                if s is None or not s.applicable:
+                    continue
+                base = (s.noise, s.flips or 0.0)
+            cands.append((Choice(p), *base))
+            for sp in option.sparsity:
+                if sp.precisions is not None and p not in sp.precisions:
+                    continue
+                if sp.pattern == "unstructured" and sp.speedup <= 1.0 and not sp.compresses_storage:
+                    continue  # zeros that neither run faster nor store smaller
+                key = {"channel": "channel", "2:4": "2:4", "unstructured": "unstructured"}[sp.pattern]
+                s = sens.get((ly.name, key))
+                if s is None or not s.applicable:
+                    continue
+                from .sensitivity import CHANNEL_RATIO, UNSTRUCTURED_RATIO
+
+                ratio = CHANNEL_RATIO if sp.pattern == "channel" else UNSTRUCTURED_RATIO if sp.pattern == "unstructured" else 0.5
+                cands.append((Choice(p, sp.pattern, ratio), base[0] + s.noise, base[1] + (s.flips or 0.0)))
+        if cands:
+            out[ly.name] = cands
+    return out
+
+
+def _fill(analysis: ModelAnalysis, option: BackendOption, weighted: dict[str, Choice]) -> dict[str, Choice]:
+    """Choices for every layer: weightless layers run in their producer's format (no conversion islands)."""
+    fp = _float_precision(option)
+    producer: dict[str, str] = {}
+    out: dict[str, Choice] = {}
+    for ly in analysis.layers:
+        if ly.name in weighted:
+            c = weighted[ly.name]
+        elif option.requires_full_integer:
+            c = Choice("int8", reason=f"{option.label} runs full-integer models only")
+        else:
+            src = next((producer[i] for i in ly.inputs if i in producer), None)
+            p = src if src in option.precisions and src not in WEIGHT_ONLY else fp
+            if src is None and any(c.precision == "int8" for c in weighted.values()) and "int8" in option.precisions:
+                p = fp
+            c = Choice(p, reason="runs in its input's format" if src else f"{p}: model input")
+        out[ly.name] = c
+        for o in ly.outputs:
+            producer[o] = c.precision
+    return out
+
+
+def _penalty(ev: Evaluation) -> float:
+    return sum(max(0.0, c.predicted / c.budget - 1.0) for c in ev.checks)
+
+
+def search_plan(analysis: ModelAnalysis, target: Target, sens: dict, *, backend: str | None = None,
+                max_accuracy_drop: float | None = None, enforce_budgets: bool = True) -> Plan:
+    """Per-layer precision and pruning from measured sensitivity.
+
+    Starts every weighted layer at its least-noisy choice and, while a budget is
+    missed, takes the move with the best budget gain per unit of added output
+    noise.  With ``max_accuracy_drop`` it then keeps trading noise for latency
+    while the predicted drop (sum of per-layer top-1 flips) stays within it.
+    """
+    rationale: list[str] = []
+    unsupported: list[str] = []
+    best: Evaluation | None = None
+    for option in candidate_options(target, backend):
+        reasons = check_option(analysis, option)
+        if reasons:
+            unsupported.append(f"{option.label}: {reasons[0]}")
+            rationale.append(f"skipped {option.label}: {len(reasons)} layer(s) unsupported, first: {reasons[0]}")
+            continue
+        cands = layer_choices(analysis, option, sens)
+        if option.requires_full_integer:
+            cands = {k: [c for c in v if c[0].precision == "int8"] for k, v in cands.items()}
+        current = {k: min(v, key=lambda c: (c[1], FIDELITY_ORDER.index(c[0].precision))) for k, v in cands.items() if v}
+        noise = {k: c[1] for k, c in current.items()}
+        flips = {k: c[2] for k, c in current.items()}
+
+        def assemble(cur, option=option):
+            chosen = {k: Choice(c.precision, c.sparsity, c.ratio, _why(c, n, f)) for k, (c, n, f) in cur.items()}
+            return evaluate(analysis, target, option, "per-layer", choices=_fill(analysis, option, chosen))
+
+        ev = assemble(current)
+        moves = 0
+        while True:
+            want_budget = not ev.fits
+            want_speed = ev.fits and max_accuracy_drop is not None
+            if not (want_budget or want_speed):
+                break
+            lat_now = {lp.name: lp.predicted_ms for lp in ev.layers}
+            wb_now = {lp.name: lp.weight_bytes for lp in ev.layers}
+            best_move, best_score = None, 0.0
+            for name, options_ in cands.items():
+                for cand in options_:
+                    if cand[0] == current[name][0]:
+                        continue
+                    d_noise = cand[1] - noise[name]
+                    d_flips = cand[2] - flips[name]
+                    if want_speed and sum(flips.values()) + d_flips > max_accuracy_drop:
+                        continue
+                    lp = assemble_layer(analysis, target, option, name, cand[0])
+                    d_lat = lp[0] - lat_now[name]
+                    d_wb = lp[1] - wb_now[name]
+                    if want_budget:
+                        gain = sum(max(0.0, c.predicted / c.budget - 1.0) for c in ev.checks) - _local_penalty(ev, d_lat, d_wb, target)
+                    else:
+                        gain = -d_lat
+                    if gain <= 1e-12:
+                        continue
+                    score = gain / max(d_noise, 1e-9)
+                    if score > best_score:
+                        best_move, best_score = (name, cand), score
+            if best_move is None:
+                break
+            name, cand = best_move
+            current[name], noise[name], flips[name] = cand, cand[1], cand[2]
+            new_ev = assemble(current)
+            if want_speed and new_ev.latency_ms >= ev.latency_ms:
+                break
+            ev = new_ev
+            moves += 1
+        pred_drop = sum(flips.values())
+        rationale.append(f"{option.label}: {moves} move(s) from the least-noisy start; predicted output noise "
+                         f"{sum(noise.values()):.2e}, predicted top-1 change <= {pred_drop:.3f}; {_describe(ev)}")
+        if ev.fits:
+            return _to_plan(analysis, target, ev, rationale)
+        if best is None or ev.overshoot < best.overshoot:
+            best = ev
+    if best is None:
+        raise UnsupportedOpError(f"no backend of target {target.name} can run this model: " + " | ".join(unsupported))
+    if not enforce_budgets:
+        return _to_plan(analysis, target, best, rationale)
+    raise BudgetError(f"no per-layer plan meets the budgets of {target.name}; closest: {_describe(best)}")
+
+
+def _why(c: Choice, noise: float, flips: float) -> str:
+    sp = f" + {c.sparsity} {c.ratio:.0%}" if c.sparsity != "none" else ""
+    return f"{c.precision}{sp}: output noise {noise:.1e}, top-1 flips {flips:.3f} when alone"
+
+
+def assemble_layer(analysis: ModelAnalysis, target: Target, option: BackendOption, name: str, c: Choice) -> tuple[float, int]:
+    """(latency ms, weight bytes) of one layer under a choice (no fusion or conversion effects)."""
+    ly = next(x for x in analysis.layers if x.name == name)
+    support = _sparsity_support(option, c.sparsity) if c.sparsity != "none" else None
+    ratio = 0.5 if c.sparsity == "2:4" else c.ratio
+    wb = planned_weight_bytes(ly, c.precision, c.sparsity, ratio, bool(support and support.compresses_storage))
+    keep = 1.0 - ratio if c.sparsity == "channel" else 1.0
+    speedup = support.speedup if support is not None and c.sparsity != "channel" else 1.0
+    cost = layer_latency(ly, c.precision, option, unit_of(target, option), weight_bytes=wb, sparsity_speedup=speedup, keep=keep)
+    return cost.ms, wb
+
+
+def _local_penalty(ev: Evaluation, d_lat: float, d_wb: int, target: Target) -> float:
+    total = 0.0
+    for c in ev.checks:
+        pred = c.predicted + (d_lat if c.name == "latency_ms" else d_wb if c.name == "storage" else
+                              d_wb if target.budgets.weights_in_ram else 0)
+        total += max(0.0, pred / c.budget - 1.0)
+    return total
