@@ -107,13 +107,13 @@ def layer_latency(layer: LayerInfo, precision: str, option: BackendOption, unit:
     if fused:
         return LayerCost(0.0, 0.0, 0.0, "fused")
     cp = option.compute_precision(precision)
-    eff = option.efficiency or unit.efficiency
+    eff = option.efficiency_for(precision, unit)
     ops = (2 * layer.macs * keep + layer.flops)
     compute_s = ops / (unit.peak_ops_per_s[cp] * eff) / sparsity_speedup
     act_bytes = (layer.input_elems + layer.output_elems * keep) * option.activation_bits(precision) / 8
     wb = layer.weight_bytes if weight_bytes is None else weight_bytes
     memory_s = (act_bytes + wb) / unit.memory_bandwidth_bytes_per_s
-    ms = max(compute_s, memory_s) * 1e3 + unit.layer_overhead_us / 1e3
+    ms = max(compute_s, memory_s) * 1e3 + option.overhead_us_for(precision, unit) / 1e3
     return LayerCost(ms, compute_s * 1e3, memory_s * 1e3, "compute" if compute_s >= memory_s else "memory")
 
 

@@ -93,9 +93,21 @@ class BackendOption(_Frozen):
     )
     requires_static_shapes: bool = False
     efficiency: float | None = Field(default=None, gt=0, le=1, description="overrides the unit's efficiency")
+    efficiency_by_precision: dict[str, float] = Field(
+        default_factory=dict, description="efficiency per precision where kernels differ in quality (measured)"
+    )
+    overhead_us_by_precision: dict[str, float] = Field(
+        default_factory=dict, description="extra fixed cost per layer per precision (dequantization, repacking)"
+    )
     weight_only_compute: Literal["fp32", "fp16", "bf16"] = Field(
         default="fp32", description="the float arithmetic weight-only (wint8/wint4) layers compute in"
     )
+
+    def efficiency_for(self, precision: str, unit: ComputeUnit) -> float:
+        return self.efficiency_by_precision.get(precision, self.efficiency or unit.efficiency)
+
+    def overhead_us_for(self, precision: str, unit: ComputeUnit) -> float:
+        return unit.layer_overhead_us + self.overhead_us_by_precision.get(precision, 0.0)
 
     def compute_precision(self, precision: str) -> str:
         """The arithmetic a layer in ``precision`` runs (what the peak rate is looked up by)."""
