@@ -108,7 +108,10 @@ def structural_passes(model: onnx.ModelProto, plan: Plan, calib: CalibrationData
         if kind == "channel":
             if calib is None:
                 raise EdgeoptError("channel pruning reconstructs layers from calibration data: give --calib")
-            res = run_pass("channel_prune", model, {"nodes": names, "ratio": ratio}, calib, evaluate=False)
+            cfg = {"nodes": names, "ratio": ratio}
+            if "channel_multiple" in plan.backend_options:  # what the backend's fast kernels want
+                cfg["round_to"] = int(plan.backend_options["channel_multiple"])
+            res = run_pass("channel_prune", model, cfg, calib, evaluate=False)
         elif kind == "2:4":
             res = run_pass("prune", model, {"nodes": names, "pattern": "n:m", "n": 2, "m": 4}, None, evaluate=False)
         else:

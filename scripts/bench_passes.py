@@ -46,8 +46,8 @@ RECIPES: list[tuple[str, str, dict]] = [
     ("weight-only int4", "weight_only", {"bits": 4}),
     ("unstructured 50%", "prune", {"pattern": "unstructured", "sparsity": 0.5}),
     ("2:4", "prune", {"pattern": "n:m"}),
-    ("channel 30%", "channel_prune", {"ratio": 0.3}),
-    ("channel 30% no recon", "channel_prune", {"ratio": 0.3, "reconstruct": False}),
+    ("channel 30%", "channel_prune", {"ratio": 0.3, "round_to": 16}),  # 16: AVX-512 blocked conv kernels
+    ("channel 30% no recon", "channel_prune", {"ratio": 0.3, "round_to": 16, "reconstruct": False}),
     ("low-rank 95% energy", "lowrank", {}),
     ("palettize 4-bit", "palettize", {"bits": 4}),
 ]

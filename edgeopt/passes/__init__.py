@@ -151,7 +151,7 @@ def run_pass(name: str, model: onnx.ModelProto, config: PassConfig | dict[str, A
     mod = get(name)
     work = onnx.ModelProto()
     work.CopyFrom(model)
-    needs = getattr(mod, "NEEDS_CALIBRATION", False)
+    needs = mod.needs_calibration(cfg) if hasattr(mod, "needs_calibration") else getattr(mod, "NEEDS_CALIBRATION", False)
     if needs and calib is None:
         raise PassError(f"pass {name} needs calibration data")
     outcome: PassOutcome = mod.apply(work, cfg, calib) if needs or calib is not None else mod.apply(work, cfg, None)
