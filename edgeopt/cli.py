@@ -20,6 +20,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="static shape for a dynamic input, e.g. x=1x3x224x224 (repeatable)")
 
 
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", type=Path, help="calibration data: folder of .npy/.npz, or one .npy/.npz file")
+    p.add_argument("--eval", dest="eval_data", type=Path, help="held-out inputs for accuracy (default: the calibration data)")
+    p.add_argument("--labels", type=Path, help=".npy labels of the --eval (or --calib) samples")
+    p.add_argument("--max-accuracy-drop", type=float, help="accuracy the plan may lose (top-1, absolute), e.g. 0.01")
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="edgeopt", description="Hardware-aware deployment optimizer for ONNX models.")
     ap.add_argument("--version", action="version", version=f"edgeopt {__version__}")
@@ -44,8 +51,27 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--target", required=True, help="built-in target name or .yaml path")
     pl.add_argument("--backend", help="restrict to one backend of the target")
     pl.add_argument("--precision", help="force one precision recipe (fp32, fp16, bf16, int8, wint8, wint4)")
+    _add_data_args(pl)
     pl.add_argument("-o", "--output", type=Path, help="write the plan as JSON to this file")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    b = sub.add_parser("build", help="plan, compress, convert, validate and profile one artifact for a target")
+    b.add_argument("model", help="ONNX model file, or 'default' for the embedded digits CNN")
+    b.add_argument("--input-shape", action="append", metavar="NAME=DIMS", help="static shape for a dynamic input")
+    b.add_argument("--target", required=True, help="built-in target name or .yaml path")
+    b.add_argument("--backend", help="restrict to one backend of the target")
+    b.add_argument("--precision", help="force one precision recipe")
+    b.add_argument("--plan", type=Path, help="replay this plan.json instead of planning")
+    _add_data_args(b)
+    b.add_argument("-o", "--output", type=Path, required=True, help="output directory (replaced atomically)")
+
+    f = sub.add_parser("fleet", help="build every target in parallel, with an HTML report")
+    f.add_argument("model", help="ONNX model file, or 'default' for the embedded digits CNN")
+    f.add_argument("--input-shape", action="append", metavar="NAME=DIMS", help="static shape for a dynamic input")
+    f.add_argument("--targets", default="all", help="'all' or a comma-separated list of targets")
+    f.add_argument("--jobs", type=int, default=2, help="targets built at once")
+    _add_data_args(f)
+    f.add_argument("-o", "--output", type=Path, required=True, help="output directory (replaced atomically)")
 
     c = sub.add_parser("compress", help="apply one compression pass (ONNX -> ONNX) and report its effect")
     _add_model_args(c)
@@ -107,11 +133,56 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_plan(args: argparse.Namespace) -> int:
-    from .planner import make_plan
+def _read_array_source(path: Path | None):
+    """A calibration/eval source: a folder (passed through), an .npz (dict) or an .npy (array)."""
+    import numpy as np
 
-    analysis, target = _load(args)
-    plan = make_plan(analysis, target, backend=args.backend, precision=args.precision)
+    if path is None:
+        return None
+    if not path.exists():
+        raise EdgeoptError(f"data {path} does not exist")
+    if path.is_dir():
+        return path
+    if path.suffix == ".npz":
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    return np.load(path)
+
+
+def _inputs(args: argparse.Namespace):
+    import numpy as np
+
+    from .graph import parse_input_shapes
+    from .pipeline import BuildInputs
+
+    if str(args.model) == "default":
+        if args.calib or args.eval_data:
+            raise EdgeoptError("'default' brings its own digits data; drop --calib/--eval")
+        return BuildInputs.default_model()
+    labels = np.load(args.labels) if args.labels else None
+    return BuildInputs.prepare(Path(args.model), calib=_read_array_source(args.calib),
+                               eval_data=_read_array_source(args.eval_data), labels=labels,
+                               input_shapes=parse_input_shapes(args.input_shape))
+
+
+def _progress():
+    """A rich status line for long work (stderr), and the callback that updates it."""
+    from rich.console import Console
+
+    status = Console(stderr=True).status("working")
+    return status, lambda msg: status.update(str(msg))
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .pipeline import plan_for
+    from .targets import load_target
+
+    target = load_target(args.target)
+    inputs = _inputs(args)
+    status, say = _progress()
+    with status:
+        plan = plan_for(inputs, target, backend=args.backend, precision=args.precision,
+                        max_accuracy_drop=args.max_accuracy_drop, progress=say)
     if args.output:
         from .io import atomic_write_text
 
@@ -124,6 +195,54 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         plan_summary(plan, console())
         if args.output:
             print(f"wrote {args.output}")
+    return 0
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from .pipeline import build, load_plan
+    from .render import console, plan_summary
+    from .targets import load_target
+
+    target = load_target(args.target)
+    plan = load_plan(args.plan) if args.plan else None
+    inputs = _inputs(args)
+    status, say = _progress()
+    with status:
+        art = build(inputs, target, args.output, plan=plan, backend=args.backend, precision=args.precision,
+                    max_accuracy_drop=args.max_accuracy_drop, progress=say)
+    out = console()
+    plan_summary(art.plan, out, layers=False)
+    measured = f"{art.measured_latency_ms:.3f} ms measured here" if art.measured_latency_ms is not None else "not runnable here"
+    print(f"artifact {args.output}: {art.backend}, {art.size_bytes:,} bytes, predicted {art.predicted_latency_ms:.3f} ms, {measured}")
+    if art.accuracy:
+        print("validated: " + ", ".join(f"{k} {v:.4f}" for k, v in art.accuracy.items()))
+    return 0
+
+
+def _cmd_fleet(args: argparse.Namespace) -> int:
+    from .pipeline import fleet
+    from .render import console
+    from .targets import load_targets
+
+    targets = load_targets(args.targets)
+    inputs = _inputs(args)
+    status, say = _progress()
+    with status:
+        res = fleet(inputs, targets, args.output, jobs=args.jobs, max_accuracy_drop=args.max_accuracy_drop, progress=say)
+    out = console()
+    for e in res.entries:
+        if e.ok:
+            a = e.artifact
+            acc = a.accuracy.get("accuracy", a.accuracy.get("top1_agreement"))
+            out.print(f"[green]ok[/]   {e.target:16} {a.backend:12} {a.size_bytes:>10,} B  predicted {a.predicted_latency_ms:.3f} ms"
+                      + (f"  measured {a.measured_latency_ms:.3f} ms" if a.measured_latency_ms is not None else "")
+                      + (f"  quality {acc:.4f}" if acc is not None else ""))
+        else:
+            out.print(f"[red]fail[/] {e.target:16} {e.error}")
+    out.print(f"report: {res.report}")
+    failed = [e.target for e in res.entries if not e.ok]
+    if failed:
+        raise EdgeoptError(f"{len(failed)} of {len(res.entries)} target(s) failed: {', '.join(failed)} (see {res.report})")
     return 0
 
 
@@ -205,7 +324,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {"targets": _cmd_targets, "analyze": _cmd_analyze, "plan": _cmd_plan, "compress": _cmd_compress,
-               "demo": _cmd_demo}[args.cmd]
+               "build": _cmd_build, "fleet": _cmd_fleet, "demo": _cmd_demo}[args.cmd]
     try:
         return handler(args)
     except EdgeoptError as e:

@@ -116,7 +116,9 @@ def plan_summary(plan: Plan, out: Console, *, layers: bool = True) -> None:
     counts: dict[str, int] = {}
     for lp in plan.layers:
         counts[lp.precision] = counts.get(lp.precision, 0) + 1
-    out.print("  precisions: " + ", ".join(f"{k} x{v}" for k, v in counts.items()))
+    pruned = [f"{lp.name} {lp.sparsity} {lp.sparsity_ratio:.0%}" for lp in plan.layers if lp.sparsity != "none"]
+    out.print("  precisions: " + ", ".join(f"{k} x{v}" for k, v in counts.items())
+              + (f"; pruned: {', '.join(pruned)}" if pruned else ""))
     for r in plan.rationale:
         out.print(f"  - {r}")
     if not layers:

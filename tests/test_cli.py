@@ -106,3 +106,19 @@ def test_compress_writes_model_and_reports(tmp_path, digits_model):
     one_line_error(run("compress", digits_model, "--pass", "fp16", "--set", "bogus=1", "-o", tmp_path / "b.onnx"), "bogus")
     one_line_error(run("compress", digits_model, "--pass", "int3", "-o", tmp_path / "b.onnx"), "unknown pass 'int3'")
     assert not (tmp_path / "b.onnx").exists()
+
+
+def test_build_replay_and_fleet_commands(tmp_path):
+    out = tmp_path / "art"
+    p = run("build", "default", "--target", "x86-cpu", "--precision", "int8", "-o", out, check_rc=0)
+    assert "measured here" in p.stdout and "accuracy_delta" in p.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["backend"] == "onnxruntime" and set(manifest["files"]) == {"model.onnx", "session.json"}
+    run("build", "default", "--target", "x86-cpu", "--plan", out / "plan.json", "-o", tmp_path / "again", check_rc=0)
+    assert json.loads((tmp_path / "again" / "manifest.json").read_text())["plan"] == manifest["plan"]
+    one_line_error(run("build", "default", "--target", "gpu-server", "--plan", out / "plan.json", "-o", tmp_path / "x"),
+                   "for target x86-cpu")
+    assert not (tmp_path / "x").exists()
+    fl = run("fleet", "default", "--targets", "x86-cpu,jetson-orin", "-o", tmp_path / "fleet", check_rc=0)
+    assert "report:" in fl.stdout and (tmp_path / "fleet" / "report.html").is_file()
+    assert (tmp_path / "fleet" / "jetson-orin" / "build_engine.py").is_file()
