@@ -1,0 +1,1013 @@
+"""ONNX <-> MIL for the Core ML backend (imports coremltools; load it lazily).
+
+* :func:`to_mil` walks a cleaned, static-shape ONNX graph and builds a MIL
+  program with coremltools' builder (``mb.*``), NCHW as in ONNX.  Every ONNX
+  node becomes one MIL op named after it (plus helper ops ``<name>__<k>``), so
+  per-layer compression configs and fp32 islands address ops by ONNX node name.
+  The MIL shape inference is checked against ONNX's, node by node.
+* :func:`to_onnx` goes the other way on a *saved* program (after coremltools'
+  graph passes, fp16 casts and weight compression): ``constexpr_*`` weights are
+  decompressed with their own ``materialized_val_inference`` and fp16 tensors are
+  rounded to fp16 after every op, so onnxruntime computes what the Core ML model
+  computes, modulo fp16 arithmetic inside the ops.  This is how the package is
+  checked where Core ML cannot run (off macOS).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import EdgeoptError, InputShapeError, UnsupportedOpError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnx
+
+#: coremltools graph passes that rewrite or merge weight-carrying ops (conv+scale/bias/batchnorm
+#: fusion, division -> multiplication, const dedup): dropped so every weight keeps its ONNX layer's
+#: op name (what compression configs and fp32 islands address) and its value.  Our cleanup already
+#: folds BatchNormalization and biases on the ONNX side.
+SKIPPED_PASSES = (
+    "common::divide_to_multiply", "common::fuse_matmul_weight_bias", "common::fuse_linear_bias",
+    "common::fuse_conv_scale", "common::fuse_conv_bias", "common::fuse_conv_batchnorm",
+    "common::fuse_elementwise_to_batchnorm", "common::const_deduplication", "common::fuse_transpose_matmul",
+    "common::fuse_layernorm_or_instancenorm", "common::fuse_onehot_matmul_to_gather", "common::fuse_pad_conv",
+    "common::fuse_prelu", "common::prelu_to_lrelu",
+)
+
+_FLOAT_TYPES = {1, 10, 11, 16}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
+
+
+def sanitize(name: str) -> str:
+    s = re.sub(r"[^0-9A-Za-z_]", "_", name)
+    return s if s and not s[0].isdigit() else f"_{s}"
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    import onnx
+
+    out = {}
+    for a in node.attribute:
+        v = onnx.helper.get_attribute_value(a)
+        out[a.name] = v.decode() if isinstance(v, bytes) else v
+    return out
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+# --------------------------------------------------------------------------- ONNX side preparation
+
+
+def static_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Input name -> fully static shape: ``shapes`` (e.g. a plan's) over the model's own dims;
+    a non-positive batch dimension becomes 1, any other unknown dimension is an error."""
+    out: dict[str, list[int]] = {}
+    inits = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        dims = list(shapes.get(vi.name) or [d.dim_value if d.HasField("dim_value") else -1
+                                           for d in vi.type.tensor_type.shape.dim])
+        if dims and dims[0] <= 0:
+            dims[0] = 1
+        if any(d <= 0 for d in dims):
+            raise InputShapeError(f"Core ML input {vi.name} needs a static shape, got {dims}: "
+                                  "set the plan's input_shapes (e.g. [1, 3, 48, 192])")
+        out[vi.name] = [int(d) for d in dims]
+    return out
+
+
+def prepare(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelProto:
+    """A copy with static input shapes, constants folded (static ``Shape`` included),
+    BatchNormalization fused and Identity/Dropout removed, every node named."""
+    import onnx
+
+    from ..passes._util import ensure_names
+    from ..passes.cleanup import constants_to_initializers, fold_constants, fuse_batchnorm, remove_identity
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inputs = static_shapes(m, shapes)
+    for vi in m.graph.input:
+        if vi.name in inputs:
+            t = vi.type.tensor_type
+            t.shape.Clear()
+            for d in inputs[vi.name]:
+                t.shape.dim.add().dim_value = d
+    for vi in m.graph.output:  # let inference fill the (now static) output shapes
+        vi.type.tensor_type.ClearField("shape")
+    del m.graph.value_info[:]
+    ensure_names(m)
+    constants_to_initializers(m)
+    for _ in range(3):  # Shape -> Cast -> Slice -> Concat chains fold in steps
+        if not fold_constants(m):
+            break
+    fuse_batchnorm(m)
+    remove_identity(m)
+    try:
+        return onnx.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
+    except Exception:  # no ONNX shapes to check MIL's against; translation still works
+        return m
+
+
+def _inferred_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    out = {}
+    for vi in [*model.graph.value_info, *model.graph.output]:
+        t = vi.type.tensor_type
+        if t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim):
+            out[vi.name] = tuple(d.dim_value for d in t.shape.dim)
+    return out
+
+
+# --------------------------------------------------------------------------- ONNX -> MIL
+
+
+@dataclass
+class Translation:
+    program: Any
+    inputs: dict[str, str]  # ONNX input name -> MIL input name
+    outputs: dict[str, str]  # ONNX output name -> MIL output name
+    layers: dict[str, list[str]] = field(default_factory=dict)  # ONNX node name -> MIL op names (first: main op)
+    weights: dict[str, str] = field(default_factory=dict)  # MIL op name -> param holding its weight
+
+
+class _Translator:
+    def __init__(self, model: onnx.ModelProto):
+        import onnx
+
+        self.model = model
+        self.opset = _opset(model)
+        self.consts = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+        self.env: dict[str, Any] = {}
+        self.shapes = _inferred_shapes(model)
+        self.used: set[str] = set()
+        self.layers: dict[str, list[str]] = {}
+        self.weights: dict[str, str] = {}
+        self.outputs = {o.name: sanitize(o.name) for o in model.graph.output}
+        self.used.update(self.outputs.values())
+        self._node_ops: list[str] = []
+        self._base = ""
+        self._k = 0
+
+    # names
+    def _unique(self, base: str) -> str:
+        name, i = base, 0
+        while name in self.used:
+            i += 1
+            name = f"{base}_{i}"
+        self.used.add(name)
+        return name
+
+    def name(self, main: bool = False) -> str:
+        """The next MIL op name of the current node: its own (sanitized) name first, then ``__k`` helpers."""
+        if main and not any(n == self._base for n in self._node_ops):
+            n = self._base
+        else:
+            self._k += 1
+            n = self._unique(f"{self._base}__{self._k}")
+        self._node_ops.append(n)
+        return n
+
+    # operands
+    def value(self, name: str):
+        if not name:
+            return None
+        if name in self.env:
+            return self.env[name]
+        if name in self.consts:
+            return self.consts[name]
+        raise EdgeoptError(f"tensor {name} is neither computed nor constant")
+
+    def const(self, name: str, what: str) -> np.ndarray:
+        v = self.value(name)
+        if not isinstance(v, np.ndarray):
+            raise UnsupportedOpError(f"{self.node.name}: {self.node.op_type} needs a constant {what} for Core ML")
+        return v
+
+    def scalar(self, name: str, what: str) -> float:
+        v = self.const(name, what)
+        if v.size != 1:
+            raise UnsupportedOpError(f"{self.node.name}: {self.node.op_type} {what} must be a scalar, got shape {list(v.shape)}")
+        return float(v.reshape(-1)[0])
+
+    @staticmethod
+    def f32(v):
+        return v.astype(np.float32) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v
+
+    def translate(self, shapes: dict[str, list[int]]) -> Translation:
+        import coremltools as ct
+        from coremltools.converters.mil import Builder as mb
+        from coremltools.converters.mil.mil import Function, Program
+        from coremltools.converters.mil.mil import types as mtypes
+
+        inputs = {name: sanitize(name) for name in shapes}
+        self.used.update(inputs.values())
+        specs = {inputs[n]: mb.TensorSpec(shape=tuple(s), dtype=mtypes.fp32) for n, s in shapes.items()}
+        with Function(specs, opset_version=ct.target.iOS17) as func:
+            for onnx_name, mil_name in inputs.items():
+                self.env[onnx_name] = func.inputs[mil_name]
+            for node in self.model.graph.node:
+                self._emit(node)
+            outs = []
+            for o in self.model.graph.output:
+                v = self.value(o.name)
+                if not hasattr(v, "op") or v.name != self.outputs[o.name]:
+                    v = mb.identity(x=v, name=self.outputs[o.name])
+                outs.append(v)
+            func.set_outputs(outs)
+        prog = Program()
+        prog.add_function("main", func)
+        return Translation(prog, inputs, self.outputs, self.layers, self.weights)
+
+    def _emit(self, node: onnx.NodeProto) -> None:
+        handler = _HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if handler is None:
+            dom = f"{node.domain}." if node.domain else ""
+            raise UnsupportedOpError(f"node {node.name}: op {dom}{node.op_type} has no Core ML (MIL) translation")
+        self.node = node
+        self._base = self._unique(sanitize(node.name))
+        self._k, self._node_ops = 0, []
+        try:
+            res = handler(self, node, _attrs(node), [self.value(i) for i in node.input])
+        except EdgeoptError:
+            raise
+        except Exception as e:  # a MIL type/shape error: name the node
+            raise UnsupportedOpError(f"node {node.name} ({node.op_type}) failed to translate to MIL: {e}") from e
+        res = res if isinstance(res, (list, tuple)) else [res]
+        for name, var in zip(node.output, res):
+            if name:
+                self.env[name] = var
+                want = self.shapes.get(name)
+                got = tuple(getattr(var, "shape", np.shape(var)))
+                if want is not None and tuple(want) != got:
+                    raise EdgeoptError(f"node {node.name} ({node.op_type}): MIL infers shape {list(got)} for {name}, "
+                                       f"ONNX {list(want)} (translation bug)")
+        self.layers[node.name] = self._node_ops or []
+
+
+# each handler: (translator, node, attrs, input values) -> output var(s)
+_HANDLERS: dict[str, Callable] = {}
+
+
+def _h(*ops: str):
+    def deco(fn):
+        for op in ops:
+            _HANDLERS[op] = fn
+        return fn
+
+    return deco
+
+
+def _mb():
+    from coremltools.converters.mil import Builder as mb
+
+    return mb
+
+
+def _spatial_pads(t: _Translator, a: dict, x_shape, kernel, strides, dilations) -> list[int]:
+    """MIL ``custom`` pads [b0, e0, b1, e1, ...] for ONNX pads / auto_pad on static shapes."""
+    nd = len(kernel)
+    auto = a.get("auto_pad", "NOTSET")
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        pads = []
+        for i in range(nd):
+            d_in = x_shape[2 + i]
+            out = -(-d_in // strides[i])
+            total = max(0, (out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - d_in)
+            small, big = total // 2, total - total // 2
+            pads += [small, big] if auto == "SAME_UPPER" else [big, small]
+        return pads
+    if auto == "VALID":
+        return [0] * (2 * nd)
+    p = list(a.get("pads", [0] * (2 * nd)))
+    return [v for i in range(nd) for v in (p[i], p[i + nd])]
+
+
+@_h("Conv")
+def _conv(t, node, a, ins):
+    mb = _mb()
+    x, w = ins[0], t.const(node.input[1], "weight")
+    b = ins[2] if len(ins) > 2 else None
+    kernel = list(w.shape[2:])
+    nd = len(kernel)
+    strides = list(a.get("strides", [1] * nd))
+    dil = list(a.get("dilations", [1] * nd))
+    pad = _spatial_pads(t, a, x.shape, kernel, strides, dil)
+    kw = dict(x=x, weight=t.f32(w), strides=strides, pad_type="custom", pad=pad, dilations=dil,
+              groups=int(a.get("group", 1)))
+    if b is not None:
+        kw["bias"] = t.f32(t.const(node.input[2], "bias"))
+    name = t.name(main=True)
+    t.weights[name] = "weight"
+    return mb.conv(**kw, name=name)
+
+
+@_h("ConvTranspose")
+def _conv_transpose(t, node, a, ins):
+    mb = _mb()
+    x, w = ins[0], t.const(node.input[1], "weight")
+    kernel = list(w.shape[2:])
+    nd = len(kernel)
+    if a.get("auto_pad", "NOTSET") != "NOTSET":
+        raise UnsupportedOpError(f"{node.name}: ConvTranspose with auto_pad is not translated to Core ML")
+    strides = list(a.get("strides", [1] * nd))
+    dil = list(a.get("dilations", [1] * nd))
+    p = list(a.get("pads", [0] * (2 * nd)))
+    kw = dict(x=x, weight=t.f32(w), strides=strides, pad_type="custom", pad=[v for i in range(nd) for v in (p[i], p[i + nd])],
+              dilations=dil, groups=int(a.get("group", 1)))
+    out_shape = t.shapes.get(node.output[0])
+    if out_shape is not None:
+        kw["output_shape"] = list(out_shape)
+    if len(ins) > 2 and ins[2] is not None:
+        kw["bias"] = t.f32(t.const(node.input[2], "bias"))
+    name = t.name(main=True)
+    t.weights[name] = "weight"
+    return mb.conv_transpose(**kw, name=name)
+
+
+def _linear(t, x, w_nk: np.ndarray, bias: np.ndarray | None):
+    mb = _mb()
+    name = t.name(main=True)
+    t.weights[name] = "weight"
+    kw = {"bias": t.f32(bias)} if bias is not None else {}
+    return mb.linear(x=x, weight=t.f32(w_nk), name=name, **kw)
+
+
+@_h("Gemm")
+def _gemm(t, node, a, ins):
+    mb = _mb()
+    x, b = ins[0], ins[1]
+    c = ins[2] if len(ins) > 2 else None
+    alpha, beta = float(a.get("alpha", 1.0)), float(a.get("beta", 1.0))
+    if a.get("transA", 0):
+        x = mb.transpose(x=x, perm=[1, 0], name=t.name()) if not isinstance(x, np.ndarray) else x.T
+    if isinstance(b, np.ndarray) and not isinstance(x, np.ndarray):
+        w = b if a.get("transB", 0) else b.T
+        n = w.shape[0]
+        if alpha == 1.0 and (c is None or (isinstance(c, np.ndarray) and c.size in (1, n) and c.ndim <= 2)):
+            bias = None if c is None else np.broadcast_to(beta * c.reshape(-1).astype(np.float32), (n,)).copy()
+            return _linear(t, x, w, bias)
+        y = _linear(t, x, w, None)
+    else:
+        y = mb.matmul(x=t.f32(x), y=t.f32(b), transpose_y=bool(a.get("transB", 0)), name=t.name(main=True))
+    if alpha != 1.0:
+        y = mb.mul(x=y, y=np.float32(alpha), name=t.name())
+    if c is not None:
+        y = mb.add(x=y, y=t.f32(c * beta) if isinstance(c, np.ndarray) else mb.mul(x=c, y=np.float32(beta), name=t.name()),
+                   name=t.name())
+    return y
+
+
+@_h("MatMul")
+def _matmul(t, node, a, ins):
+    mb = _mb()
+    x, y = ins
+    if isinstance(y, np.ndarray) and y.ndim == 2 and not isinstance(x, np.ndarray) and x.rank >= 1:
+        return _linear(t, x, y.T, None)
+    name = t.name(main=True)
+    if isinstance(y, np.ndarray) or isinstance(x, np.ndarray):
+        t.weights[name] = "y" if isinstance(y, np.ndarray) else "x"
+    return mb.matmul(x=t.f32(x), y=t.f32(y), name=name)
+
+
+_BINARY = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "real_div", "Pow": "pow", "Max": "maximum", "Min": "minimum"}
+
+
+@_h(*_BINARY)
+def _binary(t, node, a, ins):
+    mb = _mb()
+    fn = getattr(mb, _BINARY[node.op_type])
+    vals = [t.f32(v) for v in ins if v is not None]
+    if all(isinstance(v, np.ndarray) for v in vals):
+        raise EdgeoptError(f"{node.name}: all inputs are constant (constant folding should have removed it)")
+    y = vals[0]
+    for i, v in enumerate(vals[1:]):
+        y = fn(x=y, y=v, name=t.name(main=(i == len(vals) - 2)))
+    return y
+
+
+_UNARY = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Exp": "exp", "Log": "log", "Sqrt": "sqrt", "Abs": "abs",
+          "Erf": "erf", "Floor": "floor", "Ceil": "ceil", "Sin": "sin", "Cos": "cos", "Softplus": "softplus",
+          "Softsign": "softsign", "Sign": "sign", "Atan": "atan", "Identity": "identity", "Dropout": "identity"}
+
+
+@_h(*_UNARY)
+def _unary(t, node, a, ins):
+    return getattr(_mb(), _UNARY[node.op_type])(x=ins[0], name=t.name(main=True))
+
+
+@_h("Neg")
+def _neg(t, node, a, ins):
+    return _mb().mul(x=ins[0], y=np.float32(-1), name=t.name(main=True))
+
+
+@_h("Reciprocal")
+def _reciprocal(t, node, a, ins):
+    return _mb().real_div(x=np.float32(1), y=ins[0], name=t.name(main=True))
+
+
+@_h("Cast")
+def _cast(t, node, a, ins):
+    if int(a["to"]) not in _FLOAT_TYPES:
+        raise UnsupportedOpError(f"node {node.name}: Cast to non-float type {a['to']} is not translated to Core ML")
+    return _mb().identity(x=ins[0], name=t.name(main=True))
+
+
+@_h("Clip")
+def _clip(t, node, a, ins):
+    mb = _mb()
+    if t.opset >= 11:
+        lo = t.scalar(node.input[1], "min") if len(node.input) > 1 and node.input[1] else None
+        hi = t.scalar(node.input[2], "max") if len(node.input) > 2 and node.input[2] else None
+    else:
+        lo, hi = a.get("min"), a.get("max")
+    x = ins[0]
+    if lo == 0.0 and hi == 6.0:
+        return mb.relu6(x=x, name=t.name(main=True))
+    if lo == 0.0 and hi is None:
+        return mb.relu(x=x, name=t.name(main=True))
+    if lo is not None and hi is not None:
+        return mb.clip(x=x, alpha=np.float32(lo), beta=np.float32(hi), name=t.name(main=True))
+    if lo is not None:
+        x = mb.maximum(x=x, y=np.float32(lo), name=t.name(main=True))
+    if hi is not None:
+        x = mb.minimum(x=x, y=np.float32(hi), name=t.name(main=True))
+    return x
+
+
+@_h("HardSigmoid")
+def _hard_sigmoid(t, node, a, ins):
+    return _mb().sigmoid_hard(x=ins[0], alpha=np.float32(a.get("alpha", 0.2)), beta=np.float32(a.get("beta", 0.5)),
+                              name=t.name(main=True))
+
+
+@_h("HardSwish")
+def _hard_swish(t, node, a, ins):
+    mb = _mb()
+    s = mb.sigmoid_hard(x=ins[0], alpha=np.float32(1 / 6), beta=np.float32(0.5), name=t.name())
+    return mb.mul(x=ins[0], y=s, name=t.name(main=True))
+
+
+@_h("LeakyRelu")
+def _leaky_relu(t, node, a, ins):
+    return _mb().leaky_relu(x=ins[0], alpha=np.float32(a.get("alpha", 0.01)), name=t.name(main=True))
+
+
+@_h("Elu")
+def _elu(t, node, a, ins):
+    return _mb().elu(x=ins[0], alpha=np.float32(a.get("alpha", 1.0)), name=t.name(main=True))
+
+
+@_h("PRelu")
+def _prelu(t, node, a, ins):
+    mb = _mb()
+    x, slope = ins[0], t.f32(t.const(node.input[1], "slope"))
+    pos = mb.relu(x=x, name=t.name())
+    neg = mb.minimum(x=x, y=np.float32(0), name=t.name())
+    return mb.add(x=pos, y=mb.mul(x=neg, y=slope, name=t.name(main=True)), name=t.name())
+
+
+def _pool_args(t, a, x):
+    kernel = list(a["kernel_shape"])
+    nd = len(kernel)
+    strides = list(a.get("strides", [1] * nd))
+    if any(d != 1 for d in a.get("dilations", [1] * nd)):
+        raise UnsupportedOpError(f"node {t.node.name}: dilated pooling is not translated to Core ML")
+    pad = _spatial_pads(t, a, x.shape, kernel, strides, [1] * nd)
+    return dict(x=x, kernel_sizes=kernel, strides=strides, pad_type="custom", pad=pad, ceil_mode=bool(a.get("ceil_mode", 0)))
+
+
+@_h("MaxPool")
+def _max_pool(t, node, a, ins):
+    if len(node.output) > 1 and node.output[1]:
+        raise UnsupportedOpError(f"node {node.name}: MaxPool indices output is not translated to Core ML")
+    return _mb().max_pool(**_pool_args(t, a, ins[0]), name=t.name(main=True))
+
+
+@_h("AveragePool")
+def _avg_pool(t, node, a, ins):
+    return _mb().avg_pool(**_pool_args(t, a, ins[0]), exclude_padding_from_average=not a.get("count_include_pad", 0),
+                          name=t.name(main=True))
+
+
+@_h("GlobalAveragePool", "GlobalMaxPool")
+def _global_pool(t, node, a, ins):
+    mb = _mb()
+    fn = mb.reduce_mean if node.op_type == "GlobalAveragePool" else mb.reduce_max
+    return fn(x=ins[0], axes=list(range(2, ins[0].rank)), keep_dims=True, name=t.name(main=True))
+
+
+_REDUCE = {"ReduceMean": "reduce_mean", "ReduceMax": "reduce_max", "ReduceMin": "reduce_min", "ReduceSum": "reduce_sum",
+           "ReduceProd": "reduce_prod", "ReduceL2": "reduce_l2_norm", "ReduceLogSumExp": "reduce_log_sum_exp"}
+
+
+@_h(*_REDUCE)
+def _reduce(t, node, a, ins):
+    mb = _mb()
+    x = ins[0]
+    axes_in_input = t.opset >= 18 or (node.op_type == "ReduceSum" and t.opset >= 13)
+    if axes_in_input:
+        axes = t.const(node.input[1], "axes").tolist() if len(node.input) > 1 and node.input[1] else None
+    else:
+        axes = a.get("axes")
+    if not axes:
+        if a.get("noop_with_empty_axes", 0):
+            return mb.identity(x=x, name=t.name(main=True))
+        axes = list(range(x.rank))
+    return getattr(mb, _REDUCE[node.op_type])(x=x, axes=[int(v) for v in axes], keep_dims=bool(a.get("keepdims", 1)),
+                                              name=t.name(main=True))
+
+
+@_h("Flatten")
+def _flatten(t, node, a, ins):
+    x = ins[0]
+    axis = int(a.get("axis", 1))
+    axis = axis + x.rank if axis < 0 else axis
+    s = list(x.shape)
+    return _mb().reshape(x=x, shape=[int(np.prod(s[:axis])), int(np.prod(s[axis:]))], name=t.name(main=True))
+
+
+@_h("Reshape")
+def _reshape(t, node, a, ins):
+    x = ins[0]
+    target = [int(v) for v in t.const(node.input[1], "shape")]
+    if not a.get("allowzero", 0):
+        target = [x.shape[i] if v == 0 else v for i, v in enumerate(target)]
+    if -1 in target:
+        known = int(np.prod([v for v in target if v != -1]))
+        target[target.index(-1)] = int(np.prod(x.shape)) // max(known, 1)
+    return _mb().reshape(x=x, shape=target, name=t.name(main=True))
+
+
+@_h("Transpose")
+def _transpose(t, node, a, ins):
+    x = ins[0]
+    perm = list(a.get("perm", list(range(x.rank))[::-1]))
+    return _mb().transpose(x=x, perm=perm, name=t.name(main=True))
+
+
+@_h("Concat")
+def _concat(t, node, a, ins):
+    mb = _mb()
+    vals = [mb.const(val=t.f32(v), name=t.name()) if isinstance(v, np.ndarray) else v for v in ins]
+    return mb.concat(values=vals, axis=int(a["axis"]), name=t.name(main=True))
+
+
+def _softmax_like(t, node, a, x, log: bool):
+    mb = _mb()
+    rank = x.rank
+    axis = int(a.get("axis", -1 if t.opset >= 13 else 1)) % rank
+
+    def core(v, ax, main_name):
+        if log:
+            lse = mb.reduce_log_sum_exp(x=v, axes=[ax], keep_dims=True, name=t.name())
+            return mb.sub(x=v, y=lse, name=main_name)
+        return mb.softmax(x=v, axis=ax, name=main_name)
+
+    if t.opset >= 13 or axis == rank - 1:
+        return core(x, axis, t.name(main=True))
+    s = list(x.shape)  # opset < 13: softmax over the flattened trailing dims
+    flat = mb.reshape(x=x, shape=[int(np.prod(s[:axis])), int(np.prod(s[axis:]))], name=t.name())
+    y = core(flat, 1, t.name(main=True))
+    return mb.reshape(x=y, shape=s, name=t.name())
+
+
+@_h("Softmax")
+def _softmax(t, node, a, ins):
+    return _softmax_like(t, node, a, ins[0], log=False)
+
+
+@_h("LogSoftmax")
+def _log_softmax(t, node, a, ins):
+    return _softmax_like(t, node, a, ins[0], log=True)
+
+
+def _axes(t, node, a) -> list[int] | None:
+    if t.opset >= 13:
+        return t.const(node.input[1], "axes").astype(int).tolist() if len(node.input) > 1 and node.input[1] else None
+    return list(a["axes"]) if "axes" in a else None
+
+
+@_h("Squeeze")
+def _squeeze(t, node, a, ins):
+    x = ins[0]
+    axes = _axes(t, node, a)
+    if axes is None:
+        axes = [i for i, d in enumerate(x.shape) if d == 1]
+    return _mb().squeeze(x=x, axes=axes, name=t.name(main=True))
+
+
+@_h("Unsqueeze")
+def _unsqueeze(t, node, a, ins):
+    return _mb().expand_dims(x=ins[0], axes=_axes(t, node, a), name=t.name(main=True))
+
+
+@_h("BatchNormalization")
+def _batch_norm(t, node, a, ins):
+    scale, bias, mean, var = (t.f32(t.const(n, "parameter")) for n in node.input[1:5])
+    return _mb().batch_norm(x=ins[0], mean=mean, variance=var, gamma=scale, beta=bias,
+                            epsilon=np.float32(a.get("epsilon", 1e-5)), name=t.name(main=True))
+
+
+@_h("InstanceNormalization")
+def _instance_norm(t, node, a, ins):
+    scale, bias = (t.f32(t.const(n, "parameter")) for n in node.input[1:3])
+    return _mb().instance_norm(x=ins[0], gamma=scale, beta=bias, epsilon=np.float32(a.get("epsilon", 1e-5)),
+                               name=t.name(main=True))
+
+
+@_h("LayerNormalization")
+def _layer_norm(t, node, a, ins):
+    x = ins[0]
+    axis = int(a.get("axis", -1)) % x.rank
+    axes = list(range(axis, x.rank))
+    norm_shape = tuple(x.shape[axis:])
+    gamma = np.broadcast_to(t.f32(t.const(node.input[1], "scale")), norm_shape).copy()
+    beta = (np.broadcast_to(t.f32(t.const(node.input[2], "bias")), norm_shape).copy()
+            if len(node.input) > 2 and node.input[2] else np.zeros(norm_shape, np.float32))
+    if len(node.output) > 1 and any(node.output[1:]):
+        raise UnsupportedOpError(f"node {node.name}: LayerNormalization mean/inv_std outputs are not translated")
+    return _mb().layer_norm(x=x, axes=axes, gamma=gamma, beta=beta, epsilon=np.float32(a.get("epsilon", 1e-5)),
+                            name=t.name(main=True))
+
+
+@_h("Pad")
+def _pad(t, node, a, ins):
+    x = ins[0]
+    if t.opset >= 11:
+        pads = t.const(node.input[1], "pads").astype(int).tolist()
+        value = t.scalar(node.input[2], "constant_value") if len(node.input) > 2 and node.input[2] else 0.0
+        if len(node.input) > 3 and node.input[3]:
+            raise UnsupportedOpError(f"node {node.name}: Pad with axes is not translated to Core ML")
+    else:
+        pads, value = list(a["pads"]), float(a.get("value", 0.0))
+    r = x.rank
+    if any(p < 0 for p in pads):
+        raise UnsupportedOpError(f"node {node.name}: negative pads are not translated to Core ML")
+    mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}.get(a.get("mode", "constant"))
+    if mode is None:
+        raise UnsupportedOpError(f"node {node.name}: Pad mode {a.get('mode')} is not translated to Core ML")
+    mil = [v for i in range(r) for v in (pads[i], pads[i + r])]
+    if mode != "constant":  # reflect/replicate pad the trailing dims only
+        first = next((i for i in range(r) if mil[2 * i] or mil[2 * i + 1]), r)
+        first = min(first, r - 2) if r >= 2 else 0
+        mil = mil[2 * first:]
+    return _mb().pad(x=x, pad=mil, mode=mode, constant_val=np.float32(value), name=t.name(main=True))
+
+
+@_h("Slice")
+def _slice(t, node, a, ins):
+    x = ins[0]
+    r = x.rank
+    if t.opset >= 10:
+        starts = t.const(node.input[1], "starts").astype(np.int64).tolist()
+        ends = t.const(node.input[2], "ends").astype(np.int64).tolist()
+        axes = t.const(node.input[3], "axes").astype(int).tolist() if len(node.input) > 3 and node.input[3] else None
+        steps = t.const(node.input[4], "steps").astype(int).tolist() if len(node.input) > 4 and node.input[4] else None
+    else:
+        starts, ends, axes, steps = list(a["starts"]), list(a["ends"]), a.get("axes"), None
+    axes = [ax % r for ax in (axes if axes is not None else range(len(starts)))]
+    steps = steps or [1] * len(starts)
+    begin, end, stride = [0] * r, list(x.shape), [1] * r
+    end_mask = [False] * r
+    for ax, s, e, st in zip(axes, starts, ends, steps):
+        b_, e_, st_ = slice(int(s), int(e), int(st)).indices(x.shape[ax])
+        begin[ax], end[ax], stride[ax] = b_, e_, st_
+        if st_ < 0 and e_ < 0:
+            end[ax], end_mask[ax] = 0, True
+    return _mb().slice_by_index(x=x, begin=np.array(begin, np.int32), end=np.array(end, np.int32), stride=stride,
+                                end_mask=end_mask, name=t.name(main=True))
+
+
+@_h("Split")
+def _split(t, node, a, ins):
+    x = ins[0]
+    axis = int(a.get("axis", 0)) % x.rank
+    if t.opset >= 13 and len(node.input) > 1 and node.input[1]:
+        sizes = t.const(node.input[1], "split").astype(int).tolist()
+    elif "split" in a:
+        sizes = list(a["split"])
+    else:
+        n = len(node.output)
+        d = x.shape[axis]
+        each = -(-d // n)
+        sizes = [each] * (n - 1) + [d - each * (n - 1)]
+    return list(_mb().split(x=x, split_sizes=sizes, axis=axis, name=t.name(main=True)))
+
+
+@_h("Gather")
+def _gather(t, node, a, ins):
+    mb = _mb()
+    x = ins[0]
+    idx = t.const(node.input[1], "indices").astype(np.int64)
+    axis = int(a.get("axis", 0)) % x.rank
+    idx = np.where(idx < 0, idx + x.shape[axis], idx).astype(np.int32)
+    if idx.ndim == 0:
+        g = mb.gather(x=x, indices=idx.reshape(1), axis=axis, name=t.name())
+        return mb.squeeze(x=g, axes=[axis], name=t.name(main=True))
+    return mb.gather(x=x, indices=idx, axis=axis, name=t.name(main=True))
+
+
+#: ONNX ops :func:`to_mil` translates (the planner's table for this backend).
+SUPPORTED_OPS = frozenset(_HANDLERS)
+
+
+def to_mil(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> tuple[Translation, onnx.ModelProto]:
+    """Translate ``model`` (any float ONNX model; cleaned here) to a MIL program; also returns the cleaned model."""
+    prepared = prepare(model, shapes)
+    inputs = static_shapes(prepared, shapes)
+    return _Translator(prepared).translate(inputs), prepared
+
+
+# --------------------------------------------------------------------------- MIL (saved) -> ONNX
+
+
+def load_program(package: str):
+    """The MIL program of a saved .mlpackage (no Core ML runtime needed)."""
+    import coremltools as ct
+    from coremltools.converters.mil.frontend.milproto import load as milproto_load
+    from coremltools.models import utils as model_utils
+
+    mlmodel = ct.models.MLModel(str(package), skip_model_load=True)
+    spec = mlmodel.get_spec()
+    prog = model_utils._convert_model_spec_to_pymil_prog(mlmodel, spec.specificationVersion, milproto_load.load)
+    return mlmodel, spec, prog
+
+
+def weight_value(var) -> np.ndarray | None:
+    """A const or constexpr var's (decompressed) value."""
+    if var.val is not None:
+        return np.asarray(var.val)
+    op = var.op
+    if op is not None and op.op_type.startswith("constexpr_"):
+        v = op.materialized_val_inference()
+        if isinstance(v, (tuple, list)):
+            v = v[list(op.outputs).index(var)]
+        return np.asarray(v)
+    return None
+
+
+class _Exporter:
+    def __init__(self, round_fp16: bool):
+        import onnx
+
+        self.onnx = onnx
+        self.round_fp16 = round_fp16
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: dict[str, onnx.TensorProto] = {}
+        self.k = 0
+
+    def tmp(self, base: str) -> str:
+        self.k += 1
+        return f"{base}__x{self.k}"
+
+    def init(self, value: np.ndarray, base: str, dtype=None) -> str:
+        name = self.tmp(base)
+        arr = np.asarray(value)
+        if dtype is not None:
+            arr = arr.astype(dtype)
+        elif arr.dtype.kind == "f":
+            arr = arr.astype(np.float32)
+        self.inits[name] = self.onnx.numpy_helper.from_array(np.ascontiguousarray(arr), name)
+        return name
+
+    def tensor(self, var) -> str:
+        """The ONNX tensor name of a MIL var (constants become initializers)."""
+        if var.name in self.inits:
+            return var.name
+        v = weight_value(var)
+        if v is not None and (var.op is None or var.op.op_type == "const" or var.op.op_type.startswith("constexpr_")):
+            arr = v.astype(np.float32) if v.dtype.kind == "f" else v
+            self.inits[var.name] = self.onnx.numpy_helper.from_array(np.ascontiguousarray(arr), var.name)
+        return var.name
+
+    def node(self, op_type: str, inputs: list[str], outputs: list[str], **attrs) -> None:
+        self.nodes.append(self.onnx.helper.make_node(op_type, inputs, outputs, name=self.tmp(outputs[0]), **attrs))
+
+
+def _param(op, name, default=None):
+    v = op.inputs.get(name)
+    if v is None:
+        return default
+    return v.val if not isinstance(v, (list, tuple)) else v
+
+
+def _onnx_pads(mil_pad, nd: int) -> list[int]:
+    p = [int(v) for v in (mil_pad if mil_pad is not None else [0] * (2 * nd))]
+    return [p[2 * i] for i in range(nd)] + [p[2 * i + 1] for i in range(nd)]
+
+
+def _pool_pads(op, nd: int) -> list[int]:
+    pad_type = _param(op, "pad_type", "valid")
+    if pad_type != "custom" and pad_type != "valid":
+        raise EdgeoptError(f"MIL op {op.name}: pad_type {pad_type} is not exported to ONNX")
+    return _onnx_pads(_param(op, "pad") if pad_type == "custom" else None, nd)
+
+
+_ONNX_UNARY = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "exp": "Exp", "sqrt": "Sqrt", "abs": "Abs", "erf": "Erf",
+               "floor": "Floor", "ceil": "Ceil", "sin": "Sin", "cos": "Cos", "softplus": "Softplus", "softsign": "Softsign",
+               "sign": "Sign", "atan": "Atan", "identity": "Identity", "round": "Round"}
+_ONNX_BINARY = {"add": "Add", "sub": "Sub", "mul": "Mul", "real_div": "Div", "pow": "Pow", "maximum": "Max", "minimum": "Min"}
+_ONNX_REDUCE = {"reduce_mean": "ReduceMean", "reduce_max": "ReduceMax", "reduce_min": "ReduceMin", "reduce_sum": "ReduceSum",
+                "reduce_prod": "ReduceProd", "reduce_l2_norm": "ReduceL2", "reduce_log_sum_exp": "ReduceLogSumExp"}
+
+
+def _export_op(e: _Exporter, op, out: str) -> None:  # noqa: C901 - one branch per MIL op
+    t = op.op_type
+    x = e.tensor(op.inputs["x"]) if "x" in op.inputs and not isinstance(op.inputs["x"], (list, tuple)) else None
+    if t in _ONNX_UNARY:
+        e.node(_ONNX_UNARY[t], [x], [out])
+    elif t == "cast":
+        e.node("Identity", [x], [out])  # float <-> float: the fp16 rounding is applied after every op
+    elif t == "relu6":
+        e.node("Clip", [x, e.init(np.float32(0), out), e.init(np.float32(6), out)], [out])
+    elif t == "clip":
+        e.node("Clip", [x, e.init(np.float32(_param(op, "alpha")), out), e.init(np.float32(_param(op, "beta")), out)], [out])
+    elif t == "log":
+        eps = e.init(np.float32(_param(op, "epsilon", 1e-45)), out)
+        s = e.tmp(out)
+        e.node("Add", [x, eps], [s])
+        e.node("Log", [s], [out])
+    elif t == "inverse":
+        s = e.tmp(out)
+        e.node("Add", [x, e.init(np.float32(_param(op, "epsilon", 1e-4)), out)], [s])
+        e.node("Reciprocal", [s], [out])
+    elif t in _ONNX_BINARY:
+        e.node(_ONNX_BINARY[t], [e.tensor(op.inputs["x"]), e.tensor(op.inputs["y"])], [out])
+    elif t == "sigmoid_hard":
+        e.node("HardSigmoid", [x], [out], alpha=float(_param(op, "alpha")), beta=float(_param(op, "beta")))
+    elif t == "leaky_relu":
+        e.node("LeakyRelu", [x], [out], alpha=float(_param(op, "alpha")))
+    elif t == "elu":
+        e.node("Elu", [x], [out], alpha=float(_param(op, "alpha")))
+    elif t == "prelu":
+        alpha = np.asarray(_param(op, "alpha"), np.float32)
+        rank = op.inputs["x"].rank
+        e.node("PRelu", [x, e.init(alpha.reshape(-1, *([1] * (rank - 2))), out)], [out])
+    elif t in ("conv", "conv_transpose"):
+        w = e.tensor(op.inputs["weight"])
+        nd = op.inputs["weight"].rank - 2
+        pad_type = _param(op, "pad_type")
+        if pad_type not in ("custom", "valid"):
+            raise EdgeoptError(f"MIL op {op.name}: pad_type {pad_type} is not exported to ONNX")
+        ins = [x, w] + ([e.tensor(op.inputs["bias"])] if op.inputs.get("bias") is not None else [])
+        attrs = dict(strides=[int(v) for v in _param(op, "strides", [1] * nd)],
+                     dilations=[int(v) for v in _param(op, "dilations", [1] * nd)],
+                     group=int(_param(op, "groups", 1)), pads=_onnx_pads(_param(op, "pad") if pad_type == "custom" else None, nd))
+        if t == "conv_transpose" and op.inputs.get("output_shape") is not None:
+            attrs["output_shape"] = [int(v) for v in _param(op, "output_shape")[2:]]
+        e.node("Conv" if t == "conv" else "ConvTranspose", ins, [out], **attrs)
+    elif t == "linear":
+        w = op.inputs["weight"]
+        wt = e.tmp(out)
+        e.node("Transpose", [e.tensor(w)], [wt], perm=[1, 0])
+        b = op.inputs.get("bias")
+        if b is None:
+            e.node("MatMul", [x, wt], [out])
+        else:
+            s = e.tmp(out)
+            e.node("MatMul", [x, wt], [s])
+            e.node("Add", [s, e.tensor(b)], [out])
+    elif t == "matmul":
+        ins = []
+        for side, flag in (("x", "transpose_x"), ("y", "transpose_y")):
+            v = op.inputs[side]
+            name = e.tensor(v)
+            if _param(op, flag, False):
+                perm = list(range(v.rank))
+                perm[-2:] = perm[-2:][::-1]
+                tr = e.tmp(out)
+                e.node("Transpose", [name], [tr], perm=perm)
+                name = tr
+            ins.append(name)
+        e.node("MatMul", ins, [out])
+    elif t in ("max_pool", "avg_pool"):
+        k = [int(v) for v in _param(op, "kernel_sizes")]
+        attrs = dict(kernel_shape=k, strides=[int(v) for v in _param(op, "strides", [1] * len(k))],
+                     pads=_pool_pads(op, len(k)), ceil_mode=int(bool(_param(op, "ceil_mode", False))))
+        if t == "avg_pool":
+            attrs["count_include_pad"] = int(not _param(op, "exclude_padding_from_average", False))
+        e.node("MaxPool" if t == "max_pool" else "AveragePool", [x], [out], **attrs)
+    elif t in _ONNX_REDUCE:
+        axes = _param(op, "axes")
+        axes = list(range(op.inputs["x"].rank)) if axes is None else [int(v) for v in axes]
+        keep = int(bool(_param(op, "keep_dims", False)))
+        if t == "reduce_sum":
+            e.node("ReduceSum", [x, e.init(np.array(axes, np.int64), out)], [out], keepdims=keep)
+        else:
+            e.node(_ONNX_REDUCE[t], [x], [out], axes=axes, keepdims=keep)
+    elif t == "reshape":
+        e.node("Reshape", [x, e.init(np.array(op.outputs[0].shape, np.int64), out)], [out])
+    elif t == "transpose":
+        e.node("Transpose", [x], [out], perm=[int(v) for v in _param(op, "perm")])
+    elif t == "concat":
+        if _param(op, "interleave", False):
+            raise EdgeoptError(f"MIL op {op.name}: interleaved concat is not exported to ONNX")
+        e.node("Concat", [e.tensor(v) for v in op.inputs["values"]], [out], axis=int(_param(op, "axis")))
+    elif t == "softmax":
+        e.node("Softmax", [x], [out], axis=int(_param(op, "axis", -1)))
+    elif t in ("squeeze", "expand_dims"):
+        axes = _param(op, "axes")
+        if axes is None:
+            axes = [i for i, d in enumerate(op.inputs["x"].shape) if d == 1]
+        e.node("Squeeze" if t == "squeeze" else "Unsqueeze", [x, e.init(np.array(axes, np.int64), out)], [out])
+    elif t == "batch_norm":
+        c = op.inputs["x"].shape[1]
+        g = _param(op, "gamma")
+        b = _param(op, "beta")
+        ins = [x, e.init(np.ones(c) if g is None else g, out), e.init(np.zeros(c) if b is None else b, out),
+               e.tensor(op.inputs["mean"]), e.tensor(op.inputs["variance"])]
+        e.node("BatchNormalization", ins, [out], epsilon=float(_param(op, "epsilon", 1e-5)))
+    elif t == "instance_norm":
+        e.node("InstanceNormalization", [x, e.tensor(op.inputs["gamma"]), e.tensor(op.inputs["beta"])], [out],
+               epsilon=float(_param(op, "epsilon", 1e-5)))
+    elif t == "layer_norm":
+        axes = [int(v) % op.inputs["x"].rank for v in _param(op, "axes")]
+        norm = tuple(op.inputs["x"].shape[min(axes):])
+        g, b = _param(op, "gamma"), _param(op, "beta")
+        e.node("LayerNormalization", [x, e.init(np.ones(norm) if g is None else g, out),
+                                      e.init(np.zeros(norm) if b is None else b, out)], [out],
+               axis=min(axes), epsilon=float(_param(op, "epsilon", 1e-5)))
+    elif t == "pad":
+        r = op.inputs["x"].rank
+        p = [int(v) for v in _param(op, "pad")]
+        p = [0] * (2 * r - len(p)) + p
+        pads = [p[2 * i] for i in range(r)] + [p[2 * i + 1] for i in range(r)]
+        mode = {"constant": "constant", "reflect": "reflect", "replicate": "edge"}[_param(op, "mode", "constant")]
+        e.node("Pad", [x, e.init(np.array(pads, np.int64), out), e.init(np.float32(_param(op, "constant_val", 0.0)), out)],
+               [out], mode=mode)
+    elif t == "slice_by_index":
+        shape = op.inputs["x"].shape
+        r = len(shape)
+        begin, end = list(_param(op, "begin")), list(_param(op, "end"))
+        stride = list(_param(op, "stride", [1] * r))
+        bm, em = list(_param(op, "begin_mask", [False] * r)), list(_param(op, "end_mask", [False] * r))
+        sm = list(_param(op, "squeeze_mask", [False] * r))
+        starts, ends = [], []
+        for i in range(r):
+            st = int(stride[i])
+            s = (0 if st > 0 else shape[i] - 1) if bm[i] else int(begin[i])
+            en = (shape[i] if st > 0 else -(2**62)) if em[i] else int(end[i])
+            if sm[i]:
+                en = s + 1
+            starts.append(s)
+            ends.append(en)
+        sl = e.tmp(out) if any(sm) else out
+        e.node("Slice", [x, e.init(np.array(starts, np.int64), out), e.init(np.array(ends, np.int64), out),
+                         e.init(np.arange(r, dtype=np.int64), out), e.init(np.array(stride, np.int64), out)], [sl])
+        if any(sm):
+            e.node("Squeeze", [sl, e.init(np.array([i for i in range(r) if sm[i]], np.int64), out)], [out])
+    elif t == "gather":
+        e.node("Gather", [x, e.init(np.asarray(_param(op, "indices")), out, dtype=np.int64)], [out],
+               axis=int(_param(op, "axis", 0)))
+    else:
+        raise EdgeoptError(f"MIL op {op.name} ({t}) is not exported to ONNX")
+
+
+def to_onnx(prog, round_fp16: bool = True) -> onnx.ModelProto:
+    """An ONNX model computing what the (saved, compressed) MIL program ``prog`` computes.
+
+    Constexpr weights are decompressed; with ``round_fp16`` every fp16 tensor is rounded
+    to fp16 (Cast to float16 and back) after the op that makes it, everything else runs in fp32.
+    """
+    import onnx
+    from coremltools.converters.mil.mil import types as mtypes
+
+    func = prog.functions["main"]
+    e = _Exporter(round_fp16)
+    for op in func.operations:
+        if op.op_type == "const" or op.op_type.startswith("constexpr_"):
+            continue
+        if op.op_type == "split":
+            x = e.tensor(op.inputs["x"])
+            sizes = [int(v) for v in _param(op, "split_sizes")] if op.inputs.get("split_sizes") is not None else None
+            outs = [v.name if not (round_fp16 and v.dtype == mtypes.fp16) else e.tmp(v.name) for v in op.outputs]
+            if sizes is None:
+                sizes = [v.shape[int(_param(op, "axis"))] for v in op.outputs]
+            e.node("Split", [x, e.init(np.array(sizes, np.int64), op.name)], outs, axis=int(_param(op, "axis")))
+            raw = outs
+        else:
+            out = op.outputs[0]
+            fp16 = round_fp16 and out.dtype == mtypes.fp16
+            raw = [e.tmp(out.name) if fp16 else out.name]
+            if len(op.outputs) != 1:
+                raise EdgeoptError(f"MIL op {op.name} ({op.op_type}) has {len(op.outputs)} outputs; not exported")
+            _export_op(e, op, raw[0])
+        for v, r in zip(op.outputs, raw):
+            if r != v.name:  # round to fp16, then compute on in fp32
+                h = e.tmp(v.name)
+                e.node("Cast", [r], [h], to=onnx.TensorProto.FLOAT16)
+                e.node("Cast", [h], [v.name], to=onnx.TensorProto.FLOAT)
+    f32 = onnx.TensorProto.FLOAT
+    inputs = [onnx.helper.make_tensor_value_info(v.name, f32, list(v.shape)) for v in func.inputs.values()]
+    outputs = [onnx.helper.make_tensor_value_info(v.name, f32, list(v.shape)) for v in func.outputs]
+    graph = onnx.helper.make_graph(e.nodes, "coreml_equivalent", inputs, outputs, initializer=list(e.inits.values()))
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], producer_name="edgeopt-coreml")
+    model.ir_version = 8
+    return model
