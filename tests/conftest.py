@@ -58,3 +58,15 @@ def _rapidocr_model(name: str) -> Path:
 def ppocr_cls() -> Path:
     """PaddleOCR's text-direction classifier: weights are Constant nodes, input x is [-1,3,?,?]."""
     return _rapidocr_model("ch_ppocr_mobile_v2.0_cls_infer.onnx")
+
+
+@pytest.fixture(scope="session")
+def digits_data():
+    """(digits CNN proto, calibration split, labelled test split) as CalibrationData."""
+    from edgeopt.calibration import as_calibration
+    from edgeopt.datasets import digits
+
+    m = onnx.load(str(default_model_path()))
+    xc, yc = digits("calib")
+    xt, yt = digits("test")
+    return m, as_calibration(xc, m, labels=yc), as_calibration(xt, m, labels=yt)

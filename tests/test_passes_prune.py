@@ -9,7 +9,6 @@ from conftest import init, make_model, vi
 from onnx import helper, numpy_helper
 
 from edgeopt.calibration import as_calibration
-from edgeopt.datasets import default_model_path, digits
 from edgeopt.fidelity import compare, run
 from edgeopt.passes import PassError, prune, run_pass
 from edgeopt.passes import channel_prune as cp
@@ -342,14 +341,6 @@ def test_reconstruction_beats_plain_slicing_on_tiny_graph():
 
 
 # --------------------------------------------------------------------------- real models
-
-
-@pytest.fixture(scope="module")
-def digits_data():
-    m = onnx.load(str(default_model_path()))
-    xc, yc = digits("calib")
-    xt, yt = digits("test")
-    return m, as_calibration(xc, m, labels=yc), as_calibration(xt, m, labels=yt)
 
 
 def test_digits_channel_prune_30_with_reconstruction(digits_data):

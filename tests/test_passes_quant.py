@@ -9,7 +9,6 @@ from conftest import init, make_model, vi
 from onnx import helper, numpy_helper
 
 from edgeopt.calibration import as_calibration
-from edgeopt.datasets import default_model_path, digits
 from edgeopt.fidelity import compare, run, session
 from edgeopt.passes import PassError, PassOutcome, make_config, run_pass
 from edgeopt.passes._util import Graph
@@ -218,14 +217,6 @@ def test_weight_only_skips_what_it_cannot_handle_with_reasons():
 
 
 # --------------------------------------------------------------------------- real models
-
-
-@pytest.fixture(scope="module")
-def digits_data():
-    m = onnx.load(str(default_model_path()))
-    xc, yc = digits("calib")
-    xt, yt = digits("test")
-    return m, as_calibration(xc, m, labels=yc), as_calibration(xt, m, labels=yt)
 
 
 def test_int8_digits_keeps_accuracy(digits_data):
