@@ -66,10 +66,12 @@ class CalibrationData:
         for i in range(0, n, bs):
             yield {k: v[i : min(i + bs, n)] for k, v in feeds.items()}
 
-    def subset(self, n: int) -> CalibrationData:
-        feeds = {k: v[:n] for k, v in self.feeds().items()}
-        labels = None if self.labels is None else self.labels[:n]
-        return CalibrationData(lambda: [feeds], labels, self.batch_size, f"{self.description}[:{n}]")
+    def subset(self, n: int, start: int = 0) -> CalibrationData:
+        """Samples ``start`` to ``start + n`` (fewer where the data ends)."""
+        stop = start + n
+        feeds = {k: v[start:stop] for k, v in self.feeds().items()}
+        labels = None if self.labels is None else self.labels[start:stop]
+        return CalibrationData(lambda: [feeds], labels, self.batch_size, f"{self.description}[{start}:{stop}]")
 
     def ort_reader(self, batch_size: int | None = None):
         """An ``onnxruntime.quantization.CalibrationDataReader`` over these samples."""

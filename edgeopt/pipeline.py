@@ -221,9 +221,11 @@ def build(inputs: BuildInputs, target: Target, out_dir: str | Path, *, plan: Pla
 
 
 def plan_for(inputs: BuildInputs, target: Target, *, backend: str | None = None, precision: str | None = None,
-             max_accuracy_drop: float | None = None, sensitivity: dict | None = None, progress: Progress | None = None) -> Plan:
+             max_accuracy_drop: float | None = None, sensitivity: dict | None = None, measure_latency: bool = False,
+             progress: Progress | None = None) -> Plan:
     """The planner's choice: per-layer search on measured sensitivity when calibration data exists
-    (and no precision is forced), else the whole-model recipe search."""
+    (and no precision is forced), else the whole-model recipe search.  ``measure_latency`` profiles
+    uniform builds on this machine (it must be the target device) and plans on measured layer times."""
     from .planner import make_plan, search_plan
 
     if precision is not None or inputs.calib is None:
@@ -234,7 +236,17 @@ def plan_for(inputs: BuildInputs, target: Target, *, backend: str | None = None,
         from .sensitivity import measure
 
         sensitivity = measure(inputs.model, inputs.calib, progress=progress)
-    return search_plan(inputs.analysis, target, sensitivity, backend=backend, max_accuracy_drop=max_accuracy_drop)
+    measured = None
+    if measure_latency:
+        from . import latency_table
+        from .planner import candidate_options
+
+        option = candidate_options(target, backend)[0]
+        if progress:
+            progress(f"profiling layer latency on this machine ({option.label})")
+        measured = latency_table.measure(inputs, target, option)
+    return search_plan(inputs.analysis, target, sensitivity, backend=backend, max_accuracy_drop=max_accuracy_drop,
+                       measured=measured)
 
 
 @dataclass

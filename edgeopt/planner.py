@@ -110,8 +110,13 @@ def _transition_ms(ly, prev_bits: int, bits: int, option: BackendOption, unit) -
 
 
 def evaluate(analysis: ModelAnalysis, target: Target, option: BackendOption, recipe: str,
-             precisions: dict[str, tuple[str, str]] | None = None, choices: dict[str, Choice] | None = None) -> Evaluation:
-    """Predicted latency, storage and RAM of one per-layer assignment (``choices`` wins over ``precisions``)."""
+             precisions: dict[str, tuple[str, str]] | None = None, choices: dict[str, Choice] | None = None,
+             measured=None) -> Evaluation:
+    """Predicted latency, storage and RAM of one per-layer assignment (``choices`` wins over ``precisions``).
+
+    ``measured`` (a :class:`~edgeopt.latency_table.LatencyTable`) replaces predicted layer times and
+    format-conversion costs with times profiled on this machine where it has them.
+    """
     if choices is None:
         precisions = precisions or recipe_precisions(analysis, option, recipe)
         choices = {k: Choice(p, reason=why) for k, (p, why) in precisions.items()}
@@ -128,14 +133,19 @@ def evaluate(analysis: ModelAnalysis, target: Target, option: BackendOption, rec
         speedup = support.speedup if support is not None and c.sparsity != "channel" else 1.0
         cost = layer_latency(ly, c.precision, option, unit, fused=ly.name in fused, weight_bytes=wb,
                              sparsity_speedup=speedup, keep=keep)
+        ms = cost.ms
+        if measured is not None and measured.get(ly.name, c.precision) is not None:
+            ms = measured.get(ly.name, c.precision) * keep / speedup
         bits = option.activation_bits(c.precision)
         prev = [producer_bits[i] for i in ly.inputs if i in producer_bits]
         extra = _transition_ms(ly, prev[0], bits, option, unit) if prev and ly.name not in fused else 0.0
+        if extra and measured is not None and measured.conversion_ms:
+            extra = measured.conversion_ms
         for o in ly.outputs:
             producer_bits[o] = bits
         note = _cost_note(ly.op_type, cost.bound) + (f" (+{extra:.4f} ms format conversion)" if extra else "")
         layers.append(LayerPlan(name=ly.name, op_type=ly.op_type, precision=c.precision, sparsity=c.sparsity,
-                                sparsity_ratio=ratio if c.sparsity != "none" else 0.0, predicted_ms=cost.ms + extra,
+                                sparsity_ratio=ratio if c.sparsity != "none" else 0.0, predicted_ms=ms + extra,
                                 weight_bytes=wb, reason=c.reason + note))
     latency = sum(lp.predicted_ms for lp in layers)
     weights = sum(lp.weight_bytes for lp in layers)
@@ -289,8 +299,12 @@ def _penalty(ev: Evaluation) -> float:
     return sum(max(0.0, c.predicted / c.budget - 1.0) for c in ev.checks)
 
 
+#: a move that only buys speed must gain at least this fraction of the model's latency
+MIN_SPEED_GAIN = 0.03
+
+
 def search_plan(analysis: ModelAnalysis, target: Target, sens: dict, *, backend: str | None = None,
-                max_accuracy_drop: float | None = None, enforce_budgets: bool = True) -> Plan:
+                max_accuracy_drop: float | None = None, enforce_budgets: bool = True, measured=None) -> Plan:
     """Per-layer precision and pruning from measured sensitivity.
 
     Starts every weighted layer at its least-noisy choice and, while a budget is
@@ -316,7 +330,8 @@ def search_plan(analysis: ModelAnalysis, target: Target, sens: dict, *, backend:
 
         def assemble(cur, option=option):
             chosen = {k: Choice(c.precision, c.sparsity, c.ratio, _why(c, n, f)) for k, (c, n, f) in cur.items()}
-            return evaluate(analysis, target, option, "per-layer", choices=_fill(analysis, option, chosen))
+            return evaluate(analysis, target, option, "per-layer", choices=_fill(analysis, option, chosen),
+                            measured=measured if measured is not None and measured.option == option.label else None)
 
         ev = assemble(current)
         moves = 0
@@ -336,13 +351,16 @@ def search_plan(analysis: ModelAnalysis, target: Target, sens: dict, *, backend:
                     d_flips = cand[2] - flips[name]
                     if want_speed and sum(flips.values()) + d_flips > max_accuracy_drop:
                         continue
-                    lp = assemble_layer(analysis, target, option, name, cand[0])
+                    lp = assemble_layer(analysis, target, option, name, cand[0],
+                                        measured if measured is not None and measured.option == option.label else None)
                     d_lat = lp[0] - lat_now[name]
                     d_wb = lp[1] - wb_now[name]
                     if want_budget:
                         gain = sum(max(0.0, c.predicted / c.budget - 1.0) for c in ev.checks) - _local_penalty(ev, d_lat, d_wb, target)
                     else:
                         gain = -d_lat
+                        if gain < MIN_SPEED_GAIN * ev.latency_ms:
+                            continue  # within the latency model's error: not worth any accuracy
                     if gain <= 1e-12:
                         continue
                     score = gain / max(d_noise, 1e-9)
@@ -353,8 +371,8 @@ def search_plan(analysis: ModelAnalysis, target: Target, sens: dict, *, backend:
             name, cand = best_move
             current[name], noise[name], flips[name] = cand, cand[1], cand[2]
             new_ev = assemble(current)
-            if want_speed and new_ev.latency_ms >= ev.latency_ms:
-                break
+            if want_speed and new_ev.latency_ms > ev.latency_ms * (1 - MIN_SPEED_GAIN / 2):
+                break  # conversions or fusion ate the gain
             ev = new_ev
             moves += 1
         pred_drop = sum(flips.values())
@@ -376,7 +394,8 @@ def _why(c: Choice, noise: float, flips: float) -> str:
     return f"{c.precision}{sp}: output noise {noise:.1e}, top-1 flips {flips:.3f} when alone"
 
 
-def assemble_layer(analysis: ModelAnalysis, target: Target, option: BackendOption, name: str, c: Choice) -> tuple[float, int]:
+def assemble_layer(analysis: ModelAnalysis, target: Target, option: BackendOption, name: str, c: Choice,
+                   measured=None) -> tuple[float, int]:
     """(latency ms, weight bytes) of one layer under a choice (no fusion or conversion effects)."""
     ly = next(x for x in analysis.layers if x.name == name)
     support = _sparsity_support(option, c.sparsity) if c.sparsity != "none" else None
@@ -385,6 +404,8 @@ def assemble_layer(analysis: ModelAnalysis, target: Target, option: BackendOptio
     keep = 1.0 - ratio if c.sparsity == "channel" else 1.0
     speedup = support.speedup if support is not None and c.sparsity != "channel" else 1.0
     cost = layer_latency(ly, c.precision, option, unit_of(target, option), weight_bytes=wb, sparsity_speedup=speedup, keep=keep)
+    if measured is not None and measured.get(name, c.precision) is not None:
+        return measured.get(name, c.precision) * keep / speedup, wb
     return cost.ms, wb
 
 

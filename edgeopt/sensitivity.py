@@ -193,7 +193,7 @@ def _cache_key(model: onnx.ModelProto, calib: CalibrationData, samples: int) -> 
     for k, v in sorted(calib.feeds().items()):
         h.update(k.encode())
         h.update(np.ascontiguousarray(v[:samples]).tobytes())
-    h.update(f"v1:{samples}".encode())
+    h.update(f"v2:{samples}".encode())
     return h.hexdigest()[:24]
 
 
@@ -213,6 +213,8 @@ def measure(model: onnx.ModelProto, calib: CalibrationData, options: Iterable[st
     clean.CopyFrom(model)
     cleanup(clean, CleanupConfig(remove_identity=False))
     sub = calib.subset(min(samples, len(calib)))
+    # channel pruning re-fits layers on data: fit on other samples than those it is judged on, or it looks perfect
+    fit = calib.subset(len(calib) - samples, start=samples) if len(calib) >= 2 * samples else sub
     key = _cache_key(model, calib, samples)
     store = None
     results: dict[tuple[str, str], Sensitivity] = {}
@@ -241,8 +243,8 @@ def measure(model: onnx.ModelProto, calib: CalibrationData, options: Iterable[st
             progress(f"sensitivity {i + 1}/{len(todo)}: {name} {option}")
         try:
             if option == "channel":
-                res = run_pass("channel_prune", clean, {"nodes": [name], "ratio": CHANNEL_RATIO, "calib_samples": len(sub)},
-                               sub, evaluate=False)
+                res = run_pass("channel_prune", clean, {"nodes": [name], "ratio": CHANNEL_RATIO, "calib_samples": len(fit)},
+                               fit, evaluate=False)
                 if name not in res.report.applied:
                     why = next((s.reason for s in res.report.skipped if s.node == name), "not prunable")
                     results[(name, option)] = Sensitivity(layer=name, option=option, noise=0.0, flips=None,

@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--models", default="digits,mobilenetv2")
     ap.add_argument("--drops", default="0.005,0.02,0.05")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-measure-latency", dest="measure_latency", action="store_false",
+                    help="plan on the roofline model only, not on layer times profiled here")
     args = ap.parse_args()
     import onnx
 
@@ -63,7 +65,8 @@ def main() -> None:
         models["recipe fp16"], _ = apply_precisions(inp.model, fp16_plan, inp.calib)
         plans = {}
         for drop in [float(d) for d in args.drops.split(",")]:
-            plan = plan_for(inp, target, backend="onnxruntime", max_accuracy_drop=drop, sensitivity=sens)
+            plan = plan_for(inp, target, backend="onnxruntime", max_accuracy_drop=drop, sensitivity=sens,
+                            measure_latency=args.measure_latency)
             structural, _ = structural_passes(inp.model, plan, inp.calib)
             models[f"planner drop<={drop}"], _ = apply_precisions(structural, plan, inp.calib)
             plans[f"planner drop<={drop}"] = plan

@@ -90,3 +90,19 @@ def test_fleet_report(tmp_path, inputs):
 def test_pareto_front():
     pts = [(1.0, 0.9), (2.0, 0.95), (1.5, 0.85), (3.0, 0.95), (0.5, 0.5)]
     assert sorted(pareto_front(pts)) == [0, 1, 4]
+
+
+def test_measured_layer_latency_table(inputs, sens):
+    from edgeopt import latency_table
+
+    target = load_target("x86-cpu")
+    table = latency_table.measure(inputs, target, target.backends[0], threads=1, repeats=5)
+    assert table.precisions == ("fp32", "int8", "wint8", "wint4")
+    for layer in ("/0/Conv", "/3/Conv", "/7/Conv", "/12/Gemm", "/14/Gemm"):
+        assert table.get(layer, "fp32") > 0 and table.get(layer, "int8") > 0
+    assert table.get("/12/Gemm", "wint8") > 0 and table.get("/3/Conv", "wint8") is None  # weight-only: MatMul only
+    assert table.conversion_ms > 0  # QuantizeLinear/DequantizeLinear nodes were timed
+    plan = search_plan(inputs.analysis, target, sens, measured=table)
+    assert all(c.ok for c in plan.budgets)
+    with pytest.raises(Exception, match="local runtime"):
+        latency_table.measure(inputs, load_target("gpu-server"), load_target("gpu-server").backends[1])
