@@ -83,6 +83,7 @@ def measure(inputs: BuildInputs, target: Target, option: BackendOption, *, threa
     for p in table.precisions:
         plan = make_plan(inputs.analysis, target, backend=option.backend, precision=p, enforce_budgets=False)
         model, _ = apply_precisions(inputs.model, plan, inputs.calib)
+        ran_as = {lp.name: lp.precision for lp in plan.layers}  # a wint8 recipe leaves convs in fp32
         with tempfile.TemporaryDirectory() as d:
             path = Path(d) / "m.onnx"
             onnx.save(model, str(path))
@@ -91,7 +92,9 @@ def measure(inputs: BuildInputs, target: Target, option: BackendOption, *, threa
                 layer = _match(op.name, names)
                 if layer is not None:
                     layer = owner[layer]
-                    table.layers[(layer, p)] = table.layers.get((layer, p), 0.0) + op.mean_us / 1e3
+                    key = (layer, ran_as[layer])
+                    if ran_as[layer] == p:
+                        table.layers[key] = table.layers.get(key, 0.0) + op.mean_us / 1e3
                 elif op.op_type in ("QuantizeLinear", "DequantizeLinear"):
                     conv_times.append(op.mean_us / 1e3)
     table.conversion_ms = float(np.median(conv_times)) if conv_times else 0.0
