@@ -1,9 +1,35 @@
-"""LiteRT / TFLite (Android): .tflite written from our ONNX, run by ai-edge-litert."""
+"""LiteRT / TFLite (Android): .tflite written from our ONNX, run by ai-edge-litert.
+
+``convert`` translates the ONNX graph itself (:mod:`._tflite_writer`, LiteRT's
+flatbuffer schema; no converter, no download) into ``model.tflite`` with the plan's
+per-layer precisions: fp32, fp16 (fp16 weights + DEQUANTIZE) and int8 (per-channel
+int8 weights, int8 activations calibrated on the calibration data); QUANTIZE /
+DEQUANTIZE join int8 and float layers.  Options that require full-integer models
+(NNAPI) get int8 inputs/outputs, the others keep float I/O.  Rank-4 inputs/outputs
+are NHWC in the .tflite (TFLite's native layout); ``tflite.json`` records the layouts
+and int8 I/O parameters, and the runner transposes and (de)quantizes so callers feed
+and read arrays in the ONNX model's layout, in float.
+"""
 
 from __future__ import annotations
 
-from ..types import BackendOption, ModelAnalysis
+import json
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import EdgeoptError
+from ..types import Artifact, BackendOption, ModelAnalysis, Plan
 from . import _ops
+from .base import Backend, Runner, make_artifact, tool_versions
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnx
+
+    from ..calibration import CalibrationData
 
 SDK_MODULES = ("ai_edge_litert",)
 SDK_LABEL = "ai-edge-litert"
@@ -16,3 +42,148 @@ def check_ops(analysis: ModelAnalysis, option: BackendOption) -> list[str]:
     if option.options.get("delegate") == "nnapi":
         return _ops.check_layers(analysis, option, NNAPI_OPS, [_ops.static_shapes, _ops.div_by_constant, _ops.max_rank(4)])
     return _ops.check_layers(analysis, option, _ops.TFLITE_OPS, [_ops.static_shapes, _ops.max_rank(5)])
+
+
+# --------------------------------------------------------------------------- building
+
+MODEL_FILE = "model.tflite"
+RECORD = "tflite.json"
+TFLITE_PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def plan_precisions(plan: Plan, backend: str) -> tuple[dict[str, str], str]:
+    """Per-layer precisions of a plan (layer name -> fp32/fp16/int8) and its dominant one."""
+    bad = sorted({lp.precision for lp in plan.layers} - set(TFLITE_PRECISIONS))
+    if bad:
+        raise EdgeoptError(f"{backend} builds fp32, fp16 and int8 layers; the plan has {', '.join(bad)}")
+    counts = Counter(lp.precision for lp in plan.layers)
+    default = counts.most_common(1)[0][0] if counts else "fp32"
+    return {lp.name: lp.precision for lp in plan.layers}, default
+
+
+def requires_full_integer(plan: Plan) -> bool:
+    """Whether the plan's backend option runs full-integer models only (int8 I/O); a target known to the plan
+    by name only (read from a YAML file) falls back to its delegate: NNAPI is full-integer."""
+    from ..errors import TargetFileError, UnknownTargetError
+    from .base import _option_for
+
+    try:
+        return _option_for(plan).requires_full_integer
+    except (UnknownTargetError, TargetFileError):
+        return plan.backend_options.get("delegate") == "nnapi"
+
+
+def convert_plan(model: onnx.ModelProto, plan: Plan, calib: CalibrationData | None, *, full_integer: bool,
+                 backend: str, calib_limit: int = 256):
+    from . import _tflite_writer
+
+    precision_of, default = plan_precisions(plan, backend)
+    if full_integer:
+        precision_of, default = {k: "int8" for k in precision_of}, "int8"
+    if calib is None and "int8" in {default, *precision_of.values()}:
+        n = sum(p == "int8" for p in precision_of.values())
+        raise EdgeoptError(f"the plan quantizes {n} layer(s) to int8: give calibration data")
+    return _tflite_writer.convert(model, input_shapes=plan.input_shapes, precision_of=precision_of, default=default,
+                                  calib=calib, full_integer=full_integer, calib_limit=calib_limit)
+
+
+# --------------------------------------------------------------------------- running
+
+
+class TfliteRunner(Runner):
+    """Runs a .tflite written by :mod:`._tflite_writer` in LiteRT's interpreter (or TFLite Micro's, ``micro_arena``).
+
+    Takes and returns float arrays in the ONNX layout: rank-4 NCHW inputs are
+    transposed to the model's NHWC, int8 inputs/outputs are (de)quantized with the
+    parameters in the record; a batch larger than the model's runs chunk by chunk.
+    """
+
+    def __init__(self, model_path: Path, record: Mapping[str, Any], threads: int | None = None,
+                 micro_arena: int | None = None):
+        self.record = record
+        self.inputs = list(record["inputs"])
+        self.outputs = list(record["outputs"])
+        self.input_names = [d["name"] for d in self.inputs]
+        self.output_names = [d["name"] for d in self.outputs]
+        data = Path(model_path).read_bytes()
+        self.engine = "tflite-micro" if micro_arena is not None else "litert"
+        if micro_arena is not None:
+            from tflite_micro import runtime as micro
+
+            self._micro = micro.Interpreter.from_bytes(data, arena_size=int(micro_arena))
+        else:
+            from ai_edge_litert.interpreter import Interpreter
+
+            self._interp = Interpreter(model_content=data, num_threads=int(threads) if threads else None)
+            self._interp.allocate_tensors()
+            self._in_idx = [d["index"] for d in self._interp.get_input_details()]
+            self._out_idx = [d["index"] for d in self._interp.get_output_details()]
+
+    def _invoke(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        if self.engine == "tflite-micro":
+            for i, a in enumerate(arrays):
+                self._micro.set_input(a, i)
+            self._micro.invoke()
+            return [np.asarray(self._micro.get_output(j)) for j in range(len(self.outputs))]
+        for idx, a in zip(self._in_idx, arrays):
+            self._interp.set_tensor(idx, a)
+        self._interp.invoke()
+        return [self._interp.get_tensor(idx) for idx in self._out_idx]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        from ._tflite_writer import from_tflite_layout, to_tflite_layout
+
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise EdgeoptError(f"missing input(s) {missing}; the model takes {self.input_names}")
+        arrays = [np.asarray(feeds[d["name"]], np.float32) for d in self.inputs]
+        n = arrays[0].shape[0] if arrays and arrays[0].ndim else 1
+        b = self.inputs[0]["onnx_shape"][0] if self.inputs and self.inputs[0]["onnx_shape"] else 1
+        for d, a in zip(self.inputs, arrays):
+            if list(a.shape[1:]) != list(d["onnx_shape"][1:]) or a.shape[0] % max(b, 1):
+                raise EdgeoptError(f"input '{d['name']}' has shape {list(a.shape)}; the .tflite takes {d['onnx_shape']} "
+                                   f"(any multiple of the batch {b})")
+        outs: list[list[np.ndarray]] = [[] for _ in self.outputs]
+        for start in range(0, n, b):
+            chunk = []
+            for d, a in zip(self.inputs, arrays):
+                x = to_tflite_layout(a[start:start + b], d)
+                if d["dtype"] == "int8":
+                    x = np.clip(np.round(x / d["scale"]) + d["zero_point"], -128, 127).astype(np.int8)
+                chunk.append(x)
+            for acc, d, y in zip(outs, self.outputs, self._invoke(chunk)):
+                y = np.asarray(y)
+                if d["dtype"] == "int8":
+                    y = (y.astype(np.float32) - d["zero_point"]) * np.float32(d["scale"])
+                acc.append(from_tflite_layout(y.astype(np.float32, copy=False), d))
+        return [np.concatenate(o) for o in outs]
+
+
+class TfliteBackend(Backend):
+    name = "tflite"
+    sdk_modules = SDK_MODULES
+    sdk_label = SDK_LABEL
+
+    def convert(self, model: onnx.ModelProto, plan: Plan, out_dir: Path,
+                calib: CalibrationData | None = None) -> Artifact:
+        self.require()
+        conv = convert_plan(model, plan, calib, full_integer=requires_full_integer(plan), backend=self.name,
+                            calib_limit=int(plan.backend_options.get("calibration_samples", 256)))
+        out_dir = Path(out_dir)
+        (out_dir / MODEL_FILE).write_bytes(conv.data)
+        opts = plan.backend_options
+        record = {**conv.info, "threads": opts.get("threads"), "delegate": opts.get("delegate", "xnnpack"),
+                  "size_bytes": len(conv.data)}
+        if opts.get("delegate") == "nnapi":
+            record["notes"] = [*record["notes"], "NNAPI is an Android delegate; elsewhere the model runs on LiteRT's CPU kernels"]
+        (out_dir / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        return make_artifact(out_dir, MODEL_FILE, plan, self.name, tool_versions("ai-edge-litert", "flatbuffers"))
+
+    def load(self, artifact: Artifact, artifact_dir: Path) -> Runner:
+        self.require()
+        artifact_dir = Path(artifact_dir)
+        record = json.loads((artifact_dir / RECORD).read_text())
+        return TfliteRunner(artifact_dir / artifact.primary, record, threads=record.get("threads"))
+
+
+BACKEND = TfliteBackend()
