@@ -229,7 +229,7 @@ def make_plan(analysis: ModelAnalysis, target: Target, *, backend: str | None = 
 def _to_plan(analysis: ModelAnalysis, target: Target, ev: Evaluation, rationale: list[str]) -> Plan:
     return Plan(
         edgeopt_version=__version__, model_sha256=analysis.sha256, target=target.name,
-        target_sha256=target_sha256(target), backend=ev.option.backend, unit=ev.option.unit,
+        target_sha256=target_sha256(target), target_definition=target, backend=ev.option.backend, unit=ev.option.unit,
         backend_options=dict(ev.option.options), input_shapes=dict(analysis.inputs), layers=ev.layers,
         predicted_latency_ms=round(ev.latency_ms, 6), predicted_storage_bytes=ev.storage,
         predicted_ram_bytes=ev.ram, predicted_arena_bytes=ev.arena, budgets=ev.checks, rationale=rationale,

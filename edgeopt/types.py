@@ -230,6 +230,7 @@ class Plan(_Frozen):
     model_sha256: str
     target: str
     target_sha256: str = Field(description="hash of the target definition the plan was made for")
+    target_definition: Target = Field(description="the resolved target the plan was made for (user files included)")
     backend: str
     unit: str
     backend_options: dict[str, str | int | float | bool] = Field(default_factory=dict)

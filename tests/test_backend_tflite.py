@@ -165,13 +165,18 @@ def test_unsupported_ops_are_named(tmp_path, digits_setup):
     nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="the_conv", kernel_shape=[1, 1]),
              helper.make_node("Erf", ["c"], ["y"], name="the_erf")]
     m = make_model(nodes, [vi("x", [1, 2, 4, 4])], [vi("y", None)], [init("W", np.ones((2, 2, 1, 1), np.float32))])
-    plan = make_plan(analyze(save(m, tmp_path / "erf.onnx")), load_target("android-mid"), backend="tflite", precision="fp32")
+    # the planner's pre-flight knows what the writer translates ...
+    with pytest.raises(UnsupportedOpError, match=r"the_erf: op Erf is not supported by tflite"):
+        make_plan(analyze(save(m, tmp_path / "erf.onnx")), load_target("android-mid"), backend="tflite", precision="fp32")
+    grouped = make_model([helper.make_node("Conv", ["x", "W"], ["y"], name="grouped", kernel_shape=[1, 1], group=2)],
+                         [vi("x", [1, 4, 4, 4])], [vi("y", None)], [init("W", np.ones((4, 2, 1, 1), np.float32))])
+    with pytest.raises(UnsupportedOpError, match=r"grouped: Conv is a grouped convolution \(group=2\)"):
+        make_plan(analyze(save(grouped, tmp_path / "g.onnx")), load_target("android-mid"), backend="tflite", precision="fp32")
+    # ... and the writer itself still names what it refuses
+    plan = make_plan(digits_setup[1], load_target("android-mid"), backend="tflite", precision="fp32")
     with pytest.raises(UnsupportedOpError, match=r"node 'the_erf' \(op Erf\): not supported by the TFLite writer"):
         build_artifact(m, plan, tmp_path / "a", None)
     assert not (tmp_path / "a").exists()
-    grouped = make_model([helper.make_node("Conv", ["x", "W"], ["y"], name="grouped", kernel_shape=[1, 1], group=2)],
-                         [vi("x", [1, 4, 4, 4])], [vi("y", None)], [init("W", np.ones((4, 2, 1, 1), np.float32))])
-    plan = make_plan(analyze(save(grouped, tmp_path / "g.onnx")), load_target("android-mid"), backend="tflite", precision="fp32")
     with pytest.raises(UnsupportedOpError, match=r"node 'grouped' \(op Conv\): grouped convolution \(group=2\)"):
         build_artifact(grouped, plan, tmp_path / "b", None)
     plan = make_plan(digits_setup[1], load_target("android-mid"), backend="tflite", precision="int8")

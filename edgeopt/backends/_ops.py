@@ -103,6 +103,17 @@ def div_by_constant(layer: LayerInfo, option: BackendOption, analysis: ModelAnal
     return None
 
 
+def grouped_conv(layer: LayerInfo, option: BackendOption, analysis: ModelAnalysis) -> str | None:
+    """TFLM has CONV_2D and DEPTHWISE_CONV_2D, no grouped convolution in between."""
+    group = int(layer.attributes.get("group", 1))
+    if layer.op_type != "Conv" or group == 1 or not layer.weight_shapes:
+        return None
+    w = layer.weight_shapes[0]  # [M, C/group, kh, kw]
+    if len(w) >= 2 and w[1] == 1:
+        return None  # depthwise (any channel multiplier)
+    return f"is a grouped convolution (group={group}); TFLite/TFLM have only regular and depthwise conv"
+
+
 def check_layers(analysis: ModelAnalysis, option: BackendOption, supported: frozenset[str] | Callable[[str, str], bool],
                  checks: list[NodeCheck]) -> list[str]:
     """Reasons the backend option cannot run the model, one per failing layer (empty: all supported)."""

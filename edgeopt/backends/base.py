@@ -105,9 +105,7 @@ class Backend(ABC):
 
 def _option_for(plan: Plan):
     """The target backend option a plan was made for."""
-    from ..targets import load_target
-
-    target = load_target(plan.target)
+    target = plan.target_definition
     for o in target.backends:
         if o.backend == plan.backend and o.unit == plan.unit and dict(o.options) == dict(plan.backend_options):
             return o

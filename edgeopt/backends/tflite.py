@@ -39,9 +39,12 @@ NNAPI_OPS = _ops.TFLM_OPS | frozenset({"Exp", "Log", "Sqrt", "Pow", "Neg", "Abs"
 
 
 def check_ops(analysis: ModelAnalysis, option: BackendOption) -> list[str]:
+    from ._tflite_writer import SUPPORTED_OPS as WRITER_OPS  # what the .tflite writer translates
+
     if option.options.get("delegate") == "nnapi":
-        return _ops.check_layers(analysis, option, NNAPI_OPS, [_ops.static_shapes, _ops.div_by_constant, _ops.max_rank(4)])
-    return _ops.check_layers(analysis, option, _ops.TFLITE_OPS, [_ops.static_shapes, _ops.max_rank(5)])
+        return _ops.check_layers(analysis, option, NNAPI_OPS & WRITER_OPS,
+                                 [_ops.static_shapes, _ops.div_by_constant, _ops.max_rank(4), _ops.grouped_conv])
+    return _ops.check_layers(analysis, option, _ops.TFLITE_OPS & WRITER_OPS, [_ops.static_shapes, _ops.max_rank(5), _ops.grouped_conv])
 
 
 # --------------------------------------------------------------------------- building
@@ -62,15 +65,10 @@ def plan_precisions(plan: Plan, backend: str) -> tuple[dict[str, str], str]:
 
 
 def requires_full_integer(plan: Plan) -> bool:
-    """Whether the plan's backend option runs full-integer models only (int8 I/O); a target known to the plan
-    by name only (read from a YAML file) falls back to its delegate: NNAPI is full-integer."""
-    from ..errors import TargetFileError, UnknownTargetError
+    """Whether the plan's backend option runs full-integer models only (int8 I/O)."""
     from .base import _option_for
 
-    try:
-        return _option_for(plan).requires_full_integer
-    except (UnknownTargetError, TargetFileError):
-        return plan.backend_options.get("delegate") == "nnapi"
+    return _option_for(plan).requires_full_integer
 
 
 def convert_plan(model: onnx.ModelProto, plan: Plan, calib: CalibrationData | None, *, full_integer: bool,

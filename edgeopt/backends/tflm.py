@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BudgetError, EdgeoptError
-from ..types import Artifact, BackendOption, LayerInfo, ModelAnalysis, Plan
+from ..types import Artifact, BackendOption, ModelAnalysis, Plan
 from . import _ops
 from .base import Backend, Runner, make_artifact, tool_versions
 
@@ -39,19 +39,11 @@ SDK_MODULES = ("ai_edge_litert",)
 SDK_LABEL = "ai-edge-litert"
 
 
-def _grouped_conv(layer: LayerInfo, option: BackendOption, analysis: ModelAnalysis) -> str | None:
-    """TFLM has CONV_2D and DEPTHWISE_CONV_2D, no grouped convolution in between."""
-    group = int(layer.attributes.get("group", 1))
-    if layer.op_type != "Conv" or group == 1 or not layer.weight_shapes:
-        return None
-    w = layer.weight_shapes[0]  # [M, C/group, kh, kw]
-    if len(w) >= 2 and w[1] == 1:
-        return None  # depthwise (any channel multiplier)
-    return f"is a grouped convolution (group={group}); TFLM has only regular and depthwise conv"
-
-
 def check_ops(analysis: ModelAnalysis, option: BackendOption) -> list[str]:
-    return _ops.check_layers(analysis, option, _ops.TFLM_OPS, [_ops.static_shapes, _ops.const_weight, _ops.div_by_constant, _ops.max_rank(4), _grouped_conv])
+    from ._tflite_writer import SUPPORTED_OPS as WRITER_OPS  # what the .tflite writer translates
+
+    return _ops.check_layers(analysis, option, _ops.TFLM_OPS & WRITER_OPS,
+                             [_ops.static_shapes, _ops.const_weight, _ops.div_by_constant, _ops.max_rank(4), _ops.grouped_conv])
 
 
 # --------------------------------------------------------------------------- building
@@ -179,21 +171,9 @@ class _Budgets:
 
 
 def plan_budgets(plan: Plan) -> _Budgets:
-    """The target's RAM/flash budgets: from the target when it loads by the plan's name, else as the plan recorded them
-
-    (a target read from a YAML file is known to the plan by name only)."""
-    from ..errors import TargetFileError, UnknownTargetError
-    from ..targets import load_target
-
-    try:
-        b = load_target(plan.target).budgets
-        return _Budgets(plan.target, int(b.ram), int(b.storage), b.weights_in_ram)
-    except (UnknownTargetError, TargetFileError):
-        recorded = {c.name: int(c.budget) for c in plan.budgets}
-        if "ram" not in recorded or "storage" not in recorded:
-            raise EdgeoptError(f"tflm: cannot load target {plan.target} and the plan records no RAM/flash budgets") from None
-        # TFLite Micro reads weights in place from the flatbuffer in flash
-        return _Budgets(plan.target, recorded["ram"], recorded["storage"], False)
+    """The RAM/flash budgets of the target the plan was made for (TFLite Micro reads weights in place from flash)."""
+    b = plan.target_definition.budgets
+    return _Budgets(plan.target, int(b.ram), int(b.storage), b.weights_in_ram)
 
 
 def budget_check(flash: int, arena: int, arena_source: str, budgets: _Budgets) -> str | None:
