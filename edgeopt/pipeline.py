@@ -172,6 +172,19 @@ def measure(artifact_dir: Path, inputs: BuildInputs, repeats: int = 50) -> float
     return float(np.median(times))
 
 
+def host_description() -> str:
+    import platform
+
+    return f"{platform.machine()} {platform.processor() or platform.system()} ({platform.node()})".strip()
+
+
+def host_is(target: Target) -> bool:
+    """Whether this machine belongs to the target's device class (an x86 CPU for an x86 CPU target)."""
+    import platform
+
+    return target.device_class == "cpu" and platform.machine().lower() in ("x86_64", "amd64") and target.name.startswith("x86")
+
+
 def _zeros(inputs: BuildInputs) -> dict[str, np.ndarray]:
     from .calibration import model_inputs
 
@@ -204,7 +217,11 @@ def build(inputs: BuildInputs, target: Target, out_dir: str | Path, *, plan: Pla
             say(f"{target.name}: validating")
             accuracy = validate(artifact, artifact_dir, inputs)
         measured = measure(artifact_dir, inputs) if profile else None
-        artifact = artifact.model_copy(update={"accuracy": accuracy, "measured_latency_ms": measured})
+        # keep what the backend validated itself (Core ML: its ONNX equivalent), add what ran here
+        update = {"accuracy": {**artifact.accuracy, **accuracy}, "measured_latency_ms": measured}
+        if measured is not None:
+            update["measured_on"], update["measured_on_target"] = host_description(), host_is(target)
+        artifact = artifact.model_copy(update=update)
         drop = -accuracy.get("accuracy_delta", 1.0 - accuracy.get("top1_agreement", 1.0))
         if max_accuracy_drop is not None and accuracy and drop > max_accuracy_drop:
             raise EdgeoptError(f"{target.name}: the built artifact loses {drop:.4f} accuracy, more than --max-accuracy-drop "

@@ -24,7 +24,8 @@ class FleetEntry(BaseModel):
         a = self.artifact
         if a is None:
             return None
-        return a.measured_latency_ms if a.measured_latency_ms is not None else a.predicted_latency_ms
+        on_device = a.measured_latency_ms is not None and a.measured_on_target
+        return a.measured_latency_ms if on_device else a.predicted_latency_ms
 
     @property
     def quality(self) -> float | None:
@@ -32,7 +33,8 @@ class FleetEntry(BaseModel):
         a = self.artifact
         if a is None:
             return None
-        return a.accuracy.get("accuracy", a.accuracy.get("top1_agreement"))
+        acc = a.accuracy
+        return acc.get("accuracy", acc.get("top1_agreement", acc.get("equivalent_top1_agreement")))
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -66,11 +68,14 @@ def _svg(entries: list[FleetEntry], width: int = 640, height: int = 360) -> str:
     front = set(pareto_front([(p[0], p[1]) for p in pts]))
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
              f'<rect x="{m}" y="{m}" width="{width - 2 * m}" height="{height - 2 * m}" fill="none" stroke="#999"/>',
-             f'<text x="{width / 2}" y="{height - 12}" text-anchor="middle">latency, ms (log; measured here where the runtime exists, else predicted)</text>',
+             f'<text x="{width / 2}" y="{height - 12}" text-anchor="middle">latency, ms (log; measured on a machine of the target's class, else predicted)</text>',
              f'<text x="14" y="{height / 2}" text-anchor="middle" transform="rotate(-90 14 {height / 2})">accuracy / top-1 agreement</text>']
     for k in range(math.floor(x0), math.ceil(x1) + 1):
-        if x0 <= k <= x1:
-            parts.append(f'<text x="{sx(k):.1f}" y="{height - m + 14}" text-anchor="middle">{10 ** k:g}</text>')
+        for mult in (1, 2, 5):
+            v = math.log10(mult) + k
+            if x0 <= v <= x1:
+                parts.append(f'<text x="{sx(v):.1f}" y="{height - m + 14}" text-anchor="middle">{mult * 10 ** k:g}</text>')
+                parts.append(f'<line x1="{sx(v):.1f}" y1="{height - m}" x2="{sx(v):.1f}" y2="{height - m + 4}" stroke="#999"/>')
     for frac in (0, 0.5, 1):
         v = y0 + frac * (y1 - y0)
         parts.append(f'<text x="{m - 4}" y="{sy(v) + 4:.1f}" text-anchor="end">{v:.3f}</text>')
@@ -78,11 +83,17 @@ def _svg(entries: list[FleetEntry], width: int = 640, height: int = 360) -> str:
     if len(order) > 1:
         path = " ".join(f"{sx(xs[i]):.1f},{sy(ys[i]):.1f}" for i in order)
         parts.append(f'<polyline points="{path}" fill="none" stroke="#2a7" stroke-dasharray="4 3"/>')
+    placed: list[tuple[float, float]] = []
     for i, (_lat, _q, e) in enumerate(pts):
         color = "#2a7" if i in front else "#c55"
-        measured = e.artifact.measured_latency_ms is not None
-        parts.append(f'<circle cx="{sx(xs[i]):.1f}" cy="{sy(ys[i]):.1f}" r="5" fill="{color if measured else "white"}" stroke="{color}"/>')
-        parts.append(f'<text x="{sx(xs[i]) + 7:.1f}" y="{sy(ys[i]) - 6:.1f}">{html.escape(e.target)} ({e.artifact.backend})</text>')
+        measured = e.artifact.measured_latency_ms is not None and e.artifact.measured_on_target
+        x, y = sx(xs[i]), sy(ys[i])
+        parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="5" fill="{color if measured else "white"}" stroke="{color}"/>')
+        ly = y - 6
+        while any(abs(px - x) < 120 and abs(py - ly) < 12 for px, py in placed):
+            ly += 13  # stack labels of points that sit together
+        placed.append((x, ly))
+        parts.append(f'<text x="{x + 7:.1f}" y="{ly:.1f}">{html.escape(e.target)} ({e.artifact.backend})</text>')
     parts.append("</svg>")
     return "\n".join(parts)
 
@@ -105,8 +116,11 @@ def fleet_html(model_name: str, entries: list[FleetEntry]) -> str:
         a = e.artifact
         acc = a.accuracy
         quality = (f"{acc['accuracy']:.4f} ({acc['accuracy_delta']:+.4f})" if "accuracy" in acc
-                   else f"agreement {acc['top1_agreement']:.3f}" if "top1_agreement" in acc else "not runnable here")
-        measured = f"{a.measured_latency_ms:.3f}" if a.measured_latency_ms is not None else "-"
+                   else f"agreement {acc['top1_agreement']:.3f}" if "top1_agreement" in acc
+                   else f"agreement {acc['equivalent_top1_agreement']:.3f} (ONNX equivalent)" if "equivalent_top1_agreement" in acc
+                   else "not runnable here")
+        measured = "-" if a.measured_latency_ms is None else (
+            f"{a.measured_latency_ms:.3f}" + ("" if a.measured_on_target else " (host, not the device)"))
         precisions: dict[str, int] = {}
         for lp in a.plan.layers:
             precisions[lp.precision] = precisions.get(lp.precision, 0) + 1
@@ -132,7 +146,9 @@ def fleet_html(model_name: str, entries: list[FleetEntry]) -> str:
              ".err{color:#b22}details{margin:10px 0}summary{cursor:pointer;font-weight:bold}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>edgeopt fleet: {esc(model_name)}</title>"
             f"<style>{style}</style></head><body><h1>edgeopt fleet: {esc(model_name)}</h1>"
-            f"<h2>Latency vs accuracy</h2>{_svg(entries)}<p>Filled: latency measured on this machine; hollow: predicted from the "
-            "target's compute model. Green: on the Pareto front.</p><h2>Targets</h2><table><tr><th>target</th><th>backend</th>"
-            "<th>predicted ms</th><th>measured ms (here)</th><th>size</th><th>RAM</th><th>accuracy (delta)</th><th>precisions</th></tr>"
+            f"<h2>Latency vs accuracy</h2>{_svg(entries)}<p>Filled: latency measured on this machine, which is of the target's "
+            "device class; hollow: predicted from the target's compute model. Quality: accuracy against labels, else top-1 "
+            "agreement with the original model, measured in the artifact's own runtime (Core ML: its ONNX equivalent). "
+            "Green: on the Pareto front.</p><h2>Targets</h2><table><tr><th>target</th><th>backend</th>"
+            "<th>predicted ms</th><th>measured ms (this host)</th><th>size</th><th>RAM</th><th>accuracy (delta)</th><th>precisions</th></tr>"
             f"{''.join(rows)}</table><h2>Plans</h2>{''.join(details)}</body></html>")

@@ -266,6 +266,8 @@ class Artifact(_Frozen):
     tool_versions: dict[str, str]
     predicted_latency_ms: float
     measured_latency_ms: float | None = None
+    measured_on: str | None = Field(default=None, description="the machine measured_latency_ms comes from")
+    measured_on_target: bool = Field(default=False, description="whether that machine is of the target's device class")
     accuracy: dict[str, float] = Field(default_factory=dict, description="metric -> value (baseline_, delta_)")
     created_utc: str
 
