@@ -68,7 +68,7 @@ def _svg(entries: list[FleetEntry], width: int = 640, height: int = 360) -> str:
     front = set(pareto_front([(p[0], p[1]) for p in pts]))
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
              f'<rect x="{m}" y="{m}" width="{width - 2 * m}" height="{height - 2 * m}" fill="none" stroke="#999"/>',
-             f'<text x="{width / 2}" y="{height - 12}" text-anchor="middle">latency, ms (log; measured on a machine of the target's class, else predicted)</text>',
+             f'<text x="{width / 2}" y="{height - 12}" text-anchor="middle">latency, ms (log; measured on a machine of the target class, else predicted)</text>',
              f'<text x="14" y="{height / 2}" text-anchor="middle" transform="rotate(-90 14 {height / 2})">accuracy / top-1 agreement</text>']
     for k in range(math.floor(x0), math.ceil(x1) + 1):
         for mult in (1, 2, 5):
