@@ -86,6 +86,28 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="analyse and plan the embedded default model (a digits CNN)")
     d.add_argument("--target", default="mcu-cortex-m7", help="target (default: mcu-cortex-m7)")
+
+    pr = sub.add_parser("profile", help="measure an artifact on a device: latency percentiles, peak memory, per-op times")
+    pr.add_argument("artifact", type=Path, help="artifact directory (from edgeopt build)")
+    pr.add_argument("--device", default="local",
+                    help="local (default), ssh://[user@]host[:port], adb:SERIAL, or http://host:port (an edgeopt agent)")
+    pr.add_argument("--token", help="the agent's token for --device http://... (default: $EDGEOPT_AGENT_TOKEN)")
+    pr.add_argument("--threads", type=int, help="intra-op threads (default: the artifact's setting, else every usable CPU)")
+    pr.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
+    pr.add_argument("--repeats", type=int, default=100, help="timed runs (default 100)")
+    pr.add_argument("--inputs", type=Path, help="inputs as .npz (or .npy for one input); default: random, local device only")
+    pr.add_argument("--profiles-dir", type=Path, default=Path("profiles"),
+                    help="where profiles are saved and calibration reads them (default: ./profiles)")
+    pr.add_argument("--no-save", action="store_true", help="do not save the profile")
+    pr.add_argument("--top", type=int, default=10, help="ops shown (default 10)")
+    pr.add_argument("--json", action="store_true", help="print the profile as JSON (the saved path goes to stderr)")
+
+    ag = sub.add_parser("agent", help="serve profiling on this device over HTTP (POST /profile with a token)")
+    ag.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    ag.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+    ag.add_argument("--token", help="bearer token clients must send (default: $EDGEOPT_AGENT_TOKEN)")
+    ag.add_argument("--max-upload-mb", type=float, default=256, help="largest artifact upload accepted (default 256 MiB)")
+    ag.add_argument("--profiles-dir", type=Path, help="also save every profile measured here under this directory")
     return ap
 
 
@@ -321,10 +343,54 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from .backends.base import read_manifest
+    from .profiling import calibration_for, profile_artifact, render_profile, save_profile
+    from .remote import parse_device
+
+    device = parse_device(args.device, token=args.token)  # a bad device string fails before anything runs
+    artifact = read_manifest(args.artifact)
+    status, say = _progress()
+    with status:
+        say(f"profiling {args.artifact} on {device.spec}")
+        prof = profile_artifact(args.artifact, device, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
+                                inputs=args.inputs)
+    before = None if args.json else calibration_for(artifact.plan, args.profiles_dir)
+    saved = None if args.no_save else save_profile(prof, args.profiles_dir)
+    if args.json:
+        print(prof.model_dump_json(indent=2))
+        if saved:
+            print(f"saved {saved}", file=sys.stderr)
+        return 0
+    from .render import console
+
+    after = calibration_for(artifact.plan, args.profiles_dir) if saved else None
+    render_profile(prof, console(), before=before, after=after, top=args.top)
+    print(f"saved {saved}" if saved else "not saved (--no-save)")
+    return 0
+
+
+def _cmd_agent(args: argparse.Namespace) -> int:
+    import os
+
+    from .agent import serve
+
+    token = args.token or os.environ.get("EDGEOPT_AGENT_TOKEN")
+    if not token:
+        raise EdgeoptError("the agent needs a token: --token or $EDGEOPT_AGENT_TOKEN")
+    if len(token) < 8:
+        raise EdgeoptError("the agent's token must be at least 8 characters")
+    if args.max_upload_mb <= 0:
+        raise EdgeoptError("--max-upload-mb must be positive")
+    serve(args.host, args.port, token, max_upload_bytes=int(args.max_upload_mb * 2**20), profiles_dir=args.profiles_dir)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {"targets": _cmd_targets, "analyze": _cmd_analyze, "plan": _cmd_plan, "compress": _cmd_compress,
-               "build": _cmd_build, "fleet": _cmd_fleet, "demo": _cmd_demo}[args.cmd]
+               "build": _cmd_build, "fleet": _cmd_fleet, "demo": _cmd_demo, "profile": _cmd_profile,
+               "agent": _cmd_agent}[args.cmd]
     try:
         return handler(args)
     except EdgeoptError as e:

@@ -317,7 +317,7 @@ def profile_local(artifact_dir: str | Path, *, threads: int | None = None, warmu
         ops = runner.op_profile(feeds, repeats=max(1, min(op_repeats, repeats))) if op_repeats > 0 else []
     finally:
         runner.close()
-    return Profile(artifact_sha256=sha256_of(artifact_dir / MANIFEST), target=artifact.target, backend=artifact.backend,
+    return Profile(artifact_sha256=sha256_of(artifact_dir / MANIFEST), target=artifact.target, backend=artifact.backend, unit=artifact.plan.unit,
                    device="local", host=host_info(artifact.backend, artifact.plan.unit), threads=n_threads,
                    warmup=warmup, repeats=repeats, latency_ms=percentiles(times), peak_memory_bytes=mem.bytes,
                    ops=list(ops), predicted_latency_ms=artifact.predicted_latency_ms, created_utc=_now_utc())
@@ -410,7 +410,7 @@ class Calibration:
 
 def profile_unit(profile: Profile) -> str:
     """The compute unit a profile ran on (recorded in its host record; ``?`` for profiles without one)."""
-    return getattr(profile, "unit", None) or profile.host.get("unit") or "?"
+    return profile.unit or profile.host.get("unit") or "?"
 
 
 def measured_ms(profile: Profile) -> float | None:
@@ -491,7 +491,7 @@ def render_profile(profile: Profile, out, *, before: Calibration | None = None, 
     if pred:
         if before:
             out.print(f"calibrated = predicted x {before.factor:.3f} from {before.profiles} earlier profile(s) of "
-                      f"{before.backend}/{before.unit}; it is off by {m / cal:.2f}x" if m else "")
+                      f"{before.backend}/{before.unit}" + (f"; measured p50 / calibrated = {m / cal:.2f}x" if m else ""))
         else:
             out.print("calibrated: no earlier profile of this target/backend/unit")
         if after:

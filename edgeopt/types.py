@@ -284,6 +284,7 @@ class Profile(_Frozen):
     artifact_sha256: str
     target: str
     backend: str
+    unit: str | None = None
     device: str
     host: dict[str, str]
     threads: int
