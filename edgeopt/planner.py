@@ -21,17 +21,10 @@ from .costmodel import VIEW_OPS, arena, fused_layers, graph_overhead_bytes, laye
 from .errors import BudgetError, EdgeoptError, UnsupportedOpError
 from .targets import target_sha256
 from .types import WEIGHT_ONLY, BackendOption, BudgetCheck, LayerPlan, ModelAnalysis, Plan, Target
+from .units import fmt_bytes
 
 FIDELITY_ORDER = ("fp32", "fp16", "bf16", "wint8", "int8", "wint4")
 WEIGHT_ONLY_OPS = frozenset({"MatMul", "Gemm"})
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def check_option(analysis: ModelAnalysis, option: BackendOption) -> list[str]:
@@ -168,8 +161,8 @@ def _cost_note(op_type: str, bound: str) -> str:
 def _describe(e: Evaluation) -> str:
     parts = []
     for c in e.checks:
-        shown = (f"{c.predicted:.2f} ms" if c.name == "latency_ms" else _fmt_bytes(c.predicted))
-        limit = (f"{c.budget:g} ms" if c.name == "latency_ms" else _fmt_bytes(c.budget))
+        shown = (f"{c.predicted:.2f} ms" if c.name == "latency_ms" else fmt_bytes(c.predicted))
+        limit = (f"{c.budget:g} ms" if c.name == "latency_ms" else fmt_bytes(c.budget))
         parts.append(f"{c.name.replace('_ms', '')} {shown} {'<=' if c.ok else '>'} {limit}")
     return f"{e.option.label} {e.recipe}: " + ", ".join(parts)
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .planner import FIDELITY_ORDER, _fmt_bytes, check_option, evaluate
+from .planner import FIDELITY_ORDER, check_option, evaluate
 from .types import ModelAnalysis, Plan, Target
+from .units import fmt_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console
@@ -33,7 +34,7 @@ def targets_table(targets: list[Target], out: Console) -> None:
     for tg in targets:
         b = tg.budgets
         t.add_row(tg.name, tg.device_class, ", ".join(f"{o.label}: {'/'.join(o.precisions)}" for o in tg.backends),
-                  _fmt_bytes(int(b.ram)), _fmt_bytes(int(b.storage)), f"{b.latency_ms:g} ms")
+                  fmt_bytes(int(b.ram)), fmt_bytes(int(b.storage)), f"{b.latency_ms:g} ms")
     out.print(t)
 
 
@@ -52,13 +53,13 @@ def analysis_summary(a: ModelAnalysis, out: Console, *, top: int | None = None) 
     out.print(f"[bold]model[/] {a.path}  opset {a.opset}  {a.producer}  sha256 {a.sha256[:12]}")
     out.print("inputs  " + ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in a.inputs.items())
               + "   outputs " + ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in a.outputs.items()))
-    out.print(f"layers {len(a.layers)}  params {a.total_params:,}  weights {_fmt_bytes(a.total_weight_bytes)}"
-              f"  MACs {_si(a.total_macs)}  other FLOPs {_si(a.total_flops)}  file {_fmt_bytes(a.file_bytes)}")
+    out.print(f"layers {len(a.layers)}  params {a.total_params:,}  weights {fmt_bytes(a.total_weight_bytes)}"
+              f"  MACs {_si(a.total_macs)}  other FLOPs {_si(a.total_flops)}  file {fmt_bytes(a.file_bytes)}")
     arena32 = plan_arena(a.tensors, lambda t: t.elems * 4)
     arena8 = plan_arena(a.tensors, lambda t: t.elems)
-    out.print(f"activation memory (graph as stored, before fusion): fp32 peak live {_fmt_bytes(arena32.peak_live_bytes)}, greedy arena "
-              f"{_fmt_bytes(arena32.arena_bytes)}; int8 peak live {_fmt_bytes(arena8.peak_live_bytes)}, "
-              f"arena {_fmt_bytes(arena8.arena_bytes)} (peak at layer {arena32.peak_step})")
+    out.print(f"activation memory (graph as stored, before fusion): fp32 peak live {fmt_bytes(arena32.peak_live_bytes)}, greedy arena "
+              f"{fmt_bytes(arena32.arena_bytes)}; int8 peak live {fmt_bytes(arena8.peak_live_bytes)}, "
+              f"arena {fmt_bytes(arena8.arena_bytes)} (peak at layer {arena32.peak_step})")
     for n in a.notes:
         out.print(f"[yellow]note[/] {n}")
     fused = fused_layers(a)
@@ -72,8 +73,8 @@ def analysis_summary(a: ModelAnalysis, out: Console, *, top: int | None = None) 
         t.title = f"top {top} layers by arithmetic"
     for i, ly in rows:
         t.add_row(str(i), ly.name[:48], ly.op_type, " ".join("x".join(map(str, s)) for s in ly.output_shapes),
-                  f"{ly.params:,}" if ly.params else "", _fmt_bytes(ly.weight_bytes) if ly.weight_bytes else "",
-                  _si(ly.macs) if ly.macs else "", _fmt_bytes(ly.output_elems * 4),
+                  f"{ly.params:,}" if ly.params else "", fmt_bytes(ly.weight_bytes) if ly.weight_bytes else "",
+                  _si(ly.macs) if ly.macs else "", fmt_bytes(ly.output_elems * 4),
                   "fused" if ly.name in fused else "")
     out.print(t)
 
@@ -98,8 +99,8 @@ def target_fit(a: ModelAnalysis, tg: Target, out: Console) -> None:
         for p in (p for p in FIDELITY_ORDER if p in option.precisions):
             ev = evaluate(a, tg, option, p)
             missed = [c.name.replace("_ms", "") for c in ev.checks if not c.ok]
-            t.add_row(option.label, "[green]ok[/]", p, f"{ev.latency_ms:.3f} ms", _fmt_bytes(ev.ram),
-                      _fmt_bytes(ev.storage), "[green]fit[/]" if not missed else f"[red]over: {', '.join(missed)}[/]")
+            t.add_row(option.label, "[green]ok[/]", p, f"{ev.latency_ms:.3f} ms", fmt_bytes(ev.ram),
+                      fmt_bytes(ev.storage), "[green]fit[/]" if not missed else f"[red]over: {', '.join(missed)}[/]")
     out.print(t)
 
 
@@ -109,8 +110,8 @@ def plan_summary(plan: Plan, out: Console, *, layers: bool = True) -> None:
     out.print(f"\n[bold]plan[/] for target {plan.target} on {plan.backend}/{plan.unit}"
               + (f" {plan.backend_options}" if plan.backend_options else ""))
     for c in plan.budgets:
-        shown = f"{c.predicted:.3f} ms" if c.name == "latency_ms" else _fmt_bytes(c.predicted)
-        limit = f"{c.budget:g} ms" if c.name == "latency_ms" else _fmt_bytes(c.budget)
+        shown = f"{c.predicted:.3f} ms" if c.name == "latency_ms" else fmt_bytes(c.predicted)
+        limit = f"{c.budget:g} ms" if c.name == "latency_ms" else fmt_bytes(c.budget)
         mark = "[green]ok[/]" if c.ok else "[red]OVER[/]"
         out.print(f"  {c.name.replace('_ms', ''):8} {shown:>12}  budget {limit:>10}  {mark}")
     counts: dict[str, int] = {}
@@ -128,6 +129,6 @@ def plan_summary(plan: Plan, out: Console, *, layers: bool = True) -> None:
         t.add_column(c)
     for lp in plan.layers:
         sp = "" if lp.sparsity == "none" else f"{lp.sparsity} {lp.sparsity_ratio:.0%}"
-        t.add_row(lp.name[:40], lp.op_type, lp.precision, sp, _fmt_bytes(lp.weight_bytes) if lp.weight_bytes else "",
+        t.add_row(lp.name[:40], lp.op_type, lp.precision, sp, fmt_bytes(lp.weight_bytes) if lp.weight_bytes else "",
                   f"{lp.predicted_ms:.4f}", lp.reason)
     out.print(t)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pydantic import BaseModel, ConfigDict
 
 from .types import Artifact
+from .units import fmt_bytes
 
 
 class FleetEntry(BaseModel):
@@ -98,14 +99,6 @@ def _svg(entries: list[FleetEntry], width: int = 640, height: int = 360) -> str:
     return "\n".join(parts)
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return ""
-
-
 def fleet_html(model_name: str, entries: list[FleetEntry]) -> str:
     esc = html.escape
     rows = []
@@ -125,7 +118,7 @@ def fleet_html(model_name: str, entries: list[FleetEntry]) -> str:
         for lp in a.plan.layers:
             precisions[lp.precision] = precisions.get(lp.precision, 0) + 1
         rows.append(f"<tr><td>{esc(e.target)}</td><td>{esc(a.backend)}/{esc(a.plan.unit)}</td><td>{a.predicted_latency_ms:.3f}</td>"
-                    f"<td>{measured}</td><td>{_fmt_bytes(a.size_bytes)}</td><td>{_fmt_bytes(a.plan.predicted_ram_bytes)}</td>"
+                    f"<td>{measured}</td><td>{fmt_bytes(a.size_bytes)}</td><td>{fmt_bytes(a.plan.predicted_ram_bytes)}</td>"
                     f"<td>{esc(quality)}</td><td>{esc(', '.join(f'{k} x{v}' for k, v in precisions.items()))}</td></tr>")
     details = []
     for e in entries:
@@ -135,7 +128,7 @@ def fleet_html(model_name: str, entries: list[FleetEntry]) -> str:
         lines = "".join(
             f"<tr><td>{esc(lp.name)}</td><td>{esc(lp.op_type)}</td><td>{lp.precision}</td>"
             f"<td>{'' if lp.sparsity == 'none' else f'{lp.sparsity} {lp.sparsity_ratio:.0%}'}</td>"
-            f"<td>{_fmt_bytes(lp.weight_bytes) if lp.weight_bytes else ''}</td><td>{lp.predicted_ms:.4f}</td><td>{esc(lp.reason)}</td></tr>"
+            f"<td>{fmt_bytes(lp.weight_bytes) if lp.weight_bytes else ''}</td><td>{lp.predicted_ms:.4f}</td><td>{esc(lp.reason)}</td></tr>"
             for lp in plan.layers)
         why = "".join(f"<li>{esc(r)}</li>" for r in plan.rationale)
         details.append(f"<details><summary>{esc(e.target)}: per-layer plan ({len(plan.layers)} layers)</summary><ul>{why}</ul>"

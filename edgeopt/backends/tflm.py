@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import BudgetError, EdgeoptError
 from ..types import Artifact, BackendOption, ModelAnalysis, Plan
+from ..units import fmt_bytes
 from . import _ops
 from .base import Backend, Runner, make_artifact, tool_versions
 
@@ -54,14 +55,6 @@ ARENA = "arena.json"
 C_SOURCE = "model_data.cc"
 C_HEADER = "model_data.h"
 ARENA_ALIGN = 16
-
-
-def _fmt(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def c_array(data: bytes, name: str = "g_model", arena_bytes: int | None = None) -> tuple[str, str]:
@@ -183,9 +176,9 @@ def budget_check(flash: int, arena: int, arena_source: str, budgets: _Budgets) -
     flash_ok, ram_ok = flash <= b.storage, ram_need <= b.ram
     if flash_ok and ram_ok:
         return None
-    flash_part = f"model needs {_fmt(flash)} of flash ({_fmt(b.storage)} budget {'ok' if flash_ok else 'exceeded'})"
-    what = f"arena {_fmt(arena)} ({arena_source})" + (f" + weights {_fmt(flash)}" if b.weights_in_ram else "")
-    ram_part = f"{what} {'<=' if ram_ok else '>'} RAM budget {_fmt(b.ram)}"
+    flash_part = f"model needs {fmt_bytes(flash)} of flash ({fmt_bytes(b.storage)} budget {'ok' if flash_ok else 'exceeded'})"
+    what = f"arena {fmt_bytes(arena)} ({arena_source})" + (f" + weights {fmt_bytes(flash)}" if b.weights_in_ram else "")
+    ram_part = f"{what} {'<=' if ram_ok else '>'} RAM budget {fmt_bytes(b.ram)}"
     joint = " but " if flash_ok else (" and " if not ram_ok else "; ")
     return f"tflm: target {b.target}: {flash_part}{joint}{ram_part}"
 
