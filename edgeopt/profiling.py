@@ -146,6 +146,24 @@ def _maxrss_bytes() -> int | None:
     return int(r) if sys.platform == "darwin" else int(r) * 1024
 
 
+def _release_freed_memory() -> None:
+    """Hand memory the process freed back to the OS (glibc ``malloc_trim``), so that what the block
+    allocates shows as resident growth instead of silently reusing pages freed earlier (a warm process
+    that ran other models before could otherwise read 0)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        if hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:
+        pass
+
+
 class PeakMemory:
     """How much this process's resident memory grew, at its peak, inside the ``with`` block.
 
@@ -166,6 +184,7 @@ class PeakMemory:
         import gc
 
         gc.collect()
+        _release_freed_memory()
         self._hwm = False
         try:
             with open("/proc/self/clear_refs", "w") as f:
