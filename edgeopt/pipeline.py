@@ -121,17 +121,22 @@ def structural_passes(model: onnx.ModelProto, plan: Plan, calib: CalibrationData
     return model, notes
 
 
-def validate(artifact: Artifact, artifact_dir: Path, inputs: BuildInputs, limit: int = 512) -> dict[str, float]:
-    """Accuracy of the built artifact in its own runtime against the original ONNX model (empty when it cannot run here)."""
+def open_here(artifact_dir: Path):
+    """A runner for the artifact in its own runtime on this machine, or None where that runtime cannot run here."""
     from .backends.base import RuntimeUnavailable, open_artifact
     from .errors import BackendNotInstalledError
+
+    try:
+        return open_artifact(artifact_dir)[1]
+    except (RuntimeUnavailable, BackendNotInstalledError):
+        return None
+
+
+def validate(runner, inputs: BuildInputs, limit: int = 512) -> dict[str, float]:
+    """Accuracy of the built artifact (its ``runner``) against the original ONNX model (empty without eval data)."""
     from .fidelity import compare_outputs, run
 
     if inputs.evaluation is None:
-        return {}
-    try:
-        _, runner = open_artifact(artifact_dir)
-    except (RuntimeUnavailable, BackendNotInstalledError):
         return {}
     ref = run(inputs.model, inputs.evaluation, limit)
     outs: list[list[np.ndarray]] = []
@@ -150,26 +155,12 @@ def validate(artifact: Artifact, artifact_dir: Path, inputs: BuildInputs, limit:
     return out
 
 
-def measure(artifact_dir: Path, inputs: BuildInputs, repeats: int = 50) -> float | None:
-    """Median latency (ms, batch 1) of the artifact in its runtime here, or None where it cannot run."""
-    import time
+def measure(runner, inputs: BuildInputs, repeats: int = 50) -> float:
+    """Median latency (ms, batch 1) of the artifact's ``runner`` here."""
+    from .profiling import time_runs
 
-    from .backends.base import RuntimeUnavailable, open_artifact
-    from .errors import BackendNotInstalledError
-
-    try:
-        _, runner = open_artifact(artifact_dir)
-    except (RuntimeUnavailable, BackendNotInstalledError):
-        return None
     feed = next(inputs.evaluation.batches(1)) if inputs.evaluation is not None else _zeros(inputs)
-    for _ in range(5):
-        runner.run(feed)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        runner.run(feed)
-        times.append((time.perf_counter() - t) * 1e3)
-    return float(np.median(times))
+    return float(np.median(time_runs(lambda: runner.run(feed), warmup=5, repeats=repeats)))
 
 
 def host_description() -> str:
@@ -212,11 +203,16 @@ def build(inputs: BuildInputs, target: Target, out_dir: str | Path, *, plan: Pla
         say(f"{target.name}: converting with {plan.backend}")
         artifact_dir = tmp / "artifact"
         artifact = build_artifact(model, plan, artifact_dir, inputs.calib)
-        accuracy = {}
-        if validate_artifact:
-            say(f"{target.name}: validating")
-            accuracy = validate(artifact, artifact_dir, inputs)
-        measured = measure(artifact_dir, inputs) if profile else None
+        accuracy, measured = {}, None
+        runner = open_here(artifact_dir) if validate_artifact or profile else None
+        if runner is not None:
+            try:
+                if validate_artifact:
+                    say(f"{target.name}: validating")
+                    accuracy = validate(runner, inputs)
+                measured = measure(runner, inputs) if profile else None
+            finally:
+                runner.close()
         # keep what the backend validated itself (Core ML: its ONNX equivalent), add what ran here
         update = {"accuracy": {**artifact.accuracy, **accuracy}, "measured_latency_ms": measured}
         if measured is not None:

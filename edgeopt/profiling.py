@@ -29,6 +29,19 @@ def percentiles(samples_ms: list[float]) -> dict[str, float]:
             "mean": float(a.mean()), "min": float(a.min())}
 
 
+def time_runs(call, *, warmup: int = 0, repeats: int = 1, min_seconds: float = 0.0) -> list[float]:
+    """Wall time in ms of each of ``repeats`` calls (more until ``min_seconds`` have passed), after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        call()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - start < min_seconds:
+        t = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t) * 1e3)
+    return times
+
+
 def ort_latency(model, feed: dict[str, np.ndarray], *, threads: int = 1, warmup: int = 10, repeats: int = 50,
                 min_seconds: float = 0.0) -> dict[str, float]:
     """Latency in ms of one ``session.run`` on ``feed`` (a proto, a path or an existing session).
@@ -38,15 +51,7 @@ def ort_latency(model, feed: dict[str, np.ndarray], *, threads: int = 1, warmup:
     from .fidelity import session
 
     sess = model if hasattr(model, "run") else session(model, threads=threads)
-    for _ in range(warmup):
-        sess.run(None, feed)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < repeats or time.perf_counter() - start < min_seconds:
-        t = time.perf_counter()
-        sess.run(None, feed)
-        times.append((time.perf_counter() - t) * 1e3)
-    return percentiles(times)
+    return percentiles(time_runs(lambda: sess.run(None, feed), warmup=warmup, repeats=repeats, min_seconds=min_seconds))
 
 
 def interleaved_latency(models: dict[str, object], feed: dict[str, np.ndarray], *, threads: int = 1, rounds: int = 5,
@@ -56,15 +61,11 @@ def interleaved_latency(models: dict[str, object], feed: dict[str, np.ndarray], 
 
     sessions = {k: session(m, threads=threads) for k, m in models.items()}
     for s in sessions.values():
-        for _ in range(warmup):
-            s.run(None, feed)
+        time_runs(lambda s=s: s.run(None, feed), warmup=warmup, repeats=0)
     samples: dict[str, list[float]] = {k: [] for k in sessions}
     for _ in range(rounds):
         for k, s in sessions.items():
-            for _ in range(repeats):
-                t = time.perf_counter()
-                s.run(None, feed)
-                samples[k].append((time.perf_counter() - t) * 1e3)
+            samples[k] += time_runs(lambda s=s: s.run(None, feed), repeats=repeats)
     return {k: percentiles(v) for k, v in samples.items()}
 
 
@@ -310,14 +311,11 @@ def profile_local(artifact_dir: str | Path, *, threads: int | None = None, warmu
     import importlib
 
     from .backends import get
-    from .backends.base import MANIFEST, read_manifest, sha256_of, verify_files
+    from .backends.base import MANIFEST, read_verified, sha256_of
 
     _check_counts(threads, warmup, repeats)
     artifact_dir = Path(artifact_dir)
-    artifact = read_manifest(artifact_dir)
-    bad = verify_files(artifact, artifact_dir)
-    if bad:
-        raise EdgeoptError(f"artifact {artifact_dir} is damaged: {', '.join(bad)} missing or changed since it was built")
+    artifact = read_verified(artifact_dir)
     backend = get(artifact.backend).BACKEND
     if backend.is_available():  # runtime code is not the model's memory: import it before measuring
         for m in backend.sdk_modules:
@@ -325,13 +323,7 @@ def profile_local(artifact_dir: str | Path, *, threads: int | None = None, warmu
     with PeakMemory() as mem:
         runner, n_threads = _load_runner(artifact, artifact_dir, threads)
         feeds = make_feeds(artifact, runner, inputs)
-        for _ in range(warmup):
-            runner.run(feeds)
-        times: list[float] = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            runner.run(feeds)
-            times.append((time.perf_counter() - t) * 1e3)
+        times = time_runs(lambda: runner.run(feeds), warmup=warmup, repeats=repeats)
     try:
         ops = runner.op_profile(feeds, repeats=max(1, min(op_repeats, repeats))) if op_repeats > 0 else []
     finally:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from edgeopt.backends.base import build_artifact, open_artifact  # noqa: E402
 from edgeopt.fidelity import compare_outputs, run  # noqa: E402
 from edgeopt.pipeline import BuildInputs  # noqa: E402
 from edgeopt.planner import make_plan  # noqa: E402
+from edgeopt.profiling import time_runs  # noqa: E402
 from edgeopt.targets import load_target  # noqa: E402
 
 BACKENDS = (("onnxruntime", "x86-cpu"), ("openvino", "x86-cpu"), ("tflite", "android-mid"))
@@ -37,16 +37,6 @@ def inputs_for(name: str) -> BuildInputs:
     from edgeopt.zoo import imagenet_samples, mobilenetv2_path
 
     return BuildInputs.prepare(mobilenetv2_path(), calib=imagenet_samples(64, seed=0), eval_data=imagenet_samples(64, seed=1))
-
-
-def timed(runner_run, feed, rounds: int, repeats: int = 20) -> list[float]:
-    out = []
-    for _ in range(rounds):
-        for _ in range(repeats):
-            t = time.perf_counter()
-            runner_run(feed)
-            out.append((time.perf_counter() - t) * 1e3)
-    return out
 
 
 def quality(inp: BuildInputs, runner_run) -> float:
@@ -104,12 +94,11 @@ def main() -> None:
                     runners[f"edgeopt {backend} {precision}"] = open_artifact(out)[1].run
             runners.update(peers(inp, args.threads, d))
             for r in runners.values():
-                for _ in range(10):
-                    r(feed)
+                time_runs(lambda r=r, f=feed: r(f), warmup=10, repeats=0)
             samples: dict[str, list[float]] = {k: [] for k in runners}
             for _ in range(args.rounds):
                 for k, r in runners.items():
-                    samples[k] += timed(r, feed, 1)
+                    samples[k] += time_runs(lambda r=r, f=feed: r(f), repeats=20)
             p50 = {k: float(np.median(v)) for k, v in samples.items()}
             print(f"\n{name}: batch 1, {args.threads} thread(s)")
             print("| artifact | p50 ms | vs its fp32 | quality |")

@@ -187,12 +187,18 @@ def build_artifact(model: onnx.ModelProto, plan: Plan, out_dir: Path, calib: Cal
     return artifact
 
 
-def open_artifact(artifact_dir: Path) -> tuple[Artifact, Runner]:
-    """Read an artifact's manifest, check its files' hashes, and load it in its backend's runtime."""
-    from . import get
-
+def read_verified(artifact_dir: Path) -> Artifact:
+    """An artifact's manifest, after checking that its files still have the hashes it records."""
     artifact = read_manifest(artifact_dir)
     bad = verify_files(artifact, artifact_dir)
     if bad:
         raise EdgeoptError(f"artifact {artifact_dir} is damaged: {', '.join(bad)} missing or changed since it was built")
+    return artifact
+
+
+def open_artifact(artifact_dir: Path) -> tuple[Artifact, Runner]:
+    """Read an artifact's manifest, check its files' hashes, and load it in its backend's runtime."""
+    from . import get
+
+    artifact = read_verified(artifact_dir)
     return artifact, get(artifact.backend).BACKEND.load(artifact, Path(artifact_dir))
