@@ -95,6 +95,19 @@ def _sparsity_support(option: BackendOption, pattern: str):
     return next((s for s in option.sparsity if s.pattern == pattern), None)
 
 
+def _choice_cost(ly, c: Choice, option: BackendOption, unit, *, fused: bool = False, measured=None):
+    """(ms, weight bytes, bound) of one layer under a choice: measured time where the table has it, else the roofline."""
+    support = _sparsity_support(option, c.sparsity) if c.sparsity != "none" else None
+    ratio = 0.5 if c.sparsity == "2:4" else c.ratio
+    wb = planned_weight_bytes(ly, c.precision, c.sparsity, ratio, bool(support and support.compresses_storage))
+    keep = 1.0 - ratio if c.sparsity == "channel" else 1.0
+    speedup = support.speedup if support is not None and c.sparsity != "channel" else 1.0
+    cost = layer_latency(ly, c.precision, option, unit, fused=fused, weight_bytes=wb, sparsity_speedup=speedup, keep=keep)
+    timed = measured.get(ly.name, c.precision) if measured is not None else None
+    ms = timed * keep / speedup if timed is not None else cost.ms
+    return ms, wb, cost.bound
+
+
 def _transition_ms(ly, prev_bits: int, bits: int, option: BackendOption, unit) -> float:
     """Cost of converting a layer's input between formats (a Q/DQ or Cast the runtime must execute)."""
     if prev_bits == bits:
@@ -119,16 +132,8 @@ def evaluate(analysis: ModelAnalysis, target: Target, option: BackendOption, rec
     layers: list[LayerPlan] = []
     for ly in analysis.layers:
         c = choices[ly.name]
-        support = _sparsity_support(option, c.sparsity) if c.sparsity != "none" else None
         ratio = 0.5 if c.sparsity == "2:4" else c.ratio
-        wb = planned_weight_bytes(ly, c.precision, c.sparsity, ratio, bool(support and support.compresses_storage))
-        keep = 1.0 - ratio if c.sparsity == "channel" else 1.0
-        speedup = support.speedup if support is not None and c.sparsity != "channel" else 1.0
-        cost = layer_latency(ly, c.precision, option, unit, fused=ly.name in fused, weight_bytes=wb,
-                             sparsity_speedup=speedup, keep=keep)
-        ms = cost.ms
-        if measured is not None and measured.get(ly.name, c.precision) is not None:
-            ms = measured.get(ly.name, c.precision) * keep / speedup
+        ms, wb, bound = _choice_cost(ly, c, option, unit, fused=ly.name in fused, measured=measured)
         bits = option.activation_bits(c.precision)
         prev = [producer_bits[i] for i in ly.inputs if i in producer_bits]
         extra = _transition_ms(ly, prev[0], bits, option, unit) if prev and ly.name not in fused else 0.0
@@ -136,7 +141,7 @@ def evaluate(analysis: ModelAnalysis, target: Target, option: BackendOption, rec
             extra = measured.conversion_ms
         for o in ly.outputs:
             producer_bits[o] = bits
-        note = _cost_note(ly.op_type, cost.bound) + (f" (+{extra:.4f} ms format conversion)" if extra else "")
+        note = _cost_note(ly.op_type, bound) + (f" (+{extra:.4f} ms format conversion)" if extra else "")
         layers.append(LayerPlan(name=ly.name, op_type=ly.op_type, precision=c.precision, sparsity=c.sparsity,
                                 sparsity_ratio=ratio if c.sparsity != "none" else 0.0, predicted_ms=ms + extra,
                                 weight_bytes=wb, reason=c.reason + note))
@@ -391,15 +396,8 @@ def assemble_layer(analysis: ModelAnalysis, target: Target, option: BackendOptio
                    measured=None) -> tuple[float, int]:
     """(latency ms, weight bytes) of one layer under a choice (no fusion or conversion effects)."""
     ly = next(x for x in analysis.layers if x.name == name)
-    support = _sparsity_support(option, c.sparsity) if c.sparsity != "none" else None
-    ratio = 0.5 if c.sparsity == "2:4" else c.ratio
-    wb = planned_weight_bytes(ly, c.precision, c.sparsity, ratio, bool(support and support.compresses_storage))
-    keep = 1.0 - ratio if c.sparsity == "channel" else 1.0
-    speedup = support.speedup if support is not None and c.sparsity != "channel" else 1.0
-    cost = layer_latency(ly, c.precision, option, unit_of(target, option), weight_bytes=wb, sparsity_speedup=speedup, keep=keep)
-    if measured is not None and measured.get(name, c.precision) is not None:
-        return measured.get(name, c.precision) * keep / speedup, wb
-    return cost.ms, wb
+    ms, wb, _ = _choice_cost(ly, c, option, unit_of(target, option), measured=measured)
+    return ms, wb
 
 
 def _local_penalty(ev: Evaluation, d_lat: float, d_wb: int, target: Target) -> float:
