@@ -349,7 +349,7 @@ def _macs(node: onnx.NodeProto, ctx: _Ctx) -> int:
     return 0
 
 
-def _flops(node: onnx.NodeProto, ctx: _Ctx, in_elems: int, out_elems: int) -> int:
+def _flops(node: onnx.NodeProto, macs: int, in_elems: int, out_elems: int) -> int:
     op = node.op_type
     if op in DATA_MOVEMENT:
         return 0
@@ -366,7 +366,7 @@ def _flops(node: onnx.NodeProto, ctx: _Ctx, in_elems: int, out_elems: int) -> in
         return 4 * out_elems
     if op in ("Erf", "Gelu", "FastGelu", "Tanh", "Sigmoid", "Exp", "Log", "Pow", "Sqrt", "HardSwish", "HardSigmoid", "Elu", "Selu", "Softplus", "Mish"):
         return 4 * out_elems
-    if _macs(node, ctx):
+    if macs:
         return out_elems if op in ("Conv", "Gemm", "ConvTranspose") else 0  # bias add
     return out_elems
 
@@ -555,7 +555,7 @@ def analyze(path: str | Path, input_shapes: Mapping[str, list[int]] | None = Non
             name=node.name or f"{node.op_type}_{step}", op_type=node.op_type, domain=node.domain,
             inputs=list(node.input), outputs=outs, weights=w_inputs, weight_shapes=[shapes.get(i, []) for i in w_inputs],
             attributes=_simple_attributes(node), params=params, weight_bytes=wb,
-            macs=macs, flops=_flops(node, ctx, in_elems, out_elems), input_elems=in_elems, output_elems=out_elems,
+            macs=macs, flops=_flops(node, macs, in_elems, out_elems), input_elems=in_elems, output_elems=out_elems,
             output_shapes=out_shapes, quantizable=is_weighted,
         ))
     names = [ly.name for ly in layers]
