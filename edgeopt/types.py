@@ -59,6 +59,25 @@ class ComputeUnit(_Frozen):
         default=0.5, gt=0, le=1, description="fraction of peak a well-tuned kernel reaches"
     )
     layer_overhead_us: float = Field(default=0.0, ge=0, description="fixed cost per layer (dispatch, launch)")
+    arch: Literal["x86_64", "arm64"] | None = Field(default=None, description="CPU architecture (CPU units only)")
+    isa: list[str] = Field(default_factory=list, description="ISA features that change kernels (edgeopt.hostinfo.FEATURES)")
+
+    @model_validator(mode="after")
+    def _known_isa(self) -> ComputeUnit:
+        from .hostinfo import FEATURES
+
+        if self.isa and self.arch is None:
+            raise ValueError("isa needs arch (x86_64 or arm64)")
+        bad = sorted(set(self.isa) - set(FEATURES.get(self.arch or "", {})))
+        if bad:
+            raise ValueError(f"unknown {self.arch} ISA feature(s) {bad}; valid: {sorted(FEATURES[self.arch or 'x86_64'])}")
+        return self
+
+    @property
+    def kernel_class(self) -> str | None:
+        from .hostinfo import kernel_class
+
+        return kernel_class(self.arch, self.isa) if self.arch else None
 
     @field_validator("peak_ops_per_s")
     @classmethod
@@ -126,6 +145,7 @@ class Target(_Frozen):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
     description: str
     device_class: Literal["server-gpu", "edge-gpu", "cpu", "mobile", "microcontroller"]
+    family: str | None = Field(default=None, description="the family this device belongs to (x86-cpu, arm64-cpu, ...)")
     budgets: Budgets
     compute_units: dict[str, ComputeUnit]
     backends: list[BackendOption] = Field(min_length=1, description="in order of preference")
@@ -269,6 +289,8 @@ class Artifact(_Frozen):
     measured_on: str | None = Field(default=None, description="the machine measured_latency_ms comes from")
     measured_on_target: bool = Field(default=False, description="whether that machine is of the target's device class")
     accuracy: dict[str, float] = Field(default_factory=dict, description="metric -> value (baseline_, delta_)")
+    numerics: dict[str, str] = Field(
+        default_factory=dict, description="how it computes and how it was checked (int8 scheme and why, validation reference)")
     created_utc: str
 
 
