@@ -33,12 +33,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     t = sub.add_parser("targets", help="list or show device targets")
-    tsub = t.add_subparsers(dest="targets_cmd", required=True, metavar="list|show")
+    tsub = t.add_subparsers(dest="targets_cmd", required=True, metavar="list|show|detect")
     tl = tsub.add_parser("list", help="the built-in targets")
     tl.add_argument("--json", action="store_true")
     ts = tsub.add_parser("show", help="one target, fully resolved")
     ts.add_argument("name", help="built-in name or path to a target .yaml")
     ts.add_argument("--json", action="store_true")
+    td = tsub.add_parser("detect", help="this machine's CPU: ISA features and what they imply (int8 scheme, bf16, fp16)")
+    td.add_argument("--json", action="store_true")
 
     a = sub.add_parser("analyze", help="per-layer params, MACs, memory; op pre-flight and predicted latency on a target")
     _add_model_args(a)
@@ -114,6 +116,18 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_targets(args: argparse.Namespace) -> int:
     from .targets import builtin_names, load_target
 
+    if args.targets_cmd == "detect":
+        from .hostinfo import detect, implications
+
+        cpu = detect()
+        if args.json:
+            print(json.dumps({**cpu.model_dump(mode="json"), "kernel_class": cpu.kernel_class,
+                              "implications": dict(implications(cpu))}, indent=2))
+        else:
+            from .render import console, host_detail
+
+            host_detail(cpu, console())
+        return 0
     if args.targets_cmd == "list":
         targets = [load_target(n) for n in builtin_names()]
         if args.json:

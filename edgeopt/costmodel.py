@@ -101,13 +101,41 @@ class LayerCost:
     bound: str  # "compute" | "memory" | "fused"
 
 
+#: Kernel kinds whose speed a target may give separately, as ``efficiency_by_precision["<precision>:<kind>"]``
+#: (a measured compute model does: depthwise convolutions run far below a dense convolution's rate).
+KERNEL_KINDS = ("conv", "pointwise", "depthwise", "gemm")
+
+
+def kernel_kind(layer: LayerInfo) -> str | None:
+    """The kind of kernel a MAC-carrying layer runs (None: no MACs, or an op outside :data:`KERNEL_KINDS`)."""
+    if layer.op_type in ("Conv", "ConvTranspose", "FusedConv", "QLinearConv", "ConvInteger"):
+        group = int(layer.attributes.get("group", 1) or 1)
+        if group > 1:
+            return "depthwise"
+        kernel = layer.weight_shapes[0][2:] if layer.weight_shapes and len(layer.weight_shapes[0]) > 2 else []
+        return "pointwise" if kernel and all(d == 1 for d in kernel) else "conv"
+    if layer.op_type in ("Gemm", "MatMul", "MatMulNBits", "MatMulInteger", "QLinearMatMul"):
+        return "gemm"
+    return None
+
+
+def efficiency(layer: LayerInfo, precision: str, option: BackendOption, unit: ComputeUnit) -> float:
+    """The fraction of the unit's peak ``layer`` reaches: per kernel kind where the option gives it, else per precision."""
+    kind = kernel_kind(layer)
+    if kind is not None:
+        by_kind = option.efficiency_by_precision.get(f"{precision}:{kind}")
+        if by_kind is not None:
+            return by_kind
+    return option.efficiency_for(precision, unit)
+
+
 def layer_latency(layer: LayerInfo, precision: str, option: BackendOption, unit: ComputeUnit, *,
                   fused: bool = False, weight_bytes: int | None = None, sparsity_speedup: float = 1.0,
                   keep: float = 1.0) -> LayerCost:
     if fused:
         return LayerCost(0.0, 0.0, 0.0, "fused")
     cp = option.compute_precision(precision)
-    eff = option.efficiency_for(precision, unit)
+    eff = efficiency(layer, precision, option, unit)
     ops = (2 * layer.macs * keep + layer.flops)
     compute_s = ops / (unit.peak_ops_per_s[cp] * eff) / sparsity_speedup
     act_bytes = (layer.input_elems + layer.output_elems * keep) * option.activation_bits(precision) / 8

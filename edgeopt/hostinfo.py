@@ -8,7 +8,7 @@ one target files use in ``compute_units.<unit>.isa``.
 What the features imply for int8 (:func:`int8_scheme`) is the reason this module exists:
 on x86 without VNNI, onnxruntime's u8s8/s8s8 kernels multiply with ``vpmaddubsw``, whose
 pairwise sums of u8 x s8 products saturate at int16: two products of 255 x 127 overflow.
-Weights kept in 7 bits ([-64, 63]: ``reduce_range``) make every pair fit (2 x 255 x 64 =
+Weights kept in 7 bits ([-64, 64]: ``reduce_range``) make every pair fit (2 x 255 x 64 =
 32640 <= 32767), so the kernels are exact.  VNNI (``vpdpbusd``), AMX and Arm's
 ``sdot``/``smmla`` accumulate in int32 and need no such restriction.
 
@@ -195,7 +195,7 @@ class Int8Scheme(BaseModel):
     backend: str
     kernel_class: str
     activation_type: Literal["uint8", "int8"]
-    weight_bits: Literal[7, 8] = Field(description="7: weights in [-64, 63] (reduce_range / nncf overflow fix)")
+    weight_bits: Literal[7, 8] = Field(description="7: weights in [-64, 64] (reduce_range / nncf overflow fix)")
     reason: str
 
 
@@ -209,7 +209,7 @@ def int8_scheme(backend: str, arch: str, features: list[str] | set[str]) -> Int8
                    "full-range int8 weights are exact; uint8 activations run onnxruntime's U8S8 kernels")
             return Int8Scheme(backend=backend, kernel_class=cls, activation_type="uint8", weight_bits=8, reason=why)
         why = (f"{cls} has no VNNI: int8 kernels multiply with (v)pmaddubsw, whose int16 pair sums saturate "
-               "with full-range weights; 7-bit weights ([-64, 63]) keep every pair in range, so the kernels are exact")
+               "with full-range weights; 7-bit weights ([-64, 64]) keep every pair in range, so the kernels are exact")
         return Int8Scheme(backend=backend, kernel_class=cls, activation_type="uint8", weight_bits=7, reason=why)
     if arch == "arm64":
         how = {"i8mm": "smmla", "dotprod": "sdot"}.get(cls, "widening multiplies (smull/sadalp)")
@@ -230,3 +230,10 @@ def implications(cpu: HostCpu) -> list[tuple[str, str]]:
     fp = fp16_native(cpu.arch, cpu.features)
     out.append(("fp16", "native arithmetic" if fp else "storage only (computed in fp32)"))
     return out
+
+
+def runs_like_host(arch: str | None, features: list[str] | set[str]) -> bool:
+    """Whether a CPU with ``features`` runs the same kernel class as this host (so this host's kernels, numerics
+    and latency stand for it)."""
+    cpu = detect()
+    return arch is not None and arch == cpu.arch and kernel_class(arch, features) == cpu.kernel_class

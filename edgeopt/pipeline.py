@@ -132,6 +132,16 @@ def open_here(artifact_dir: Path):
         return None
 
 
+def _outputs(runner, data: CalibrationData, limit: int) -> list[np.ndarray]:
+    outs: list[list[np.ndarray]] = []
+    for feed in data.batches(1, limit=limit):  # batch 1: artifacts may have fixed shapes
+        res = runner.run(feed)
+        outs = outs or [[] for _ in res]
+        for acc, r in zip(outs, res):
+            acc.append(np.asarray(r, dtype=np.float32))
+    return [np.concatenate(o) for o in outs]
+
+
 def validate(runner, inputs: BuildInputs, limit: int = 512) -> dict[str, float]:
     """Accuracy of the built artifact (its ``runner``) against the original ONNX model (empty without eval data)."""
     from .fidelity import compare_outputs, run
@@ -139,20 +149,42 @@ def validate(runner, inputs: BuildInputs, limit: int = 512) -> dict[str, float]:
     if inputs.evaluation is None:
         return {}
     ref = run(inputs.model, inputs.evaluation, limit)
-    outs: list[list[np.ndarray]] = []
-    for feed in inputs.evaluation.batches(1, limit=limit):  # batch 1: artifacts may have fixed shapes
-        res = runner.run(feed)
-        outs = outs or [[] for _ in res]
-        for acc, r in zip(outs, res):
-            acc.append(np.asarray(r, dtype=np.float32))
-    got = [np.concatenate(o) for o in outs]
-    f = compare_outputs(ref, got, inputs.evaluation.labels)
+    f = compare_outputs(ref, _outputs(runner, inputs.evaluation, limit), inputs.evaluation.labels)
     out = {"snr_db": f.snr_db, "cosine": f.cosine}
     if f.top1_agreement is not None:
         out["top1_agreement"] = f.top1_agreement
     if f.accuracy is not None:
         out.update({"accuracy": f.accuracy, "baseline_accuracy": f.reference_accuracy, "accuracy_delta": f.accuracy_delta})
     return out
+
+
+def check_numerics(artifact_dir: Path, runner, inputs: BuildInputs, on_target: bool) -> tuple[dict[str, float], str]:
+    """The artifact's accuracy and how it was obtained.
+
+    Two views where they differ: the artifact's exact numerics (its backend's reference, e.g. a QDQ graph run as
+    written) and this host's kernels (``runner``).  The host's kernels count when this host is of the target's class
+    (``on_target``), since they are what the device runs; otherwise the exact numerics count and the host's result is
+    kept under ``host_*`` keys (an int8 artifact for a VNNI CPU can saturate on an AVX2 host's kernels, and the
+    reverse)."""
+    from .backends.base import open_reference
+
+    reference = open_reference(artifact_dir) if inputs.evaluation is not None else None
+    try:
+        exact = validate(reference, inputs) if reference is not None else {}
+    finally:
+        if reference is not None:
+            reference.close()
+    host = validate(runner, inputs) if runner is not None else {}
+    if host and (on_target or not exact):
+        how = "the artifact's runtime on this host, of the target's CPU class" if on_target else \
+              "the artifact's runtime on this host, which is not of the target's class"
+        return {**host, **{f"exact_{k}": v for k, v in exact.items()}}, how
+    if exact:
+        how = "exact reference numerics (QDQ run as written, onnxruntime graph optimizations off), independent of this CPU"
+        if host:
+            how += "; this host's kernels (another CPU class): host_* keys"
+        return {**exact, **{f"host_{k}": v for k, v in host.items()}}, how
+    return {}, ""
 
 
 def measure(runner, inputs: BuildInputs, repeats: int = 50) -> float:
@@ -166,14 +198,19 @@ def measure(runner, inputs: BuildInputs, repeats: int = 50) -> float:
 def host_description() -> str:
     import platform
 
-    return f"{platform.machine()} {platform.processor() or platform.system()} ({platform.node()})".strip()
+    from .hostinfo import detect
+
+    cpu = detect()
+    return f"{cpu.arch} {cpu.model_name} [{cpu.kernel_class}] ({platform.node()})".strip()
 
 
-def host_is(target: Target) -> bool:
-    """Whether this machine belongs to the target's device class (an x86 CPU for an x86 CPU target)."""
-    import platform
+def host_is(target: Target, unit: str | None = None) -> bool:
+    """Whether this machine stands for the target: a CPU unit (``unit``, else any) of the same architecture and
+    kernel class (:func:`edgeopt.hostinfo.kernel_class`) as this host's CPU."""
+    from .hostinfo import runs_like_host
 
-    return target.device_class == "cpu" and platform.machine().lower() in ("x86_64", "amd64") and target.name.startswith("x86")
+    units = [target.compute_units[unit]] if unit else list(target.compute_units.values())
+    return any(runs_like_host(u.arch, u.isa) for u in units)
 
 
 def _zeros(inputs: BuildInputs) -> dict[str, np.ndarray]:
@@ -203,20 +240,22 @@ def build(inputs: BuildInputs, target: Target, out_dir: str | Path, *, plan: Pla
         say(f"{target.name}: converting with {plan.backend}")
         artifact_dir = tmp / "artifact"
         artifact = build_artifact(model, plan, artifact_dir, inputs.calib)
-        accuracy, measured = {}, None
+        accuracy, measured, how = {}, None, ""
+        on_target = host_is(target, plan.unit)
         runner = open_here(artifact_dir) if validate_artifact or profile else None
-        if runner is not None:
-            try:
-                if validate_artifact:
-                    say(f"{target.name}: validating")
-                    accuracy = validate(runner, inputs)
-                measured = measure(runner, inputs) if profile else None
-            finally:
+        try:
+            if validate_artifact:
+                say(f"{target.name}: validating")
+                accuracy, how = check_numerics(artifact_dir, runner, inputs, on_target)
+            measured = measure(runner, inputs) if profile and runner is not None else None
+        finally:
+            if runner is not None:
                 runner.close()
         # keep what the backend validated itself (Core ML: its ONNX equivalent), add what ran here
-        update = {"accuracy": {**artifact.accuracy, **accuracy}, "measured_latency_ms": measured}
+        update = {"accuracy": {**artifact.accuracy, **accuracy}, "measured_latency_ms": measured,
+                  "numerics": {**artifact.numerics, **({"validated_with": how} if how else {})}}
         if measured is not None:
-            update["measured_on"], update["measured_on_target"] = host_description(), host_is(target)
+            update["measured_on"], update["measured_on_target"] = host_description(), on_target
         artifact = artifact.model_copy(update=update)
         drop = -accuracy.get("accuracy_delta", 1.0 - accuracy.get("top1_agreement", 1.0))
         if max_accuracy_drop is not None and accuracy and drop > max_accuracy_drop:

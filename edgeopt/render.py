@@ -11,6 +11,8 @@ from .units import fmt_bytes
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console
 
+    from .hostinfo import HostCpu
+
 
 def _si(n: float) -> str:
     for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -29,13 +31,34 @@ def targets_table(targets: list[Target], out: Console) -> None:
     from rich.table import Table
 
     t = Table(title="targets", title_justify="left")
-    for c in ("name", "class", "backends (preferred first)", "RAM", "storage", "latency"):
+    for c in ("name", "class", "family", "CPU kernels", "backends (preferred first)", "RAM", "storage", "latency"):
         t.add_column(c)
     for tg in targets:
         b = tg.budgets
-        t.add_row(tg.name, tg.device_class, ", ".join(f"{o.label}: {'/'.join(o.precisions)}" for o in tg.backends),
+        kernels = ", ".join(sorted({u.kernel_class for u in tg.compute_units.values() if u.kernel_class}))
+        t.add_row(tg.name, tg.device_class, tg.family or "-", kernels or "-", ", ".join(f"{o.label}: {'/'.join(o.precisions)}" for o in tg.backends),
                   fmt_bytes(int(b.ram)), fmt_bytes(int(b.storage)), f"{b.latency_ms:g} ms")
     out.print(t)
+
+
+def host_detail(cpu: HostCpu, out: Console) -> None:
+    from rich.table import Table
+
+    from .hostinfo import FEATURES, implications
+
+    out.print(f"[bold]{cpu.model_name}[/]  {cpu.arch}  microarchitecture {cpu.microarchitecture}  "
+              f"{cpu.cores} CPU(s)  RAM {fmt_bytes(cpu.ram_bytes)}  (features from {cpu.source})")
+    known = FEATURES.get(cpu.arch, {})
+    t = Table(title="ISA features that change kernels", title_justify="left")
+    for c in ("feature", "here", "what it changes"):
+        t.add_column(c)
+    for name, what in known.items():
+        t.add_row(name, "yes" if name in cpu.features else "-", what)
+    out.print(t)
+    for topic, text in implications(cpu):
+        out.print(f"[bold]{topic}[/]: {text}")
+    out.print("plan for this machine with --target host; built-in CPU targets by class: "
+              "x86-avx2, x86-avx512-vnni, x86-cpu (AMX), arm64-server, arm64-rpi5")
 
 
 def target_detail(tg: Target, out: Console) -> None:

@@ -21,10 +21,18 @@ from .errors import TargetFileError, UnknownTargetError
 from .types import Target
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "data" / "targets"
+#: The machine edgeopt runs on, with a compute model measured by a cached micro-benchmark
+#: (:mod:`edgeopt.microbench`).  Not among :func:`builtin_names`, so ``--targets all`` runs no benchmark.
+HOST = "host"
 
 
 def builtin_names() -> list[str]:
     return sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
+
+
+def valid_names() -> list[str]:
+    """Every name :func:`load_target` accepts: the built-in targets and ``host``."""
+    return sorted([*builtin_names(), HOST])
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -79,16 +87,20 @@ def _load_builtin(name: str) -> Target:
 
 
 def load_target(name_or_path: str | Path) -> Target:
-    """A built-in target by name, or a target file by path (``.yaml``/``.yml``/``.json``)."""
+    """A built-in target by name, ``host`` (this machine, measured), or a target file by path (``.yaml``/``.yml``/``.json``)."""
     s = str(name_or_path)
     if s in builtin_names():
         return _load_builtin(s)
+    if s == HOST:
+        from .microbench import host_target
+
+        return host_target()
     path = Path(s)
     looks_like_path = path.suffix in {".yaml", ".yml", ".json"} or "/" in s or path.exists()
     if not looks_like_path:
-        raise UnknownTargetError(s, builtin_names())
+        raise UnknownTargetError(s, valid_names())
     if not path.is_file():
-        raise TargetFileError(f"target file {path} does not exist; built-in targets: {', '.join(builtin_names())}")
+        raise TargetFileError(f"target file {path} does not exist; built-in targets: {', '.join(valid_names())}")
     data = _read_yaml(path)
     return _validate(_resolve(data, str(path), ()), str(path))
 
@@ -97,7 +109,7 @@ def load_targets(spec: str) -> list[Target]:
     """``all`` or a comma-separated list of names/paths."""
     names = builtin_names() if spec.strip() == "all" else [s.strip() for s in spec.split(",") if s.strip()]
     if not names:
-        raise UnknownTargetError(spec, builtin_names())
+        raise UnknownTargetError(spec, valid_names())
     return [load_target(n) for n in names]
 
 

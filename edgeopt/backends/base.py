@@ -102,6 +102,11 @@ class Backend(ABC):
     @abstractmethod
     def load(self, artifact: Artifact, artifact_dir: Path) -> Runner: ...
 
+    def reference(self, artifact: Artifact, artifact_dir: Path) -> Runner | None:
+        """A runner with the artifact's exact numerics that does not depend on this machine's kernels (QDQ graphs run
+        as written: quantize, dequantize, float ops), or None where the backend has no such stand-in."""
+        return None
+
 
 def _option_for(plan: Plan):
     """The target backend option a plan was made for."""
@@ -110,6 +115,25 @@ def _option_for(plan: Plan):
         if o.backend == plan.backend and o.unit == plan.unit and dict(o.options) == dict(plan.backend_options):
             return o
     raise EdgeoptError(f"target {plan.target} has no backend option {plan.backend}/{plan.unit} {plan.backend_options}")
+
+
+def int8_scheme_for(plan: Plan):
+    """The int8 layout the plan's compute unit runs exactly (:func:`edgeopt.hostinfo.int8_scheme`), or None for
+    units that are not CPUs with a known ISA (GPUs, NPUs, MCUs: the backend's own rules apply)."""
+    from ..hostinfo import int8_scheme
+
+    unit = plan.target_definition.compute_units[plan.unit]
+    return int8_scheme(plan.backend, unit.arch, unit.isa) if unit.arch else None
+
+
+def int8_numerics(plan: Plan, scheme) -> dict[str, str]:
+    """Manifest lines for a plan's int8 layout (empty when no layer is int8)."""
+    if not any(lp.precision == "int8" for lp in plan.layers):
+        return {}
+    if scheme is None:
+        return {"int8_scheme": "backend defaults", "int8_reason": f"{plan.target}/{plan.unit} is not a CPU with a known ISA"}
+    return {"int8_scheme": f"{scheme.activation_type} activations, {scheme.weight_bits}-bit weights ({scheme.kernel_class})",
+            "int8_reason": scheme.reason}
 
 
 def sha256_of(path: Path) -> str:
@@ -131,7 +155,7 @@ def tool_versions(*packages: str) -> dict[str, str]:
 
 
 def make_artifact(out_dir: Path, primary: str, plan: Plan, backend: str, versions: dict[str, str],
-                  accuracy: dict[str, float] | None = None) -> Artifact:
+                  accuracy: dict[str, float] | None = None, numerics: dict[str, str] | None = None) -> Artifact:
     """Hash every file under ``out_dir`` (but the manifest) into an :class:`Artifact`."""
     files = {str(p.relative_to(out_dir)): sha256_of(p) for p in sorted(out_dir.rglob("*"))
              if p.is_file() and p.name != MANIFEST}
@@ -140,6 +164,7 @@ def make_artifact(out_dir: Path, primary: str, plan: Plan, backend: str, version
     size = sum((out_dir / f).stat().st_size for f in files)
     return Artifact(target=plan.target, backend=backend, files=files, primary=primary, size_bytes=size, plan=plan,
                     tool_versions=versions, predicted_latency_ms=plan.predicted_latency_ms, accuracy=accuracy or {},
+                    numerics=numerics or {},
                     created_utc=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
 
@@ -194,6 +219,14 @@ def read_verified(artifact_dir: Path) -> Artifact:
     if bad:
         raise EdgeoptError(f"artifact {artifact_dir} is damaged: {', '.join(bad)} missing or changed since it was built")
     return artifact
+
+
+def open_reference(artifact_dir: Path) -> Runner | None:
+    """The backend's exact-numerics stand-in for an artifact (see :meth:`Backend.reference`), or None."""
+    from . import get
+
+    artifact = read_verified(artifact_dir)
+    return get(artifact.backend).BACKEND.reference(artifact, Path(artifact_dir))
 
 
 def open_artifact(artifact_dir: Path) -> tuple[Artifact, Runner]:

@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import EdgeoptError
 from ..types import Artifact, BackendOption, ModelAnalysis, OpTiming, Plan
 from . import _ops
-from .base import Backend, Runner, make_artifact, tool_versions
+from .base import Backend, Runner, int8_numerics, int8_scheme_for, make_artifact, tool_versions
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -48,7 +48,9 @@ def apply_precisions(model: onnx.ModelProto, plan: Plan, calib: CalibrationData 
     """Apply a plan's per-layer precisions to a float ONNX model with edgeopt's passes.
 
     Weight-only layers first (MatMul -> MatMulNBits), then int8 QDQ, then fp16;
-    returns the model and one note per pass run.
+    returns the model and one note per pass run.  int8 uses the layout the plan's CPU runs
+    exactly (:func:`~edgeopt.backends.base.int8_scheme_for`; full-range weights where the unit
+    is not a CPU), never this build host's, with ``int8_config`` on top.
     """
     from ..passes import run_pass
 
@@ -67,7 +69,10 @@ def apply_precisions(model: onnx.ModelProto, plan: Plan, calib: CalibrationData 
     if by_precision.get("int8"):
         if calib is None:
             raise EdgeoptError(f"the plan quantizes {len(by_precision['int8'])} layer(s) to int8: give calibration data")
-        cfg = {"nodes": by_precision["int8"], **(int8_config or {})}
+        scheme = int8_scheme_for(plan)
+        layout = {"weight_bits": 8} if scheme is None else {"weight_bits": scheme.weight_bits,
+                                                             "activation_type": scheme.activation_type}
+        cfg = {"nodes": by_precision["int8"], **layout, **(int8_config or {})}
         res = run_pass("int8", model, cfg, calib, evaluate=False)
         model = res.model
         notes.append(res.report.summary())
@@ -80,11 +85,13 @@ def apply_precisions(model: onnx.ModelProto, plan: Plan, calib: CalibrationData 
 
 class OrtRunner(Runner):
     def __init__(self, model_path: Path, provider: str = "CPUExecutionProvider", threads: int | None = None,
-                 profile_dir: Path | None = None):
+                 profile_dir: Path | None = None, optimize: bool = True):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
         so.log_severity_level = 3
+        if not optimize:  # no fusion into QLinear*/integer kernels: QDQ runs as written, exact on any CPU
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         if threads:
             so.intra_op_num_threads = int(threads)
             so.inter_op_num_threads = 1
@@ -151,13 +158,19 @@ class OnnxRuntimeBackend(Backend):
         session = {"provider": str(opts.get("provider", "CPUExecutionProvider")), "threads": opts.get("threads"),
                    "graph_optimization_level": "ORT_ENABLE_ALL", "passes": notes}
         (out_dir / SESSION_FILE).write_text(json.dumps(session, indent=2) + "\n")
-        return make_artifact(out_dir, "model.onnx", plan, self.name, tool_versions("onnxconverter-common"))
+        return make_artifact(out_dir, "model.onnx", plan, self.name, tool_versions("onnxconverter-common"),
+                             numerics=int8_numerics(plan, int8_scheme_for(plan)))
 
     def load(self, artifact: Artifact, artifact_dir: Path) -> Runner:
         self.require()
         artifact_dir = Path(artifact_dir)
         session = json.loads((artifact_dir / SESSION_FILE).read_text())
         return OrtRunner(artifact_dir / artifact.primary, session["provider"], session.get("threads"))
+
+    def reference(self, artifact: Artifact, artifact_dir: Path) -> Runner | None:
+        if not self.is_available():
+            return None
+        return OrtRunner(Path(artifact_dir) / artifact.primary, optimize=False)
 
 
 BACKEND = OnnxRuntimeBackend()

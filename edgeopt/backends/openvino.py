@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import EdgeoptError
 from ..types import Artifact, BackendOption, ModelAnalysis, OpTiming, Plan
 from . import _ops
-from .base import Backend, Runner, make_artifact, tool_versions
+from .base import Backend, Runner, int8_numerics, int8_scheme_for, make_artifact, tool_versions
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -116,7 +116,8 @@ class OpenVinoBackend(Backend):
                   "INFERENCE_NUM_THREADS": opts.get("threads"), "PERF_COUNT": "YES"}
         (Path(out_dir) / COMPILE_FILE).write_text(json.dumps(
             {"device": str(opts.get("device", "CPU")), "config": config, "notes": notes}, indent=2) + "\n")
-        return make_artifact(Path(out_dir), "model.xml", plan, self.name, tool_versions("openvino", "nncf"))
+        return make_artifact(Path(out_dir), "model.xml", plan, self.name, tool_versions("openvino", "nncf"),
+                             numerics=int8_numerics(plan, int8_scheme_for(plan)))
 
     def load(self, artifact: Artifact, artifact_dir: Path) -> Runner:
         self.require()
@@ -125,15 +126,25 @@ class OpenVinoBackend(Backend):
 
 
 def _nncf_quantize(ov_model, plan: Plan, int8_layers: list[str], calib: CalibrationData):
-    """Post-training int8 with nncf; layers the plan keeps in float go to the ignored scope."""
+    """Post-training int8 with nncf; layers the plan keeps in float go to the ignored scope.  The weight range
+    follows the target CPU: nncf's overflow fix (7-bit weights) everywhere on CPUs without VNNI, nowhere on CPUs whose
+    int8 kernels accumulate exactly (nncf's default fixes only the first layer, whatever the CPU)."""
     import nncf
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
 
     float_layers = [lp.name for lp in plan.layers if lp.precision != "int8" and lp.op_type in ("Conv", "Gemm", "MatMul")]
     # OpenVINO names a converted layer after its ONNX node, plus suffixes such as "/WithoutBiases"
     ignored = nncf.IgnoredScope(patterns=[re.escape(n) + "(/.*)?" for n in float_layers], validate=False)
     dataset = nncf.Dataset(list(calib.batches(1, limit=300)))
-    quantized = nncf.quantize(ov_model, dataset, subset_size=min(300, len(calib)), ignored_scope=ignored)
-    return quantized, f"nncf.quantize: {len(int8_layers)} layer(s) int8, {len(float_layers)} kept float"
+    scheme = int8_scheme_for(plan)
+    advanced, fix = None, "nncf default"
+    if scheme is not None:
+        fix = "overflow fix on (7-bit weights)" if scheme.weight_bits == 7 else "overflow fix off (8-bit weights)"
+        advanced = AdvancedQuantizationParameters(
+            overflow_fix=nncf.OverflowFix.ENABLE if scheme.weight_bits == 7 else nncf.OverflowFix.DISABLE)
+    quantized = nncf.quantize(ov_model, dataset, subset_size=min(300, len(calib)), ignored_scope=ignored,
+                              advanced_parameters=advanced)
+    return quantized, f"nncf.quantize: {len(int8_layers)} layer(s) int8, {len(float_layers)} kept float, {fix}"
 
 
 BACKEND = OpenVinoBackend()

@@ -224,7 +224,9 @@ class TensorRtBackend(Backend):
         if self.is_available():
             build_engine(out_dir)
             primary = ENGINE
-        return make_artifact(out_dir, primary, plan, self.name, tool_versions("tensorrt"))
+        numerics = {"int8_scheme": "symmetric int8 activations, 8-bit symmetric weights, float biases (TensorRT explicit quantization)",
+                    "int8_reason": "TensorRT's QDQ rules; the engine's int8 kernels accumulate in int32"} if has_qdq else {}
+        return make_artifact(out_dir, primary, plan, self.name, tool_versions("tensorrt"), numerics=numerics)
 
     def load(self, artifact: Artifact, artifact_dir: Path) -> Runner:
         self.require()
@@ -232,6 +234,16 @@ class TensorRtBackend(Backend):
         if not engine.is_file():
             build_engine(Path(artifact_dir))
         return TrtRunner(engine)
+
+    def reference(self, artifact: Artifact, artifact_dir: Path) -> Runner | None:
+        """The QDQ ONNX the engine is built from, run as written in onnxruntime (exact fake-quant numerics)."""
+        from importlib.util import find_spec
+
+        if find_spec("onnxruntime") is None:
+            return None
+        from .onnxruntime import OrtRunner
+
+        return OrtRunner(Path(artifact_dir) / "model.onnx", optimize=False)
 
 
 BACKEND = TensorRtBackend()

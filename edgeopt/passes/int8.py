@@ -21,6 +21,13 @@ Steps, on the model handed in (already a copy):
    activations by default) calibrated on at most ``calib_samples`` samples, batch
    by batch so histogram calibration does not hold every activation in memory.
 
+The weight range follows the CPU's int8 kernels (``weight_bits``, default: this host's, see
+:func:`edgeopt.hostinfo.int8_scheme`): on x86 without VNNI onnxruntime's u8s8 kernels sum
+pairs of products in int16 (``vpmaddubsw``), which saturates with full-range weights (the
+digits CNN with signed activations fell from 0.99 to 0.51 accuracy on an AVX2-only CPU);
+7-bit weights (onnxruntime's ``reduce_range``, [-64, 64]) keep every pair in range.
+Backends pass the target's scheme explicitly.
+
 Defaults were tuned on this project's references on an AVX-512 VNNI x86 CPU (held-out
 inputs, 1 thread): uint8 activations run ORT's U8S8 int8 kernels where its default int8
 activations leave depthwise convs and Adds in float (MobileNetV2 batch 1: 1.8x over
@@ -66,6 +73,9 @@ class Config(PassConfig):
     activation_symmetric: bool = Field(default=False, description="symmetric activation ranges (zero point at the middle)")
     activation_type: Literal["uint8", "int8"] = Field(
         default="uint8", description="uint8 runs ORT's U8S8 int8 kernels on x86; int8 (ORT's default) suits ARM/GPU EPs")
+    weight_bits: Literal[7, 8] | None = Field(
+        default=None, description="8: full-range int8 weights; 7: [-64, 64] (reduce_range), exact on x86 CPUs without VNNI; "
+                                  "None: what this host's CPU runs exactly (edgeopt.hostinfo.int8_scheme)")
     quantize_bias: bool = Field(default=True, description="int32 biases, which ORT's CPU int8 kernels need; False keeps them "
                                                           "float, as TensorRT's explicit quantization wants")
     bias_correction: bool = Field(default=False, description="empirical bias correction of the weight quantization error")
@@ -121,18 +131,19 @@ def _from_in_channel_view(v: np.ndarray, shape: tuple[int, ...], group: int) -> 
     return v.reshape(group, cg, o // group, -1).transpose(0, 2, 1, 3).reshape(shape)
 
 
-def fake_quant_weight(w: np.ndarray, axis: int | None) -> np.ndarray:
-    """``w`` after symmetric int8 quantization (range [-127, 127], scale ``max|w| / 127``) as onnxruntime does it;
-    one scale per slice along ``axis`` (None: per tensor)."""
+def fake_quant_weight(w: np.ndarray, axis: int | None, weight_bits: int = 8) -> np.ndarray:
+    """``w`` after symmetric int8 quantization as onnxruntime does it: range [-127, 127] and scale ``max|w| / 127``
+    (``weight_bits=7``, reduce_range: [-64, 64], ``max|w| / 64``); one scale per slice along ``axis`` (None: per tensor)."""
     w32 = w.astype(np.float32)
     if axis is None:
         amax = np.abs(w32).max(keepdims=True) if w32.size else np.zeros((1,) * w32.ndim, np.float32)
     else:
         red = tuple(i for i in range(w32.ndim) if i != axis)
         amax = np.abs(w32).max(axis=red, keepdims=True)
-    scale = (amax.astype(np.float64) * 2 / 254).astype(np.float32)
+    qmax = 127 if weight_bits == 8 else 64
+    scale = (amax.astype(np.float64) * 2 / (2 * qmax)).astype(np.float32)
     safe = np.where(scale > 0, scale, np.float32(1))
-    q = np.clip(np.round(w32 / safe), -127, 127)
+    q = np.clip(np.round(w32 / safe), -qmax, qmax)
     return (q * safe).astype(np.float32)
 
 
@@ -285,7 +296,7 @@ def bias_correct(model: onnx.ModelProto, names: set[str], config: Config, calib:
             if ex.shape[0] != cg * group:
                 outcome.skip(n.name, "bias correction: input channels do not match the weight")
                 continue
-            dw = fake_quant_weight(w, 0 if config.per_channel else None).astype(np.float64) - w
+            dw = fake_quant_weight(w, 0 if config.per_channel else None, resolved_weight_bits(config)).astype(np.float64) - w
             ex_o = ex.reshape(group, cg)[np.arange(o) // (o // group)]  # [O, C/group]: E[x] of the inputs output o reads
             corr = np.einsum("ojk,oj->o", dw.reshape(o, cg, -1), ex_o)
             b_in = n.input[2] if len(n.input) > 2 and n.input[2] else None
@@ -295,7 +306,7 @@ def bias_correct(model: onnx.ModelProto, names: set[str], config: Config, calib:
             trans_b = bool(a.get("transB", 0))
             alpha, beta = float(a.get("alpha", 1.0)), float(a.get("beta", 1.0))
             axis = (0 if trans_b else 1) if config.per_channel else None
-            dw = fake_quant_weight(w, axis).astype(np.float64) - w
+            dw = fake_quant_weight(w, axis, resolved_weight_bits(config)).astype(np.float64) - w
             dmat = dw.T if trans_b else dw  # [K, N]
             if ex.shape[0] != dmat.shape[0]:
                 outcome.skip(n.name, "bias correction: input features do not match the weight")
@@ -324,6 +335,16 @@ def bias_correct(model: onnx.ModelProto, names: set[str], config: Config, calib:
 
 
 # --------------------------------------------------------------------------- quantization
+
+
+def resolved_weight_bits(config: Config) -> int:
+    """The config's weight range; unset: the one this host's CPU runs exactly."""
+    if config.weight_bits is not None:
+        return config.weight_bits
+    from ..hostinfo import detect, int8_scheme
+
+    cpu = detect()
+    return int8_scheme("onnxruntime", cpu.arch, cpu.features).weight_bits
 
 
 def default_op_types() -> set[str]:
@@ -397,6 +418,7 @@ def quantize(model: onnx.ModelProto, nodes: list[str], config: Config, calib: Ca
                 quantize_static(src, dst, reader, quant_format=QuantFormat.QDQ, per_channel=config.per_channel,
                                 activation_type=QuantType.QUInt8 if config.activation_type == "uint8" else QuantType.QInt8,
                                 weight_type=QuantType.QInt8, nodes_to_quantize=nodes, calibrate_method=method,
+                                reduce_range=resolved_weight_bits(config) == 7,
                                 use_external_data_format=large, extra_options=extra)
             return onnx.load(dst)
     finally:
@@ -470,7 +492,10 @@ def apply(model: onnx.ModelProto, config: Config, calib: CalibrationData | None)
                            "or an unsupported pattern)")
     if removed:
         out.notes.append(f"{removed} activation(s) folded into the quantization ranges")
+    bits = resolved_weight_bits(config)
     out.notes.append(f"int8 QDQ: {config.calibration} calibration on {min(len(calib), config.calib_samples)} samples, "
-                     f"{'per-channel' if config.per_channel else 'per-tensor'} weights, {config.activation_type} activations")
+                     f"{'per-channel' if config.per_channel else 'per-tensor'} {bits}-bit weights"
+                     f"{' (this host: no VNNI)' if config.weight_bits is None and bits == 7 else ''}, "
+                     f"{config.activation_type} activations")
     out.model = q
     return out

@@ -1,0 +1,421 @@
+"""The ``host`` target: the machine edgeopt runs on, with a compute model measured here.
+
+:func:`host_target` builds a :class:`~edgeopt.types.Target` named ``host`` from
+:func:`edgeopt.hostinfo.detect` (architecture, ISA features, cores, RAM) and from a
+short micro-benchmark (:func:`run_microbench`, about two seconds) run with
+onnxruntime at the target's thread count:
+
+* fp32 and int8 rates of the kernel kinds the cost model tells apart
+  (:data:`edgeopt.costmodel.KERNEL_KINDS`): a dense 3x3 convolution, a pointwise
+  (1x1) convolution, a depthwise 3x3 convolution and a matrix product.  int8 is the
+  QDQ form edgeopt's ``int8`` pass emits (uint8 activations, per-channel int8 weights,
+  7-bit weights where :func:`edgeopt.hostinfo.int8_scheme` says so), which
+  onnxruntime fuses into ``QLinearConv``/``QLinearMatMul``;
+* weight-only int8/int4 (``MatMulNBits``) at batch 1;
+* bf16 through OpenVINO (``INFERENCE_PRECISION_HINT=bf16``) only where the CPU has
+  native bf16 (:func:`edgeopt.hostinfo.bf16_native`) and openvino imports;
+* the bandwidth an elementwise kernel streams activation-sized tensors with
+  (a binary ``Add`` of two 4 MiB tensors: what residual adds and unfused activations
+  see; a DRAM-sized stream would be slower, a cache-sized one faster);
+* the fixed cost of one more node in a graph (a chain of tiny convolutions, which go
+  through the thread pool as real layers do).
+
+The result is cached as JSON under ``$EDGEOPT_CACHE/host/`` (default
+``~/.cache/edgeopt/host/``), keyed by the CPU model name, ISA features, core count
+and the runtimes' versions, so the benchmark runs once per machine and runtime.
+
+No constants here come from the models edgeopt is evaluated on: every rate, the
+bandwidth and the overheads are measured on synthetic single-kernel graphs.
+Importing this module is cheap: onnx, numpy, onnxruntime and openvino are imported
+by the functions that need them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+#: Bump when what the benchmark measures changes (old cache files are then ignored).
+SCHEMA = 1
+#: Timed seconds per measurement (after warm-up); the whole benchmark stays within a few seconds.
+MEASURE_SECONDS = 0.12
+#: Elements per tensor in the bandwidth measurement (4 MiB of fp32).
+BANDWIDTH_ELEMS = 1 << 20
+
+
+# --------------------------------------------------------------------------- the cache
+
+
+def host_threads() -> int:
+    from .hostinfo import detect
+
+    return max(1, detect().cores)
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for dist in ("onnxruntime", "openvino"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "none"
+    return out
+
+
+def cache_key() -> str:
+    """What the measured numbers depend on: CPU model, ISA features, cores, threads and runtime versions."""
+    from .hostinfo import detect
+
+    cpu = detect()
+    blob = json.dumps({"schema": SCHEMA, "arch": cpu.arch, "model": cpu.model_name, "features": cpu.features,
+                       "cores": cpu.cores, "threads": host_threads(), **_versions()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cache_path() -> Path:
+    from .zoo import cache_dir
+
+    return cache_dir() / "host" / f"microbench-{cache_key()}.json"
+
+
+def load_or_run(*, refresh: bool = False) -> dict[str, Any]:
+    """The cached micro-benchmark of this machine, running (and caching) it when there is none."""
+    from .io import atomic_write_text
+
+    path = cache_path()
+    if not refresh and path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            if data.get("schema") == SCHEMA and data.get("key") == cache_key():
+                return data
+        except (OSError, ValueError):
+            pass  # unreadable or half-written: measure again
+    data = run_microbench()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return data
+
+
+# --------------------------------------------------------------------------- synthetic graphs
+
+
+def _model(nodes, inputs, outputs, inits, ms_domain: bool = False):
+    from onnx import helper
+
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid("com.microsoft", 1)] if ms_domain else [])
+    m = helper.make_model(helper.make_graph(nodes, "microbench", inputs, outputs, initializer=inits), opset_imports=opsets)
+    m.ir_version = 8
+    return m
+
+
+def _vi(name: str, shape: list[int]):
+    from onnx import TensorProto, helper
+
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def _conv(cin: int, cout: int, hw: int, k: int, *, groups: int = 1, int8: bool = False, weight_bits: int = 8,
+          chain: int = 1, seed: int = 0):
+    """A chain of ``chain`` same-shape convolutions (fp32, or QDQ int8 as the int8 pass emits); (model, feed, MACs)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits, x = [], [], "x"
+    wmax = (1 << (weight_bits - 1)) - 1
+    for i in range(chain):
+        wshape = (cout, cin // groups, k, k)
+        if int8:
+            inits += [numpy_helper.from_array(np.array(0.02, np.float32), f"s{i}"),
+                      numpy_helper.from_array(np.array(128, np.uint8), f"z{i}"),
+                      numpy_helper.from_array(rng.integers(-wmax - 1, wmax + 1, wshape).astype(np.int8), f"wq{i}"),
+                      numpy_helper.from_array(np.full(cout, 0.01, np.float32), f"ws{i}"),
+                      numpy_helper.from_array(np.zeros(cout, np.int8), f"wz{i}")]
+            nodes += [helper.make_node("QuantizeLinear", [x, f"s{i}", f"z{i}"], [f"q{i}"]),
+                      helper.make_node("DequantizeLinear", [f"q{i}", f"s{i}", f"z{i}"], [f"dq{i}"]),
+                      helper.make_node("DequantizeLinear", [f"wq{i}", f"ws{i}", f"wz{i}"], [f"w{i}"], axis=0)]
+            src = f"dq{i}"
+        else:
+            inits.append(numpy_helper.from_array((rng.standard_normal(wshape) * 0.1).astype(np.float32), f"w{i}"))
+            src = x
+        inits.append(numpy_helper.from_array(np.zeros(cout, np.float32), f"b{i}"))
+        nodes.append(helper.make_node("Conv", [src, f"w{i}", f"b{i}"], [f"y{i}"], pads=[k // 2] * 4, group=groups))
+        x = f"y{i}"
+    if int8:
+        inits += [numpy_helper.from_array(np.array(0.05, np.float32), "so"),
+                  numpy_helper.from_array(np.array(128, np.uint8), "zo")]
+        nodes += [helper.make_node("QuantizeLinear", [x, "so", "zo"], ["qo"]),
+                  helper.make_node("DequantizeLinear", ["qo", "so", "zo"], ["out"])]
+        x = "out"
+    model = _model(nodes, [_vi("x", [1, cin, hw, hw])], [_vi(x, [1, cout, hw, hw])], inits)
+    feed = {"x": rng.random((1, cin, hw, hw), dtype=np.float32)}
+    return model, feed, chain * cout * (cin // groups) * k * k * hw * hw
+
+
+def _matmul(m: int, k: int, n: int, *, int8: bool = False, weight_bits: int = 8, seed: int = 0):
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    if int8:
+        wmax = (1 << (weight_bits - 1)) - 1
+        inits = [numpy_helper.from_array(np.array(0.02, np.float32), "s"), numpy_helper.from_array(np.array(128, np.uint8), "z"),
+                 numpy_helper.from_array(rng.integers(-wmax - 1, wmax + 1, (k, n)).astype(np.int8), "wq"),
+                 numpy_helper.from_array(np.full(n, 0.01, np.float32), "ws"), numpy_helper.from_array(np.zeros(n, np.int8), "wz"),
+                 numpy_helper.from_array(np.array(0.05, np.float32), "so"), numpy_helper.from_array(np.array(128, np.uint8), "zo")]
+        nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+                 helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"]),
+                 helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"], axis=1),
+                 helper.make_node("MatMul", ["dq", "w"], ["y"]),
+                 helper.make_node("QuantizeLinear", ["y", "so", "zo"], ["qo"]),
+                 helper.make_node("DequantizeLinear", ["qo", "so", "zo"], ["out"])]
+        out = "out"
+    else:
+        inits = [numpy_helper.from_array((rng.standard_normal((k, n)) * 0.1).astype(np.float32), "w")]
+        nodes, out = [helper.make_node("MatMul", ["x", "w"], ["y"])], "y"
+    model = _model(nodes, [_vi("x", [m, k])], [_vi(out, [m, n])], inits)
+    return model, {"x": rng.random((m, k), dtype=np.float32)}, m * k * n
+
+
+def _matmul_nbits(k: int, n: int, bits: int, block: int = 32, seed: int = 0):
+    """A batch-1 ``MatMulNBits`` (weight-only int8/int4, accuracy_level 4 as edgeopt's weight_only pass sets)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    blocks = k // block
+    inits = [numpy_helper.from_array(rng.integers(0, 256, (n, blocks, block * bits // 8)).astype(np.uint8), "wq"),
+             numpy_helper.from_array(np.full(n * blocks, 0.01, np.float32), "ws")]
+    node = helper.make_node("MatMulNBits", ["x", "wq", "ws"], ["y"], domain="com.microsoft", K=k, N=n, bits=bits,
+                            block_size=block, accuracy_level=4)
+    model = _model([node], [_vi("x", [1, k])], [_vi("y", [1, n])], inits, ms_domain=True)
+    return model, {"x": rng.random((1, k), dtype=np.float32)}, k * n
+
+
+def _add(elems: int, seed: int = 0):
+    import numpy as np
+    from onnx import helper
+
+    rng = np.random.default_rng(seed)
+    model = _model([helper.make_node("Add", ["a", "b"], ["y"])], [_vi("a", [1, elems]), _vi("b", [1, elems])],
+                   [_vi("y", [1, elems])], [])
+    return model, {"a": rng.random((1, elems), dtype=np.float32), "b": rng.random((1, elems), dtype=np.float32)}
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def _median_ms(run, seconds: float = MEASURE_SECONDS) -> float:
+    import statistics
+
+    from .profiling import time_runs
+
+    time_runs(run, warmup=3, repeats=0)
+    return statistics.median(time_runs(run, repeats=5, min_seconds=seconds))
+
+
+def _ort_ms(model, feed, threads: int, seconds: float = MEASURE_SECONDS) -> float:
+    from .fidelity import session
+
+    sess = session(model, threads=threads)
+    return _median_ms(lambda: sess.run(None, feed), seconds)
+
+
+def _ov_ms(model, feed, threads: int, hint: str, seconds: float = MEASURE_SECONDS) -> float:
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(model.SerializeToString(), b""), "CPU",
+                                  {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads,
+                                   "PERFORMANCE_HINT": "LATENCY"})
+    req = compiled.create_infer_request()
+    return _median_ms(lambda: req.infer(feed), seconds)
+
+
+#: The synthetic layer of each kernel kind: (cin, cout, hw, k, groups) for convolutions, (m, k, n) for gemm.
+CONV_SHAPES = {"conv": (64, 64, 56, 3, 1), "pointwise": (128, 128, 28, 1, 1), "depthwise": (128, 128, 56, 3, 128)}
+GEMM_SHAPE = (64, 1024, 1024)
+#: Tiny convolutions (8 channels, 4x4) chained to measure the cost of one more node.
+_CHAIN = 33
+
+
+def run_microbench(threads: int | None = None) -> dict[str, Any]:
+    """Measure this machine's kernel rates, bandwidth and per-node overhead (a few seconds)."""
+    import onnxruntime as ort
+
+    from .hostinfo import bf16_native, detect, int8_scheme
+
+    cpu = detect()
+    n = threads or host_threads()
+    start = time.perf_counter()
+    scheme = int8_scheme("onnxruntime", cpu.arch, cpu.features)
+    wbits = scheme.weight_bits
+    rates: dict[str, dict[str, float]] = {"fp32": {}, "int8": {}}
+    times_ms: dict[str, float] = {}
+
+    # per-node overhead first (it is taken out of the kernel times below)
+    m1, f1, _ = _conv(8, 8, 4, 1, chain=1)
+    mc, fc, _ = _conv(8, 8, 4, 1, chain=_CHAIN)
+    t1, tc = _ort_ms(m1, f1, n), _ort_ms(mc, fc, n)
+    overhead_us = max(0.0, (tc - t1) / (_CHAIN - 1) * 1e3)
+    times_ms["chain1"], times_ms[f"chain{_CHAIN}"] = t1, tc
+    run_overhead_us = max(0.0, t1 * 1e3 - overhead_us)
+
+    ma, fa = _add(BANDWIDTH_ELEMS)
+    t_add = _ort_ms(ma, fa, n)
+    times_ms["add"] = t_add
+    bandwidth = 3 * BANDWIDTH_ELEMS * 4 / max(1e-9, (t_add - run_overhead_us / 1e3) / 1e3)
+
+    def kernel_ms(ms: float) -> float:
+        return max(1e-6, ms - (run_overhead_us + overhead_us) / 1e3)
+
+    for precision in ("fp32", "int8"):
+        q = precision == "int8"
+        for kind, (cin, cout, hw, k, g) in CONV_SHAPES.items():
+            model, feed, macs = _conv(cin, cout, hw, k, groups=g, int8=q, weight_bits=wbits)
+            ms = _ort_ms(model, feed, n)
+            times_ms[f"{precision}:{kind}"] = ms
+            rates[precision][kind] = 2 * macs / (kernel_ms(ms) / 1e3)
+        model, feed, macs = _matmul(*GEMM_SHAPE, int8=q, weight_bits=wbits)
+        ms = _ort_ms(model, feed, n)
+        times_ms[f"{precision}:gemm"] = ms
+        rates[precision]["gemm"] = 2 * macs / (kernel_ms(ms) / 1e3)
+
+    # weight-only MatMulNBits at batch 1: the time beyond streaming its packed weights is its overhead
+    weight_only: dict[str, float] = {}
+    k_, n_ = 1024, 1024
+    for bits, name in ((8, "wint8"), (4, "wint4")):
+        model, feed, _ = _matmul_nbits(k_, n_, bits)
+        ms = _ort_ms(model, feed, n)
+        times_ms[name] = ms
+        stream_us = (k_ * n_ * bits / 8 + k_ * n_ / 32 * 4) / bandwidth * 1e6
+        weight_only[f"{name}_overhead_us"] = max(0.0, kernel_ms(ms) * 1e3 - stream_us)
+
+    bf16: dict[str, float] = {}
+    openvino = None
+    if cpu.arch == "x86_64":
+        try:
+            import openvino  # noqa: F401
+
+            openvino = True
+        except ImportError:
+            openvino = False
+    if openvino:
+        cin, cout, hw, k, g = CONV_SHAPES["conv"]
+        model, feed, macs = _conv(cin, cout, hw, k, groups=g)
+        for hint, key in (("f32", "fp32"), ("bf16", "bf16")):
+            if key == "bf16" and not bf16_native(cpu.arch, cpu.features):
+                continue
+            ms = _ov_ms(model, feed, n, hint)
+            times_ms[f"openvino:{key}:conv"] = ms
+            bf16[key] = 2 * macs / (kernel_ms(ms) / 1e3)
+
+    return {
+        "schema": SCHEMA, "key": cache_key(), "created_utc": _now(), "threads": n,
+        "cpu": {"arch": cpu.arch, "model_name": cpu.model_name, "microarchitecture": cpu.microarchitecture,
+                "kernel_class": cpu.kernel_class, "features": cpu.features, "cores": cpu.cores},
+        "versions": {"onnxruntime": ort.__version__, **{k: v for k, v in _versions().items() if k != "onnxruntime"}},
+        "int8_weight_bits": wbits,
+        "rates_ops_per_s": rates,
+        "openvino_conv_ops_per_s": bf16,
+        "memory_bandwidth_bytes_per_s": bandwidth,
+        "layer_overhead_us": overhead_us,
+        "run_overhead_us": run_overhead_us,
+        **weight_only,
+        "times_ms": times_ms,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def _now() -> str:
+    import datetime as dt
+
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------- the target
+
+
+def host_target(bench: dict[str, Any] | None = None):
+    """The ``host`` :class:`~edgeopt.types.Target` (runs or loads the cached micro-benchmark)."""
+    return _host_target_cached() if bench is None else _build(bench)
+
+
+@lru_cache(maxsize=1)
+def _host_target_cached():
+    return _build(load_or_run())
+
+
+def _build(b: dict[str, Any]):
+    from .costmodel import KERNEL_KINDS
+    from .hostinfo import bf16_native, detect
+    from .types import Target
+
+    cpu = detect()
+    arch = cpu.arch if cpu.arch in ("x86_64", "arm64") else None
+    family = {"x86_64": "x86-cpu", "arm64": "arm64-cpu"}.get(cpu.arch)
+    threads = int(b["threads"])
+    rates = b["rates_ops_per_s"]
+    peak = {p: max(rates[p].values()) for p in ("fp32", "int8")}
+    ov = b.get("openvino_conv_ops_per_s") or {}
+    bf16 = "bf16" in ov and bf16_native(cpu.arch, cpu.features)
+    if bf16:
+        peak["bf16"] = ov["bf16"]
+
+    def eff(p: str, kind: str) -> float:
+        return min(1.0, rates[p][kind] / peak[p])
+
+    ort_eff: dict[str, float] = {"fp32": 1.0, "int8": 1.0, "wint8": eff("fp32", "gemm"), "wint4": eff("fp32", "gemm")}
+    for p in ("fp32", "int8"):
+        for kind in KERNEL_KINDS:
+            ort_eff[f"{p}:{kind}"] = round(eff(p, kind), 4)
+    wide = "avx512f" in cpu.features
+    backends: list[dict[str, Any]] = [{
+        "backend": "onnxruntime", "unit": "cpu",
+        "options": {"provider": "CPUExecutionProvider", "threads": threads, "channel_multiple": 16 if wide else 8},
+        "precisions": ["fp32", "int8", "wint8", "wint4"],
+        "efficiency_by_precision": ort_eff,
+        "overhead_us_by_precision": {"wint8": round(b.get("wint8_overhead_us", 0.0), 2),
+                                     "wint4": round(b.get("wint4_overhead_us", 0.0), 2)},
+        "sparsity": [{"pattern": "channel"}],
+    }]
+    if cpu.arch == "x86_64" and "fp32" in ov:
+        ov_eff = {"fp32": round(min(1.0, ov["fp32"] / rates["fp32"]["conv"]), 4), "int8": 1.0}
+        if bf16:
+            ov_eff["bf16"] = 1.0
+        backends.append({
+            "backend": "openvino", "unit": "cpu", "options": {"device": "CPU", "threads": threads},
+            "precisions": ["fp32", "int8"] + (["bf16"] if bf16 else []),
+            "efficiency_by_precision": ov_eff,
+            "sparsity": [{"pattern": "channel"},
+                         {"pattern": "unstructured", "speedup": 1.0, "precisions": ["int8"], "compresses_storage": True}],
+        })
+    ram = max(1 << 28, cpu.ram_bytes // 2)
+    data = {
+        "name": "host",
+        "description": f"this machine: {cpu.model_name} ({cpu.microarchitecture}, {cpu.kernel_class} kernels), "
+                       f"{threads} thread(s); compute model measured by edgeopt's micro-benchmark",
+        "device_class": "cpu",
+        "family": family,
+        "budgets": {"ram": ram, "storage": min(max(1 << 30, ram), 16 << 30), "latency_ms": 100, "weights_in_ram": True},
+        "compute_units": {"cpu": {
+            "description": (f"{threads} thread(s); measured peaks: "
+                            + ", ".join(f"{p} {v / 1e9:.0f} Gop/s" for p, v in peak.items())
+                            + f"; {b['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s elementwise bandwidth"),
+            "peak_ops_per_s": {p: float(f"{v:.4g}") for p, v in peak.items()},
+            "memory_bandwidth_bytes_per_s": float(f"{b['memory_bandwidth_bytes_per_s']:.4g}"),
+            "efficiency": 1.0,
+            "layer_overhead_us": round(b["layer_overhead_us"], 3),
+            "arch": arch,
+            "isa": cpu.features if arch else [],
+        }},
+        "backends": backends,
+    }
+    return Target.model_validate(data)

@@ -1,0 +1,28 @@
+"""Run under an emulated CPU (qemu-user): accuracy of ONNX models with onnxruntime's kernels on that CPU.
+
+Usage: python emulated_eval.py spec.json  ->  prints one JSON object {name: {"kernels": acc, "exact": acc}}.
+spec: {"data": "x.npy", "labels": "y.npy", "models": {name: path}, "threads": 1}.  "kernels" runs with
+onnxruntime's default graph optimizations (its fused int8 kernels for this CPU), "exact" with them off
+(QDQ as written).  Kept free of edgeopt imports so it starts fast under emulation.
+"""
+
+import json
+import sys
+
+import numpy as np
+import onnxruntime as ort
+
+spec = json.load(open(sys.argv[1]))
+x, y = np.load(spec["data"]), np.load(spec["labels"])
+out = {}
+for name, path in spec["models"].items():
+    res = {}
+    for key, level in (("kernels", ort.GraphOptimizationLevel.ORT_ENABLE_ALL), ("exact", ort.GraphOptimizationLevel.ORT_DISABLE_ALL)):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = level
+        so.intra_op_num_threads = int(spec.get("threads", 1))
+        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        logits = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+        res[key] = float((logits.argmax(1) == y).mean())
+    out[name] = res
+print(json.dumps(out))
