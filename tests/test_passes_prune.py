@@ -186,7 +186,8 @@ def test_zero_channels_removed_exactly():
                    cp.Config(ratio=0.5, round_to=1, min_channels=1, reconstruct=False), None)
     assert np.array_equal(node_weight(out.model, "conv1"), np.delete(weights(m)["w1"], zero, axis=0))
     assert np.array_equal(node_weight(out.model, "conv2"), np.delete(weights(m)["w2"], zero, axis=1))
-    assert outputs_equal(m, out.model, rand(rng, 5, 3, 6, 6)) == 0.0
+    # the same function; fp32 sums may differ in the last bits (kernel blocking depends on the channel count and the ISA)
+    assert outputs_equal(m, out.model, rand(rng, 5, 3, 6, 6)) <= 5e-5
 
 
 def test_criterion_l1_vs_l2_and_round_to():

@@ -232,12 +232,15 @@ def test_int8_digits_keeps_accuracy(digits_data):
 
 def test_int8_symmetric_float_bias_for_tensorrt(digits_data):
     m, cal, test = digits_data
-    r = run_pass("int8", m, {"activation_symmetric": True, "activation_type": "int8", "quantize_bias": False}, cal, evaluate=False)
+    cfg = {"activation_symmetric": True, "activation_type": "int8", "quantize_bias": False, "weight_bits": 8}
+    r = run_pass("int8", m, cfg, cal, evaluate=False)
     inits = {t.name: numpy_helper.to_array(t) for t in r.model.graph.initializer}
     zps = [inits[n.input[2]] for n in r.model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2]
     assert len(zps) > 10 and all(z.dtype == np.int8 and not z.any() for z in zps)
     assert not any(v.dtype == np.int32 for v in inits.values())  # biases stay float
-    assert compare(m, r.model, test).accuracy_delta >= -0.01
+    # what a TensorRT engine computes: the QDQ graph as written (this host's fused int8 kernels may saturate
+    # full-range s8 x s8 products on CPUs without VNNI, which is not what the GPU does)
+    assert compare(m, session(r.model, optimize=False), test).accuracy_delta >= -0.01
 
 
 def test_weight_only_digits(digits_data):
@@ -295,15 +298,21 @@ def _ort_default_int8(model, cal):
 @pytest.mark.slow
 def test_int8_mobilenetv2_beats_onnxruntime_default(mobilenet):
     m, cal, held_out = mobilenet
-    r = run_pass("int8", m, {}, cal, evaluate=False)
+    r = run_pass("int8", m, {"weight_bits": 8}, cal, evaluate=False)
     convs = [n for n in r.model.graph.node if n.op_type == "Conv"]
     fed = dq_fed(r.model)
     assert len(convs) == 52 and all(fed[c.name] for c in convs)
-    ours = compare(m, r.model, held_out)
-    ort_default = compare(m, _ort_default_int8(m, cal), held_out)
+    # quantizer quality on the QDQ numerics as written, the same on every CPU
+    ours = compare(m, session(r.model, optimize=False), held_out)
+    ort_default = compare(m, session(_ort_default_int8(m, cal), optimize=False), held_out)
     # measured with 32 calibration samples: ours 0.87, onnxruntime's quantize_static defaults 0.67
     assert ours.top1_agreement >= 0.80
     assert ours.top1_agreement >= ort_default.top1_agreement + 0.08
+    # the scheme this host's CPU runs exactly (7-bit weights without VNNI): its fused int8 kernels reproduce the
+    # QDQ numerics up to requantization rounding (AMX host: agreement 0.945, cosine 0.9967; saturating kernels lose far more)
+    host = run_pass("int8", m, {}, cal, evaluate=False).model
+    kernels = compare(session(host, optimize=False), host, held_out)
+    assert kernels.top1_agreement >= 0.90 and kernels.cosine > 0.99
 
 
 @pytest.mark.slow
