@@ -160,7 +160,7 @@ def _run_emulated(tmp_path: Path, models: dict[str, Path], x: np.ndarray, y: np.
     np.save(tmp_path / "y.npy", y)
     spec = {"data": str(tmp_path / "x.npy"), "labels": str(tmp_path / "y.npy"), "models": {k: str(v) for k, v in models.items()}}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    script = Path(__file__).with_name("emulated_eval.py")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "emulated_eval.py"
     proc = subprocess.run([_qemu(), "-cpu", "Haswell", sys.executable, str(script), str(tmp_path / "spec.json")],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
