@@ -28,8 +28,10 @@ INT4_BLOCK = 32
 _INT4_BLOCK_BYTES = 2.5
 
 
-def fused_layers(analysis: ModelAnalysis) -> set[str]:
-    """Names of layers that cost nothing because backends fuse them or treat them as views."""
+def fused_layers(analysis: ModelAnalysis, fusable: frozenset[str] | set[str] | list[str] | None = None) -> set[str]:
+    """Names of layers that cost nothing because backends fuse them or treat them as views (``fusable``: the
+    elementwise ops the backend folds into a preceding conv/matmul, default :data:`FUSABLE`)."""
+    fusable = FUSABLE if fusable is None else frozenset(fusable)
     producer: dict[str, LayerInfo] = {o: ly for ly in analysis.layers for o in ly.outputs}
     consumers: dict[str, int] = {}
     for ly in analysis.layers:
@@ -44,7 +46,7 @@ def fused_layers(analysis: ModelAnalysis) -> set[str]:
         if ly.op_type in PRODUCERS:
             chain_ok.add(ly.name)
             continue
-        if ly.op_type not in FUSABLE:
+        if ly.op_type not in fusable:
             continue
         acts = [i for i in ly.inputs if i and i not in ly.weights]
         if len(acts) != 1:
@@ -54,6 +56,54 @@ def fused_layers(analysis: ModelAnalysis) -> set[str]:
             fused.add(ly.name)
             chain_ok.add(ly.name)
     return fused
+
+
+#: Ops onnxruntime's NCHWc layout (x86 CPU) runs blocked when every activation input is blocked and, for binary ops,
+#: of the same shape (checked on onnxruntime 1.32's optimized graphs); any other consumer of a blocked tensor gets a
+#: ReorderOutput first, and a convolution reading an unblocked tensor a ReorderInput.
+NCHWC_OPS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Concat", "Relu", "Sigmoid",
+                       "Tanh", "LeakyRelu", "Clip", "HardSigmoid", "HardSwish", "BatchNormalization"})
+NCHWC_BINARY = frozenset({"Add", "Sum", "Mul"})
+_CONVS = frozenset({"Conv", "FusedConv"})
+
+
+def nchwc_reorders(analysis: ModelAnalysis, fused: set[str], block: int) -> dict[str, int]:
+    """Elements a blocked-layout runtime reorders before each layer (layer name -> elements): the layout conversions
+    onnxruntime inserts around its NCHWc convolutions on x86.  ``block``: channels per block; tensors with fewer
+    channels (an RGB input) are read by the convolution as they are."""
+    shapes = {t.name: t.shape for t in analysis.tensors}
+    by_output = {o: ly for ly in analysis.layers for o in ly.outputs}
+    blocked: set[str] = set()
+    out: dict[str, int] = {}
+
+    def elems(name: str) -> int:
+        n = 1
+        for d in shapes.get(name, []):
+            n *= max(int(d), 1)
+        return n
+
+    for ly in analysis.layers:
+        acts = [i for i in ly.inputs if i and i not in ly.weights and i in shapes]
+        if ly.name in fused:  # an activation folded into its producer, or a view: keeps the layout it reads
+            if any(i in blocked for i in acts) and ly.op_type not in VIEW_OPS:
+                blocked.update(ly.outputs)
+            continue
+        if ly.op_type in _CONVS and acts and len(shapes[acts[0]]) == 4:
+            x = acts[0]
+            if x not in blocked and shapes[x][1] >= block:
+                out[ly.name] = elems(x)  # ReorderInput
+            blocked.update(ly.outputs)
+            continue
+        capable = ly.op_type in NCHWC_OPS or (
+            ly.op_type in NCHWC_BINARY and len(acts) == len([i for i in ly.inputs if i])
+            and len({tuple(shapes[i]) for i in acts}) == 1)
+        if capable and acts and all(i in blocked for i in acts):
+            blocked.update(ly.outputs)
+            continue
+        n = sum(elems(i) for i in acts if i in blocked and by_output.get(i) is not None)
+        if n:
+            out[ly.name] = n  # ReorderOutput of each blocked input
+    return out
 
 
 def planned_weight_bytes(layer: LayerInfo, precision: str, sparsity: str = "none", ratio: float = 0.0,
@@ -101,13 +151,14 @@ class LayerCost:
     bound: str  # "compute" | "memory" | "fused"
 
 
-#: Kernel kinds whose speed a target may give separately, as ``efficiency_by_precision["<precision>:<kind>"]``
-#: (a measured compute model does: depthwise convolutions run far below a dense convolution's rate).
-KERNEL_KINDS = ("conv", "pointwise", "depthwise", "gemm")
+#: Kernel kinds a target may time separately (``BackendOption.kernel_models["<precision>:<kind>"]``, measured by
+#: the host target's micro-benchmark): dense, pointwise and depthwise convolutions run at very different rates, and
+#: ops without MACs (elementwise, pooling, resize, concat) are bound by the bytes they move.
+KERNEL_KINDS = ("conv", "pointwise", "depthwise", "gemm", "elementwise")
 
 
-def kernel_kind(layer: LayerInfo) -> str | None:
-    """The kind of kernel a MAC-carrying layer runs (None: no MACs, or an op outside :data:`KERNEL_KINDS`)."""
+def kernel_kind(layer: LayerInfo) -> str:
+    """The kind of kernel a layer runs (see :data:`KERNEL_KINDS`)."""
     if layer.op_type in ("Conv", "ConvTranspose", "FusedConv", "QLinearConv", "ConvInteger"):
         group = int(layer.attributes.get("group", 1) or 1)
         if group > 1:
@@ -116,17 +167,7 @@ def kernel_kind(layer: LayerInfo) -> str | None:
         return "pointwise" if kernel and all(d == 1 for d in kernel) else "conv"
     if layer.op_type in ("Gemm", "MatMul", "MatMulNBits", "MatMulInteger", "QLinearMatMul"):
         return "gemm"
-    return None
-
-
-def efficiency(layer: LayerInfo, precision: str, option: BackendOption, unit: ComputeUnit) -> float:
-    """The fraction of the unit's peak ``layer`` reaches: per kernel kind where the option gives it, else per precision."""
-    kind = kernel_kind(layer)
-    if kind is not None:
-        by_kind = option.efficiency_by_precision.get(f"{precision}:{kind}")
-        if by_kind is not None:
-            return by_kind
-    return option.efficiency_for(precision, unit)
+    return "elementwise"
 
 
 def layer_latency(layer: LayerInfo, precision: str, option: BackendOption, unit: ComputeUnit, *,
@@ -135,14 +176,29 @@ def layer_latency(layer: LayerInfo, precision: str, option: BackendOption, unit:
     if fused:
         return LayerCost(0.0, 0.0, 0.0, "fused")
     cp = option.compute_precision(precision)
-    eff = efficiency(layer, precision, option, unit)
-    ops = (2 * layer.macs * keep + layer.flops)
-    compute_s = ops / (unit.peak_ops_per_s[cp] * eff) / sparsity_speedup
     act_bytes = (layer.input_elems + layer.output_elems * keep) * option.activation_bits(precision) / 8
     wb = layer.weight_bytes if weight_bytes is None else weight_bytes
+    km = option.kernel_models.get(f"{precision}:{kernel_kind(layer)}")
+    if km is not None:  # measured on synthetic layers of this kind: fixed + per-MAC + per-byte
+        compute_ms = km.us_per_mmac * layer.macs * keep / 1e6 / sparsity_speedup / 1e3
+        memory_ms = km.us_per_mb * (act_bytes + wb) / 1e6 / 1e3
+        ms = km.fixed_us / 1e3 + compute_ms + memory_ms + option.overhead_us_by_precision.get(precision, 0.0) / 1e3
+        return LayerCost(ms, compute_ms, memory_ms, "compute" if compute_ms >= memory_ms else "memory")
+    eff = option.efficiency_for(precision, unit)
+    ops = (2 * layer.macs * keep + layer.flops)
+    compute_s = ops / (unit.peak_ops_per_s[cp] * eff) / sparsity_speedup
     memory_s = (act_bytes + wb) / unit.memory_bandwidth_bytes_per_s
     ms = max(compute_s, memory_s) * 1e3 + option.overhead_us_for(precision, unit) / 1e3
     return LayerCost(ms, compute_s * 1e3, memory_s * 1e3, "compute" if compute_s >= memory_s else "memory")
+
+
+def reorder_ms(elems: int, precision: str, option: BackendOption, unit: ComputeUnit) -> float:
+    """Time to convert ``elems`` activations between layouts (read + write, as an elementwise kernel)."""
+    nbytes = 2 * elems * option.activation_bits(precision) / 8
+    km = option.kernel_models.get(f"{precision}:elementwise")
+    if km is not None:
+        return (km.fixed_us + km.us_per_mb * nbytes / 1e6) / 1e3
+    return nbytes / unit.memory_bandwidth_bytes_per_s * 1e3 + unit.layer_overhead_us / 1e3
 
 
 def tensor_bits(analysis: ModelAnalysis, precisions: Mapping[str, str], option: BackendOption) -> dict[str, int]:

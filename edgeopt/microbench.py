@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 #: Bump when what the benchmark measures changes (old cache files are then ignored).
-SCHEMA = 2
+SCHEMA = 3
 #: Timed seconds per measurement (after warm-up); the whole benchmark stays within a few seconds.
 MEASURE_SECONDS = 0.12
 #: Binary elementwise ops chained in the bandwidth measurement.
@@ -232,6 +232,148 @@ def l2_bytes_per_core() -> int:
     return DEFAULT_L2_BYTES
 
 
+def _conv_chain(layers: list[tuple[int, int, int, int]], hw: int, *, int8: bool = False, weight_bits: int = 8,
+                seed: int = 0):
+    """Convolutions ``(cin, cout, k, groups)`` in a chain with a fused Relu each (fp32, or QDQ int8 as the int8 pass
+    emits: every conv reads a quantized input); (model, feed, [per-layer (MACs, bytes moved)])."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits, x = [], [], "x"
+    wmax = (1 << (weight_bits - 1)) - 1
+    act = 1 if int8 else 4
+    sizes = []
+    for i, (cin, cout, k, g) in enumerate(layers):
+        wshape = (cout, cin // g, k, k)
+        if int8:
+            inits += [numpy_helper.from_array(np.array(0.02, np.float32), f"s{i}"),
+                      numpy_helper.from_array(np.array(0, np.uint8), f"z{i}"),
+                      numpy_helper.from_array(rng.integers(-wmax - 1, wmax + 1, wshape).astype(np.int8), f"wq{i}"),
+                      numpy_helper.from_array(np.full(cout, 0.01, np.float32), f"ws{i}"),
+                      numpy_helper.from_array(np.zeros(cout, np.int8), f"wz{i}")]
+            nodes += [helper.make_node("QuantizeLinear", [x, f"s{i}", f"z{i}"], [f"q{i}"]),
+                      helper.make_node("DequantizeLinear", [f"q{i}", f"s{i}", f"z{i}"], [f"dq{i}"]),
+                      helper.make_node("DequantizeLinear", [f"wq{i}", f"ws{i}", f"wz{i}"], [f"w{i}"], axis=0)]
+            src = f"dq{i}"
+        else:
+            inits.append(numpy_helper.from_array((rng.standard_normal(wshape) * 0.1).astype(np.float32), f"w{i}"))
+            src = x
+        inits.append(numpy_helper.from_array(np.zeros(cout, np.float32), f"b{i}"))
+        nodes += [helper.make_node("Conv", [src, f"w{i}", f"b{i}"], [f"c{i}"], pads=[k // 2] * 4, group=g),
+                  helper.make_node("Relu", [f"c{i}"], [f"y{i}"])]
+        x = f"y{i}"
+        macs = cout * (cin // g) * k * k * hw * hw
+        sizes.append((macs, (cin + cout) * hw * hw * act + int(np.prod(wshape)) * (1 if int8 else 4) + cout * 4))
+    if int8:
+        inits += [numpy_helper.from_array(np.array(0.05, np.float32), "so"),
+                  numpy_helper.from_array(np.array(0, np.uint8), "zo")]
+        nodes += [helper.make_node("QuantizeLinear", [x, "so", "zo"], ["qo"]),
+                  helper.make_node("DequantizeLinear", ["qo", "so", "zo"], ["out"])]
+        x = "out"
+    cin0, cout_last = layers[0][0], layers[-1][1]
+    model = _model(nodes, [_vi("x", [1, cin0, hw, hw])], [_vi(x, [1, cout_last, hw, hw])], inits)
+    return model, {"x": rng.random((1, cin0, hw, hw), dtype=np.float32)}, sizes
+
+
+def _add_chain(elems: int, chain: int = 4, *, int8: bool = False, seed: int = 0):
+    """``chain`` Adds of two same-size tensors, each with its own second operand (streamed from memory as a residual
+    branch is): out_i = out_{i-1} + c_i, fp32 or QDQ uint8."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits, y = [], [], "x"
+    for i in range(chain):
+        inits.append(numpy_helper.from_array(rng.random((1, elems), dtype=np.float32), f"c{i}"))
+        a, b = y, f"c{i}"
+        if int8:
+            inits += [numpy_helper.from_array(np.array(0.05, np.float32), f"s{i}"),
+                      numpy_helper.from_array(np.array(0, np.uint8), f"z{i}")]
+            nodes += [helper.make_node("QuantizeLinear", [y, f"s{i}", f"z{i}"], [f"qa{i}"]),
+                      helper.make_node("DequantizeLinear", [f"qa{i}", f"s{i}", f"z{i}"], [f"da{i}"]),
+                      helper.make_node("QuantizeLinear", [f"c{i}", f"s{i}", f"z{i}"], [f"qb{i}"]),
+                      helper.make_node("DequantizeLinear", [f"qb{i}", f"s{i}", f"z{i}"], [f"db{i}"])]
+            a, b = f"da{i}", f"db{i}"
+        nodes.append(helper.make_node("Add", [a, b], [f"y{i}"]))
+        y = f"y{i}"
+    if int8:
+        inits += [numpy_helper.from_array(np.array(0.2, np.float32), "so"),
+                  numpy_helper.from_array(np.array(0, np.uint8), "zo")]
+        nodes += [helper.make_node("QuantizeLinear", [y, "so", "zo"], ["qo"]),
+                  helper.make_node("DequantizeLinear", ["qo", "so", "zo"], ["out"])]
+        y = "out"
+    model = _model(nodes, [_vi("x", [1, elems])], [_vi(y, [1, elems])], inits)
+    return model, {"x": rng.random((1, elems), dtype=np.float32)}, [(0, 3 * elems * (1 if int8 else 4))] * chain
+
+
+#: Synthetic layers per kernel kind, spanning the sizes of real networks (mobile to server-class):
+#: convolutions as (layers [(cin, cout, k, groups)], hw), chains of 4 so the layout reorders a runtime puts at a
+#: graph's edges are shared as they are inside a network; gemm as (m, k, n); elementwise as element counts.
+GRID = {
+    "conv": [([(c, c, 3, 1)] * 4, hw) for c, hw in
+             ((8, 8), (16, 16), (16, 112), (32, 56), (64, 56), (96, 28), (128, 14), (256, 7))],
+    "pointwise": [([(a, b, 1, 1), (b, a, 1, 1)] * 2, hw) for a, b, hw in
+                  ((8, 16, 8), (16, 32, 16), (16, 96, 112), (24, 144, 56), (32, 192, 28), (64, 384, 14), (160, 960, 7),
+                   (128, 512, 28))],
+    "depthwise": [([(c, c, 3, c)] * 4, hw) for c, hw in
+                  ((16, 8), (32, 16), (32, 112), (144, 56), (192, 28), (384, 14), (960, 7), (64, 160))],
+    "gemm": [(1, 64, 10), (1, 256, 256), (1, 1280, 1000), (1, 1024, 4096), (16, 512, 512), (64, 1024, 1024),
+             (128, 256, 768)],
+    "elementwise": [1 << 10, 1 << 12, 1 << 15, 1 << 17, 1 << 19, 1 << 21, 1 << 22, 1 << 23],
+}
+
+
+def fit_kernel_model(samples: list[tuple[float, float, float]]) -> dict[str, float]:
+    """Least squares of ``us = fixed + a * MMACs + b * MB`` weighted by 1/us (relative error), coefficients >= 0
+    (a negative one is dropped and the rest refitted); samples are (MMACs, MB, us)."""
+    import numpy as np
+
+    x = np.array([[1.0, m, b] for m, b, _ in samples])
+    t = np.array([u for _, _, u in samples])
+    cols = [0, 1, 2] if x[:, 1].any() else [0, 2]
+    while True:
+        w = 1.0 / np.maximum(t, 1e-3)
+        coef, *_ = np.linalg.lstsq(x[:, cols] * w[:, None], t * w, rcond=None)
+        if (coef >= 0).all() or len(cols) == 1:
+            break
+        cols = [c for c, v in zip(cols, coef) if v >= 0] or [0]
+    full = np.zeros(3)
+    full[cols] = np.maximum(coef, 0)
+    pred = x @ full
+    return {"fixed_us": float(full[0]), "us_per_mmac": float(full[1]), "us_per_mb": float(full[2]),
+            "samples": len(samples), "max_rel_error": float(np.max(np.abs(pred - t) / np.maximum(t, 1e-9)))}
+
+
+def measure_kernel_models(threads: int, weight_bits: int, run_overhead_us: float,
+                          seconds: float = 0.04) -> tuple[dict[str, dict[str, float]], dict[str, list]]:
+    """Time every grid layer at fp32 and int8 and fit one :func:`fit_kernel_model` per (precision, kind)."""
+    models: dict[str, dict[str, float]] = {}
+    raw: dict[str, list] = {}
+    for precision in ("fp32", "int8"):
+        q = precision == "int8"
+        for kind, configs in GRID.items():
+            samples = []
+            for cfg in configs:
+                if kind == "gemm":
+                    model, feed, macs = _matmul(*cfg, int8=q, weight_bits=weight_bits)
+                    m, k, n = cfg
+                    sizes = [(macs, (m * k + m * n) * (1 if q else 4) + k * n * (1 if q else 4))]
+                elif kind == "elementwise":
+                    model, feed, sizes = _add_chain(cfg, int8=q)
+                else:
+                    layers, hw = cfg
+                    model, feed, sizes = _conv_chain(layers, hw, int8=q, weight_bits=weight_bits)
+                ms = _ort_ms(model, feed, threads, seconds)
+                total_us = max(1e-3, ms * 1e3 - run_overhead_us)
+                macs = sum(m for m, _ in sizes)
+                per_layer_us = total_us / len(sizes)
+                samples.append((macs / len(sizes) / 1e6, sum(b for _, b in sizes) / len(sizes) / 1e6, per_layer_us))
+            models[f"{precision}:{kind}"] = fit_kernel_model(samples)
+            raw[f"{precision}:{kind}"] = [[round(v, 5) for v in smp] for smp in samples]
+    return models, raw
+
+
 # --------------------------------------------------------------------------- timing
 
 
@@ -349,6 +491,8 @@ def _measure(threads: int | None) -> dict[str, Any]:
         times_ms[f"{precision}:gemm"] = ms
         rates[precision]["gemm"] = 2 * macs / (kernel_ms(ms) / 1e3)
 
+    kernel_models, kernel_samples = measure_kernel_models(n, wbits, run_overhead_us)
+
     # weight-only MatMulNBits at batch 1: the time beyond streaming its packed weights is its overhead
     weight_only: dict[str, float] = {}
     k_, n_ = 1024, 1024
@@ -386,6 +530,8 @@ def _measure(threads: int | None) -> dict[str, Any]:
                 "kernel_class": cpu.kernel_class, "features": cpu.features, "cores": cpu.cores},
         "versions": {"onnxruntime": ort.__version__, **{k: v for k, v in _versions().items() if k != "onnxruntime"}},
         "int8_weight_bits": wbits,
+        "kernel_models": kernel_models,
+        "kernel_samples_mmac_mb_us": kernel_samples,
         "rates_ops_per_s": rates,
         "openvino_conv_ops_per_s": bf16,
         "memory_bandwidth_bytes_per_s": bandwidth,
@@ -409,6 +555,11 @@ def _now() -> str:
 # --------------------------------------------------------------------------- the target
 
 
+#: What onnxruntime's CPU provider folds into a preceding Conv/Gemm (activation fusion, BatchNormalization and
+#: constant-scale folding), checked on its optimized graphs; an Add/Div by a constant stays a node of its own.
+ORT_FUSES = ("Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "BatchNormalization", "Mul")
+
+
 def host_target(bench: dict[str, Any] | None = None):
     """The ``host`` :class:`~edgeopt.types.Target` (runs or loads the cached micro-benchmark)."""
     return _host_target_cached() if bench is None else _build(bench)
@@ -420,7 +571,6 @@ def _host_target_cached():
 
 
 def _build(b: dict[str, Any]):
-    from .costmodel import KERNEL_KINDS
     from .hostinfo import bf16_native, detect
     from .types import Target
 
@@ -438,16 +588,17 @@ def _build(b: dict[str, Any]):
     def eff(p: str, kind: str) -> float:
         return min(1.0, rates[p][kind] / peak[p])
 
-    ort_eff: dict[str, float] = {"fp32": 1.0, "int8": 1.0, "wint8": eff("fp32", "gemm"), "wint4": eff("fp32", "gemm")}
-    for p in ("fp32", "int8"):
-        for kind in KERNEL_KINDS:
-            ort_eff[f"{p}:{kind}"] = round(eff(p, kind), 4)
+    ort_eff: dict[str, float] = {"fp32": eff("fp32", "gemm"), "int8": eff("int8", "gemm"),
+                                 "wint8": eff("fp32", "gemm"), "wint4": eff("fp32", "gemm")}
     wide = "avx512f" in cpu.features
     backends: list[dict[str, Any]] = [{
         "backend": "onnxruntime", "unit": "cpu",
         "options": {"provider": "CPUExecutionProvider", "threads": threads, "channel_multiple": 16 if wide else 8},
         "precisions": ["fp32", "int8", "wint8", "wint4"],
         "efficiency_by_precision": ort_eff,
+        "kernel_models": b["kernel_models"],
+        "fuses": list(ORT_FUSES),
+        "nchwc": cpu.arch == "x86_64",
         "overhead_us_by_precision": {"wint8": round(b.get("wint8_overhead_us", 0.0), 2),
                                      "wint4": round(b.get("wint4_overhead_us", 0.0), 2)},
         "sparsity": [{"pattern": "channel"}],
@@ -479,6 +630,7 @@ def _build(b: dict[str, Any]):
             "memory_bandwidth_bytes_per_s": float(f"{b['memory_bandwidth_bytes_per_s']:.4g}"),
             "efficiency": 1.0,
             "layer_overhead_us": round(b["layer_overhead_us"], 3),
+            "run_overhead_us": round(b.get("run_overhead_us", 0.0), 3),
             "arch": arch,
             "isa": cpu.features if arch else [],
         }},

@@ -17,7 +17,17 @@ from dataclasses import dataclass
 
 from . import __version__
 from . import backends as backend_registry
-from .costmodel import VIEW_OPS, arena, fused_layers, graph_overhead_bytes, layer_latency, planned_weight_bytes, unit_of
+from .costmodel import (
+    VIEW_OPS,
+    arena,
+    fused_layers,
+    graph_overhead_bytes,
+    layer_latency,
+    nchwc_reorders,
+    planned_weight_bytes,
+    reorder_ms,
+    unit_of,
+)
 from .errors import BudgetError, EdgeoptError, UnsupportedOpError
 from .targets import target_sha256
 from .types import WEIGHT_ONLY, BackendOption, BudgetCheck, LayerPlan, ModelAnalysis, Plan, Target
@@ -127,7 +137,8 @@ def evaluate(analysis: ModelAnalysis, target: Target, option: BackendOption, rec
         precisions = precisions or recipe_precisions(analysis, option, recipe)
         choices = {k: Choice(p, reason=why) for k, (p, why) in precisions.items()}
     unit = unit_of(target, option)
-    fused = fused_layers(analysis)
+    fused = fused_layers(analysis, option.fuses)
+    reorders = nchwc_reorders(analysis, fused, int(option.options.get("channel_multiple", 8))) if option.nchwc else {}
     producer_bits = {}
     layers: list[LayerPlan] = []
     for ly in analysis.layers:
@@ -139,13 +150,15 @@ def evaluate(analysis: ModelAnalysis, target: Target, option: BackendOption, rec
         extra = _transition_ms(ly, prev[0], bits, option, unit) if prev and ly.name not in fused else 0.0
         if extra and measured is not None and measured.conversion_ms:
             extra = measured.conversion_ms
+        if ly.name in reorders:
+            extra += reorder_ms(reorders[ly.name], c.precision, option, unit)
         for o in ly.outputs:
             producer_bits[o] = bits
         note = _cost_note(ly.op_type, bound) + (f" (+{extra:.4f} ms format conversion)" if extra else "")
         layers.append(LayerPlan(name=ly.name, op_type=ly.op_type, precision=c.precision, sparsity=c.sparsity,
                                 sparsity_ratio=ratio if c.sparsity != "none" else 0.0, predicted_ms=ms + extra,
                                 weight_bytes=wb, reason=c.reason + note))
-    latency = sum(lp.predicted_ms for lp in layers)
+    latency = sum(lp.predicted_ms for lp in layers) + unit.run_overhead_us / 1e3
     weights = sum(lp.weight_bytes for lp in layers)
     storage = graph_overhead_bytes(analysis) + weights
     ap = arena(analysis, {k: v.precision for k, v in choices.items()}, option)

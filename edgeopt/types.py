@@ -59,6 +59,7 @@ class ComputeUnit(_Frozen):
         default=0.5, gt=0, le=1, description="fraction of peak a well-tuned kernel reaches"
     )
     layer_overhead_us: float = Field(default=0.0, ge=0, description="fixed cost per layer (dispatch, launch)")
+    run_overhead_us: float = Field(default=0.0, ge=0, description="fixed cost per inference (session entry, I/O binding)")
     arch: Literal["x86_64", "arm64"] | None = Field(default=None, description="CPU architecture (CPU units only)")
     isa: list[str] = Field(default_factory=list, description="ISA features that change kernels (edgeopt.hostinfo.FEATURES)")
 
@@ -97,6 +98,17 @@ class SparsitySupport(_Frozen):
     compresses_storage: bool = Field(default=False, description="whether the format stores it compactly")
 
 
+class KernelModel(_Frozen):
+    """Measured time of one kernel kind at one precision on one backend (a line fitted to synthetic layers):
+    ``fixed_us + us_per_mmac * MMACs + us_per_mb * MB moved``; the fixed part includes the per-node dispatch."""
+
+    fixed_us: float = Field(ge=0)
+    us_per_mmac: float = Field(ge=0)
+    us_per_mb: float = Field(ge=0)
+    samples: int = Field(default=0, ge=0, description="synthetic layers it was fitted to")
+    max_rel_error: float | None = Field(default=None, ge=0, description="worst relative error of the fit on them")
+
+
 class BackendOption(_Frozen):
     """One way to run models on a target: a backend on one compute unit."""
 
@@ -118,6 +130,14 @@ class BackendOption(_Frozen):
     overhead_us_by_precision: dict[str, float] = Field(
         default_factory=dict, description="extra fixed cost per layer per precision (dequantization, repacking)"
     )
+    kernel_models: dict[str, KernelModel] = Field(
+        default_factory=dict, description="'<precision>:<kind>' (kinds: edgeopt.costmodel.KERNEL_KINDS) -> measured "
+                                          "kernel time; replaces the roofline for those layers (the host target has them)")
+    fuses: list[str] | None = Field(
+        default=None, description="elementwise ops the runtime folds into a preceding conv/matmul "
+                                  "(None: edgeopt.costmodel.FUSABLE, what most runtimes fuse)")
+    nchwc: bool = Field(default=False, description="convolutions run in a channel-blocked layout with reorders at the "
+                                                   "boundaries to other ops (onnxruntime on x86 CPUs)")
     weight_only_compute: Literal["fp32", "fp16", "bf16"] = Field(
         default="fp32", description="the float arithmetic weight-only (wint8/wint4) layers compute in"
     )

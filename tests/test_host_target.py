@@ -25,7 +25,10 @@ def fake_bench(threads: int = 2, bf16: bool = True) -> dict:
     return {"schema": microbench.SCHEMA, "key": "fake", "threads": threads,
             "rates_ops_per_s": {"fp32": rates, "int8": {k: 2 * v for k, v in rates.items()}},
             "openvino_conv_ops_per_s": ov, "memory_bandwidth_bytes_per_s": 2.0e10, "layer_overhead_us": 1.5,
-            "run_overhead_us": 4.0, "wint8_overhead_us": 3.0, "wint4_overhead_us": 5.0}
+            "run_overhead_us": 4.0, "wint8_overhead_us": 3.0, "wint4_overhead_us": 5.0,
+            "kernel_models": {f"{p}:{k}": {"fixed_us": 2.0, "us_per_mmac": 5.0 if p == "fp32" else 2.0, "us_per_mb": 20.0,
+                                           "samples": 6, "max_rel_error": 0.1}
+                              for p in ("fp32", "int8") for k in microbench.GRID}}
 
 
 @pytest.fixture(autouse=True)
@@ -149,8 +152,8 @@ def test_arm64_host_has_no_openvino(monkeypatch):
     assert [o.backend for o in t.backends] == ["onnxruntime"] and t.backends[0].options["channel_multiple"] == 8
 
 
-def test_kernel_kinds_reach_the_cost_model(digits_model):
-    from edgeopt.costmodel import efficiency, kernel_kind
+def test_kernel_models_reach_the_cost_model(digits_model):
+    from edgeopt.costmodel import kernel_kind, layer_latency
     from edgeopt.graph import analyze
 
     t = microbench.host_target(fake_bench())
@@ -161,10 +164,26 @@ def test_kernel_kinds_reach_the_cost_model(digits_model):
     assert convs and gemms and all(kernel_kind(ly) in ("conv", "pointwise", "depthwise") for ly in convs)
     assert all(kernel_kind(ly) == "gemm" for ly in gemms)
     ly = convs[0]
-    assert efficiency(ly, "fp32", opt, unit) == opt.efficiency_by_precision[f"fp32:{kernel_kind(ly)}"]
-    # targets without per-kind efficiencies keep their per-precision one
+    km = opt.kernel_models[f"fp32:{kernel_kind(ly)}"]
+    act_mb = (ly.input_elems + ly.output_elems) * 4 / 1e6
+    expect = km.fixed_us + km.us_per_mmac * ly.macs / 1e6 + km.us_per_mb * (act_mb + ly.weight_bytes / 1e6)
+    assert layer_latency(ly, "fp32", opt, unit).ms == pytest.approx(expect / 1e3)
+    # int8 has its own measured line; targets without kernel models keep the roofline
+    assert layer_latency(ly, "int8", opt, unit).ms < layer_latency(ly, "fp32", opt, unit).ms
     x86 = load_target("x86-cpu")
-    assert efficiency(ly, "fp32", x86.backends[0], x86.compute_units["cpu"]) == 0.3
+    assert not x86.backends[0].kernel_models
+    roof = layer_latency(ly, "fp32", x86.backends[0], x86.compute_units["cpu"])
+    assert roof.bound in ("compute", "memory") and roof.ms > 0
+
+
+def test_kernel_model_fit_recovers_a_line():
+    samples = [(m, b, 3.0 + 4.0 * m + 10.0 * b) for m, b in ((0.1, 0.2), (1.0, 0.5), (5.0, 3.0), (20.0, 1.0), (0.5, 8.0))]
+    fit = microbench.fit_kernel_model(samples)
+    assert fit["fixed_us"] == pytest.approx(3.0) and fit["us_per_mmac"] == pytest.approx(4.0)
+    assert fit["us_per_mb"] == pytest.approx(10.0) and fit["max_rel_error"] < 1e-9
+    # a negative coefficient is dropped, not kept: time never decreases with size
+    neg = microbench.fit_kernel_model([(1.0, 1.0, 10.0), (2.0, 4.0, 12.0), (4.0, 1.0, 30.0), (8.0, 2.0, 50.0)])
+    assert min(neg["fixed_us"], neg["us_per_mmac"], neg["us_per_mb"]) >= 0
 
 
 def test_host_is_not_builtin_but_listed_as_valid():
