@@ -2,14 +2,17 @@
 
 :func:`host_target` builds a :class:`~edgeopt.types.Target` named ``host`` from
 :func:`edgeopt.hostinfo.detect` (architecture, ISA features, cores, RAM) and from a
-short micro-benchmark (:func:`run_microbench`, about two seconds) run with
+short micro-benchmark (:func:`run_microbench`, about ten seconds, once per machine) run with
 onnxruntime at the target's thread count:
 
-* fp32 and int8 rates of the kernel kinds the cost model tells apart
-  (:data:`edgeopt.costmodel.KERNEL_KINDS`): a dense 3x3 convolution, a pointwise
-  (1x1) convolution, a depthwise 3x3 convolution and a matrix product.  int8 is the
-  QDQ form edgeopt's ``int8`` pass emits (uint8 activations, per-channel int8 weights,
-  7-bit weights where :func:`edgeopt.hostinfo.int8_scheme` says so), which
+* fp32 and int8 kernel models of the kinds the cost model tells apart
+  (:data:`edgeopt.costmodel.KERNEL_KINDS`: dense, pointwise and depthwise convolutions,
+  matrix products, elementwise ops): each kind is timed on a grid of synthetic layers
+  spanning the sizes of real networks (:data:`GRID`, chains of four so layout reorders
+  amortize as inside a network) and a line ``fixed + per-MMAC + per-MB`` is fitted
+  (:func:`fit_kernel_model`); the host target's cost model uses these lines.  int8 is
+  the QDQ form edgeopt's ``int8`` pass emits (uint8 activations, per-channel int8
+  weights, 7-bit weights where :func:`edgeopt.hostinfo.int8_scheme` says so), which
   onnxruntime fuses into ``QLinearConv``/``QLinearMatMul``;
 * weight-only int8/int4 (``MatMulNBits``) at batch 1;
 * bf16 through OpenVINO (``INFERENCE_PRECISION_HINT=bf16``) only where the CPU has
@@ -406,7 +409,6 @@ def _ov_ms(model, feed, threads: int, hint: str, seconds: float = MEASURE_SECOND
 
 #: The synthetic layer of each kernel kind: (cin, cout, hw, k, groups) for convolutions, (m, k, n) for gemm.
 CONV_SHAPES = {"conv": (64, 64, 56, 3, 1), "pointwise": (128, 128, 28, 1, 1), "depthwise": (128, 128, 56, 3, 128)}
-GEMM_SHAPE = (64, 1024, 1024)
 #: Tiny convolutions (8 channels, 4x4) chained to measure the cost of one more node.
 _CHAIN = 33
 
@@ -479,19 +481,11 @@ def _measure(threads: int | None) -> dict[str, Any]:
     def kernel_ms(ms: float) -> float:
         return max(1e-6, ms - (run_overhead_us + overhead_us) / 1e3)
 
-    for precision in ("fp32", "int8"):
-        q = precision == "int8"
-        for kind, (cin, cout, hw, k, g) in CONV_SHAPES.items():
-            model, feed, macs = _conv(cin, cout, hw, k, groups=g, int8=q, weight_bits=wbits)
-            ms = _ort_ms(model, feed, n)
-            times_ms[f"{precision}:{kind}"] = ms
-            rates[precision][kind] = 2 * macs / (kernel_ms(ms) / 1e3)
-        model, feed, macs = _matmul(*GEMM_SHAPE, int8=q, weight_bits=wbits)
-        ms = _ort_ms(model, feed, n)
-        times_ms[f"{precision}:gemm"] = ms
-        rates[precision]["gemm"] = 2 * macs / (kernel_ms(ms) / 1e3)
-
     kernel_models, kernel_samples = measure_kernel_models(n, wbits, run_overhead_us)
+    for key, samples in kernel_samples.items():  # the best rate each MAC-carrying kind reached on the grid
+        precision, kind = key.split(":")
+        if kind != "elementwise":
+            rates[precision][kind] = max(2 * mmac * 1e6 / (us * 1e-6) for mmac, _, us in samples)
 
     # weight-only MatMulNBits at batch 1: the time beyond streaming its packed weights is its overhead
     weight_only: dict[str, float] = {}
@@ -504,15 +498,9 @@ def _measure(threads: int | None) -> dict[str, Any]:
         weight_only[f"{name}_overhead_us"] = max(0.0, kernel_ms(ms) * 1e3 - stream_us)
 
     bf16: dict[str, float] = {}
-    openvino = None
-    if cpu.arch == "x86_64":
-        try:
-            import openvino  # noqa: F401
+    from importlib.util import find_spec
 
-            openvino = True
-        except ImportError:
-            openvino = False
-    if openvino:
+    if cpu.arch == "x86_64" and find_spec("openvino") is not None:
         cin, cout, hw, k, g = CONV_SHAPES["conv"]
         model, feed, macs = _conv(cin, cout, hw, k, groups=g)
         for hint, key in (("f32", "fp32"), ("bf16", "bf16")):

@@ -153,7 +153,7 @@ def main() -> int:
 
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        for (name, p), v in variants.items():
+        for v in variants.values():
             v["measured"] = statistics.median(v["samples"])
             v["predicted"] = v["plan"].predicted_latency_ms
         for i, name in enumerate(names):

@@ -12,6 +12,7 @@ import importlib.util
 import pytest
 
 from edgeopt import hostinfo, microbench
+from edgeopt.datasets import default_model_path
 from edgeopt.errors import UnknownTargetError
 from edgeopt.targets import builtin_names, load_target, load_targets, target_sha256
 from edgeopt.types import Target
@@ -192,3 +193,28 @@ def test_host_is_not_builtin_but_listed_as_valid():
         load_target("hots")
     msg = str(e.value)
     assert "host" in msg and "x86-cpu" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("isa,qmax", [("x86_64:sse4_2,avx,avx2,fma,f16c", 64), ("x86_64:avx2,avx512f,avx512_vnni", 127)])
+def test_host_int8_artifact_follows_the_detected_isa(tmp_path, monkeypatch, digits_data, isa, qmax):
+    """--target host on an AVX2-only CPU builds 7-bit int8 weights (exact on its kernels), on a VNNI CPU full range."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from edgeopt.backends.base import build_artifact
+    from edgeopt.graph import analyze
+    from edgeopt.planner import make_plan
+
+    monkeypatch.setenv("EDGEOPT_HOST_ISA", isa)
+    hostinfo.detect.cache_clear()
+    m, cal, _ = digits_data
+    plan = make_plan(analyze(default_model_path()), microbench.host_target(fake_bench()), backend="onnxruntime",
+                     precision="int8")
+    art = build_artifact(m, plan, tmp_path / "a", cal)
+    q = onnx.load(str(tmp_path / "a" / "model.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    weights = [inits[n.input[0]] for n in q.graph.node
+               if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].ndim >= 2]
+    assert weights and max(int(np.abs(w.astype(np.int32)).max()) for w in weights) == qmax
+    assert art.numerics["int8_scheme"].startswith("uint8 activations, " + ("7" if qmax == 64 else "8") + "-bit weights")
