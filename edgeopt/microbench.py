@@ -128,44 +128,6 @@ def _vi(name: str, shape: list[int]):
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
 
 
-def _conv(cin: int, cout: int, hw: int, k: int, *, groups: int = 1, int8: bool = False, weight_bits: int = 8,
-          chain: int = 1, seed: int = 0):
-    """A chain of ``chain`` same-shape convolutions (fp32, or QDQ int8 as the int8 pass emits); (model, feed, MACs)."""
-    import numpy as np
-    from onnx import helper, numpy_helper
-
-    rng = np.random.default_rng(seed)
-    nodes, inits, x = [], [], "x"
-    wmax = (1 << (weight_bits - 1)) - 1
-    for i in range(chain):
-        wshape = (cout, cin // groups, k, k)
-        if int8:
-            inits += [numpy_helper.from_array(np.array(0.02, np.float32), f"s{i}"),
-                      numpy_helper.from_array(np.array(128, np.uint8), f"z{i}"),
-                      numpy_helper.from_array(rng.integers(-wmax - 1, wmax + 1, wshape).astype(np.int8), f"wq{i}"),
-                      numpy_helper.from_array(np.full(cout, 0.01, np.float32), f"ws{i}"),
-                      numpy_helper.from_array(np.zeros(cout, np.int8), f"wz{i}")]
-            nodes += [helper.make_node("QuantizeLinear", [x, f"s{i}", f"z{i}"], [f"q{i}"]),
-                      helper.make_node("DequantizeLinear", [f"q{i}", f"s{i}", f"z{i}"], [f"dq{i}"]),
-                      helper.make_node("DequantizeLinear", [f"wq{i}", f"ws{i}", f"wz{i}"], [f"w{i}"], axis=0)]
-            src = f"dq{i}"
-        else:
-            inits.append(numpy_helper.from_array((rng.standard_normal(wshape) * 0.1).astype(np.float32), f"w{i}"))
-            src = x
-        inits.append(numpy_helper.from_array(np.zeros(cout, np.float32), f"b{i}"))
-        nodes.append(helper.make_node("Conv", [src, f"w{i}", f"b{i}"], [f"y{i}"], pads=[k // 2] * 4, group=groups))
-        x = f"y{i}"
-    if int8:
-        inits += [numpy_helper.from_array(np.array(0.05, np.float32), "so"),
-                  numpy_helper.from_array(np.array(128, np.uint8), "zo")]
-        nodes += [helper.make_node("QuantizeLinear", [x, "so", "zo"], ["qo"]),
-                  helper.make_node("DequantizeLinear", ["qo", "so", "zo"], ["out"])]
-        x = "out"
-    model = _model(nodes, [_vi("x", [1, cin, hw, hw])], [_vi(x, [1, cout, hw, hw])], inits)
-    feed = {"x": rng.random((1, cin, hw, hw), dtype=np.float32)}
-    return model, feed, chain * cout * (cin // groups) * k * k * hw * hw
-
-
 def _matmul(m: int, k: int, n: int, *, int8: bool = False, weight_bits: int = 8, seed: int = 0):
     import numpy as np
     from onnx import helper, numpy_helper
@@ -464,8 +426,8 @@ def _measure(threads: int | None) -> dict[str, Any]:
     times_ms: dict[str, float] = {}
 
     # per-node overhead first (it is taken out of the kernel times below)
-    m1, f1, _ = _conv(8, 8, 4, 1, chain=1)
-    mc, fc, _ = _conv(8, 8, 4, 1, chain=_CHAIN)
+    m1, f1, _ = _conv_chain([(8, 8, 1, 1)], 4)
+    mc, fc, _ = _conv_chain([(8, 8, 1, 1)] * _CHAIN, 4)
     t1, tc = _ort_ms(m1, f1, n), _ort_ms(mc, fc, n)
     overhead_us = max(0.0, (tc - t1) / (_CHAIN - 1) * 1e3)
     times_ms["chain1"], times_ms[f"chain{_CHAIN}"] = t1, tc
@@ -502,7 +464,8 @@ def _measure(threads: int | None) -> dict[str, Any]:
 
     if cpu.arch == "x86_64" and find_spec("openvino") is not None:
         cin, cout, hw, k, g = CONV_SHAPES["conv"]
-        model, feed, macs = _conv(cin, cout, hw, k, groups=g)
+        model, feed, sizes = _conv_chain([(cin, cout, k, g)], hw)
+        macs = sizes[0][0]
         for hint, key in (("f32", "fp32"), ("bf16", "bf16")):
             if key == "bf16" and not bf16_native(cpu.arch, cpu.features):
                 continue

@@ -142,13 +142,18 @@ def _outputs(runner, data: CalibrationData, limit: int) -> list[np.ndarray]:
     return [np.concatenate(o) for o in outs]
 
 
-def validate(runner, inputs: BuildInputs, limit: int = 512) -> dict[str, float]:
-    """Accuracy of the built artifact (its ``runner``) against the original ONNX model (empty without eval data)."""
+#: Evaluation samples a build validates on.
+EVAL_LIMIT = 512
+
+
+def validate(runner, inputs: BuildInputs, limit: int = EVAL_LIMIT, reference: list[np.ndarray] | None = None) -> dict[str, float]:
+    """Accuracy of the built artifact (its ``runner``) against the original ONNX model (empty without eval data);
+    ``reference``: the original model's outputs on the eval data, when already computed."""
     from .fidelity import compare_outputs, run
 
     if inputs.evaluation is None:
         return {}
-    ref = run(inputs.model, inputs.evaluation, limit)
+    ref = reference if reference is not None else run(inputs.model, inputs.evaluation, limit)
     f = compare_outputs(ref, _outputs(runner, inputs.evaluation, limit), inputs.evaluation.labels)
     out = {"snr_db": f.snr_db, "cosine": f.cosine}
     if f.top1_agreement is not None:
@@ -161,30 +166,30 @@ def validate(runner, inputs: BuildInputs, limit: int = 512) -> dict[str, float]:
 def check_numerics(artifact_dir: Path, runner, inputs: BuildInputs, on_target: bool) -> tuple[dict[str, float], str]:
     """The artifact's accuracy and how it was obtained.
 
-    Two views where they differ: the artifact's exact numerics (its backend's reference, e.g. a QDQ graph run as
-    written) and this host's kernels (``runner``).  The host's kernels count when this host is of the target's class
-    (``on_target``), since they are what the device runs; otherwise the exact numerics count and the host's result is
-    kept under ``host_*`` keys (an int8 artifact for a VNNI CPU can saturate on an AVX2 host's kernels, and the
-    reverse)."""
+    When this host is of the target's CPU class (``on_target``), the artifact's runtime here (``runner``) is what the
+    device runs and decides.  Otherwise the artifact's exact numerics decide (its backend's reference, e.g. a QDQ graph
+    run as written, where the backend has one) and this host's kernels are reported under ``host_*`` keys: an int8
+    artifact for a VNNI CPU can saturate on an AVX2 host's kernels, and a TensorRT engine cannot run here at all."""
     from .backends.base import open_reference
+    from .fidelity import run
 
-    reference = open_reference(artifact_dir) if inputs.evaluation is not None else None
+    if inputs.evaluation is None:
+        return {}, ""
+    if runner is not None and on_target:
+        return validate(runner, inputs), "the artifact's runtime on this host, of the target's CPU class"
+    ref = run(inputs.model, inputs.evaluation, EVAL_LIMIT)
+    reference = open_reference(artifact_dir)
     try:
-        exact = validate(reference, inputs) if reference is not None else {}
+        exact = validate(reference, inputs, reference=ref) if reference is not None else {}
     finally:
         if reference is not None:
             reference.close()
-    host = validate(runner, inputs) if runner is not None else {}
-    if host and (on_target or not exact):
-        how = "the artifact's runtime on this host, of the target's CPU class" if on_target else \
-              "the artifact's runtime on this host, which is not of the target's class"
-        return {**host, **{f"exact_{k}": v for k, v in exact.items()}}, how
+    host = validate(runner, inputs, reference=ref) if runner is not None else {}
     if exact:
         how = "exact reference numerics (QDQ run as written, onnxruntime graph optimizations off), independent of this CPU"
-        if host:
-            how += "; this host's kernels (another CPU class): host_* keys"
-        return {**exact, **{f"host_{k}": v for k, v in host.items()}}, how
-    return {}, ""
+        return {**exact, **{f"host_{k}": v for k, v in host.items()}}, how + ("; this host's kernels (another CPU class): "
+                                                                             "host_* keys" if host else "")
+    return host, ("the artifact's runtime on this host, which is not of the target's class" if host else "")
 
 
 def measure(runner, inputs: BuildInputs, repeats: int = 50) -> float:

@@ -201,3 +201,23 @@ def test_avx2_class_int8_is_exact_on_emulated_avx2(tmp_path, digits_data):
     assert abs(res["s8s8_w7"]["kernels"] - res["s8s8_w7"]["exact"]) <= 0.005
     assert res["x86-avx2"]["kernels"] >= fp32 - 0.01
     assert abs(res["x86-avx2"]["kernels"] - res["x86-avx2"]["exact"]) <= 0.005
+
+
+def test_validation_uses_exact_numerics_off_target(tmp_path, fake_host):
+    """A TensorRT artifact (no engine here) and an int8 artifact for another CPU class are validated on their exact
+    QDQ numerics; this host's kernels are reported beside them, not instead of them."""
+    from edgeopt.pipeline import BuildInputs, build
+    from edgeopt.targets import load_target
+
+    fake_host("x86_64:avx2,avx512f,avx512_vnni,amx_int8")  # not the AVX2 class, not a GPU
+    inputs = BuildInputs.default_model()
+    trt = build(inputs, load_target("gpu-server"), tmp_path / "trt", backend="tensorrt", precision="int8", profile=False)
+    assert trt.accuracy["accuracy_delta"] >= -0.01 and "host_accuracy" not in trt.accuracy
+    assert trt.numerics["validated_with"].startswith("exact reference numerics") and "TensorRT" in trt.numerics["int8_scheme"]
+    avx2 = build(inputs, load_target("x86-avx2"), tmp_path / "avx2", backend="onnxruntime", precision="int8")
+    assert avx2.accuracy["accuracy_delta"] >= -0.01 and "host_accuracy" in avx2.accuracy
+    assert "host_* keys" in avx2.numerics["validated_with"] and not avx2.measured_on_target
+    fake_host(HASWELL)
+    same = build(inputs, load_target("x86-avx2"), tmp_path / "same", backend="onnxruntime", precision="int8")
+    assert same.numerics["validated_with"].endswith("of the target's CPU class") and same.measured_on_target
+    assert not any(k.startswith("host_") for k in same.accuracy)
