@@ -181,7 +181,7 @@ def main() -> int:
                 exact = float((top1(p, xh, False) == ref).mean())
                 host = float((top1(p, xh, True) == ref).mean())
                 e = f"{emu[k]['kernels']:.3f}" if emu and k in emu else "-"
-                print(f"| {k} | {exact:.3f} | {host:.3f} | {e} | {np.median(lat[k]) * 1e3:.2f} |")
+                print(f"| {k} | {exact:.3f} | {host:.3f} | {e} | {np.median(lat[k]):.2f} |")
             for fix in ("disable", "enable"):
                 try:
                     a = nncf_agreement(mp, xc, xh, ref, fix)
