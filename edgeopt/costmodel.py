@@ -153,13 +153,18 @@ class LayerCost:
 
 #: Kernel kinds a target may time separately (``BackendOption.kernel_models["<precision>:<kind>"]``, measured by
 #: the host target's micro-benchmark): dense, pointwise and depthwise convolutions run at very different rates, and
-#: ops without MACs (elementwise, pooling, resize, concat) are bound by the bytes they move.
-KERNEL_KINDS = ("conv", "pointwise", "depthwise", "gemm", "elementwise")
+#: upsampling layers (transposed convolutions, resizes) have kernels of their own, and other ops without MACs
+#: (elementwise, pooling, concat) are bound by the bytes they move.
+KERNEL_KINDS = ("conv", "pointwise", "depthwise", "gemm", "convtranspose", "resize", "elementwise")
 
 
 def kernel_kind(layer: LayerInfo) -> str:
     """The kind of kernel a layer runs (see :data:`KERNEL_KINDS`)."""
-    if layer.op_type in ("Conv", "ConvTranspose", "FusedConv", "QLinearConv", "ConvInteger"):
+    if layer.op_type == "ConvTranspose":
+        return "convtranspose"
+    if layer.op_type in ("Resize", "Upsample"):
+        return "resize"
+    if layer.op_type in ("Conv", "FusedConv", "QLinearConv", "ConvInteger"):
         group = int(layer.attributes.get("group", 1) or 1)
         if group > 1:
             return "depthwise"

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 #: Bump when what the benchmark measures changes (old cache files are then ignored).
-SCHEMA = 3
+SCHEMA = 4
 #: Timed seconds per measurement (after warm-up); the whole benchmark stays within a few seconds.
 MEASURE_SECONDS = 0.12
 #: Binary elementwise ops chained in the bandwidth measurement.
@@ -272,6 +272,51 @@ def _add_chain(elems: int, chain: int = 4, *, int8: bool = False, seed: int = 0)
     return model, {"x": rng.random((1, elems), dtype=np.float32)}, [(0, 3 * elems * (1 if int8 else 4))] * chain
 
 
+def _upsample(kind: str, cin: int, cout: int, hw: int, factor: int, *, int8: bool = False, weight_bits: int = 8,
+              seed: int = 0):
+    """One upsampling layer: ``ConvTranspose`` (kernel = stride = ``factor``, as FPN/U-Net heads use) or nearest
+    ``Resize`` by ``factor``; fp32 or with QDQ on its input and output.  (model, feed, [(MACs, bytes moved)])."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    out_hw = hw * factor
+    act = 1 if int8 else 4
+    nodes, inits, x = [], [], "x"
+    if int8:
+        inits += [numpy_helper.from_array(np.array(0.02, np.float32), "s"), numpy_helper.from_array(np.array(0, np.uint8), "z")]
+        nodes += [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+                  helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"])]
+        x = "dq"
+    if kind == "convtranspose":
+        wshape = (cin, cout, factor, factor)
+        if int8:
+            wmax = (1 << (weight_bits - 1)) - 1
+            inits += [numpy_helper.from_array(rng.integers(-wmax - 1, wmax + 1, wshape).astype(np.int8), "wq"),
+                      numpy_helper.from_array(np.array(0.01, np.float32), "ws"), numpy_helper.from_array(np.array(0, np.int8), "wz")]
+            nodes.append(helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"]))
+        else:
+            inits.append(numpy_helper.from_array((rng.standard_normal(wshape) * 0.1).astype(np.float32), "w"))
+        inits.append(numpy_helper.from_array(np.zeros(cout, np.float32), "b"))
+        nodes.append(helper.make_node("ConvTranspose", [x, "w", "b"], ["y"], kernel_shape=[factor, factor],
+                                      strides=[factor, factor]))
+        macs, wbytes = cin * cout * factor * factor * hw * hw, int(np.prod(wshape)) * (1 if int8 else 4)
+    else:
+        cout = cin
+        inits.append(numpy_helper.from_array(np.array([1, 1, factor, factor], np.float32), "scales"))
+        nodes.append(helper.make_node("Resize", [x, "", "scales"], ["y"], mode="nearest"))
+        macs, wbytes = 0, 0
+    y = "y"
+    if int8:
+        inits += [numpy_helper.from_array(np.array(0.05, np.float32), "so"), numpy_helper.from_array(np.array(0, np.uint8), "zo")]
+        nodes += [helper.make_node("QuantizeLinear", ["y", "so", "zo"], ["qo"]),
+                  helper.make_node("DequantizeLinear", ["qo", "so", "zo"], ["out"])]
+        y = "out"
+    model = _model(nodes, [_vi("x", [1, cin, hw, hw])], [_vi(y, [1, cout, out_hw, out_hw])], inits)
+    moved = (cin * hw * hw + cout * out_hw * out_hw) * act + wbytes
+    return model, {"x": rng.random((1, cin, hw, hw), dtype=np.float32)}, [(macs, moved)]
+
+
 #: Synthetic layers per kernel kind, spanning the sizes of real networks (mobile to server-class):
 #: convolutions as (layers [(cin, cout, k, groups)], hw), chains of 4 so the layout reorders a runtime puts at a
 #: graph's edges are shared as they are inside a network; gemm as (m, k, n); elementwise as element counts.
@@ -286,6 +331,9 @@ GRID = {
     "gemm": [(1, 64, 10), (1, 256, 256), (1, 1280, 1000), (1, 1024, 4096), (16, 512, 512), (64, 1024, 1024),
              (128, 256, 768)],
     "elementwise": [1 << 10, 1 << 12, 1 << 15, 1 << 17, 1 << 19, 1 << 21, 1 << 22, 1 << 23],
+    # upsampling as detection/segmentation necks and heads do it: (cin, cout, hw, factor)
+    "convtranspose": [(16, 16, 20, 2), (64, 64, 20, 2), (32, 32, 40, 2), (24, 24, 80, 2), (24, 8, 160, 2), (96, 96, 40, 2)],
+    "resize": [(16, 0, 10, 2), (96, 0, 20, 2), (96, 0, 40, 2), (96, 0, 80, 2), (24, 0, 40, 4), (24, 0, 20, 8)],
 }
 
 
@@ -326,6 +374,8 @@ def measure_kernel_models(threads: int, weight_bits: int, run_overhead_us: float
                     sizes = [(macs, (m * k + m * n) * (1 if q else 4) + k * n * (1 if q else 4))]
                 elif kind == "elementwise":
                     model, feed, sizes = _add_chain(cfg, int8=q)
+                elif kind in ("convtranspose", "resize"):
+                    model, feed, sizes = _upsample(kind, *cfg, int8=q, weight_bits=weight_bits)
                 else:
                     layers, hw = cfg
                     model, feed, sizes = _conv_chain(layers, hw, int8=q, weight_bits=weight_bits)
@@ -446,7 +496,7 @@ def _measure(threads: int | None) -> dict[str, Any]:
     kernel_models, kernel_samples = measure_kernel_models(n, wbits, run_overhead_us)
     for key, samples in kernel_samples.items():  # the best rate each MAC-carrying kind reached on the grid
         precision, kind = key.split(":")
-        if kind != "elementwise":
+        if kind not in ("elementwise", "resize", "convtranspose"):
             rates[precision][kind] = max(2 * mmac * 1e6 / (us * 1e-6) for mmac, _, us in samples)
 
     # weight-only MatMulNBits at batch 1: the time beyond streaming its packed weights is its overhead
@@ -506,9 +556,11 @@ def _now() -> str:
 # --------------------------------------------------------------------------- the target
 
 
-#: What onnxruntime's CPU provider folds into a preceding Conv/Gemm (activation fusion, BatchNormalization and
-#: constant-scale folding), checked on its optimized graphs; an Add/Div by a constant stays a node of its own.
-ORT_FUSES = ("Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "BatchNormalization", "Mul")
+#: What onnxruntime's CPU provider folds into a preceding Conv/Gemm (activation fusion, BatchNormalization), checked
+#: on its optimized graphs.  An Add/Div by a constant stays a node of its own, and so does a Mul by a constant
+#: unless the constant is an initializer of a per-channel shape (PaddlePaddle's scale blocks, Constant nodes, are not
+#: folded): counted as a layer.
+ORT_FUSES = ("Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "BatchNormalization")
 
 
 def host_target(bench: dict[str, Any] | None = None):
