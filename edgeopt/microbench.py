@@ -197,10 +197,9 @@ def l2_bytes_per_core() -> int:
     return DEFAULT_L2_BYTES
 
 
-def _conv_chain(layers: list[tuple[int, int, int, int]], hw: int, *, int8: bool = False, weight_bits: int = 8,
-                seed: int = 0):
-    """Convolutions ``(cin, cout, k, groups)`` in a chain with a fused Relu each (fp32, or QDQ int8 as the int8 pass
-    emits: every conv reads a quantized input); (model, feed, [per-layer (MACs, bytes moved)])."""
+def _conv_chain(layers: list[tuple[int, ...]], hw: int, *, int8: bool = False, weight_bits: int = 8, seed: int = 0):
+    """Convolutions ``(cin, cout, k, groups[, stride])`` in a chain with a fused Relu each (fp32, or QDQ int8 as the
+    int8 pass emits: every conv reads a quantized input); (model, feed, [per-layer (MACs, bytes moved)])."""
     import numpy as np
     from onnx import helper, numpy_helper
 
@@ -209,7 +208,10 @@ def _conv_chain(layers: list[tuple[int, int, int, int]], hw: int, *, int8: bool 
     wmax = (1 << (weight_bits - 1)) - 1
     act = 1 if int8 else 4
     sizes = []
-    for i, (cin, cout, k, g) in enumerate(layers):
+    hw_in = hw
+    for i, (cin, cout, k, g, *rest) in enumerate(layers):
+        stride = rest[0] if rest else 1
+        hw_out = (hw + 2 * (k // 2) - k) // stride + 1
         wshape = (cout, cin // g, k, k)
         if int8:
             inits += [numpy_helper.from_array(np.array(0.02, np.float32), f"s{i}"),
@@ -225,11 +227,14 @@ def _conv_chain(layers: list[tuple[int, int, int, int]], hw: int, *, int8: bool 
             inits.append(numpy_helper.from_array((rng.standard_normal(wshape) * 0.1).astype(np.float32), f"w{i}"))
             src = x
         inits.append(numpy_helper.from_array(np.zeros(cout, np.float32), f"b{i}"))
-        nodes += [helper.make_node("Conv", [src, f"w{i}", f"b{i}"], [f"c{i}"], pads=[k // 2] * 4, group=g),
+        nodes += [helper.make_node("Conv", [src, f"w{i}", f"b{i}"], [f"c{i}"], pads=[k // 2] * 4, group=g,
+                                   strides=[stride, stride]),
                   helper.make_node("Relu", [f"c{i}"], [f"y{i}"])]
         x = f"y{i}"
-        macs = cout * (cin // g) * k * k * hw * hw
-        sizes.append((macs, (cin + cout) * hw * hw * act + int(np.prod(wshape)) * (1 if int8 else 4) + cout * 4))
+        macs = cout * (cin // g) * k * k * hw_out * hw_out
+        sizes.append((macs, (cin * hw * hw + cout * hw_out * hw_out) * act + int(np.prod(wshape)) * (1 if int8 else 4)
+                      + cout * 4))
+        hw = hw_out
     if int8:
         inits += [numpy_helper.from_array(np.array(0.05, np.float32), "so"),
                   numpy_helper.from_array(np.array(0, np.uint8), "zo")]
@@ -237,8 +242,8 @@ def _conv_chain(layers: list[tuple[int, int, int, int]], hw: int, *, int8: bool 
                   helper.make_node("DequantizeLinear", ["qo", "so", "zo"], ["out"])]
         x = "out"
     cin0, cout_last = layers[0][0], layers[-1][1]
-    model = _model(nodes, [_vi("x", [1, cin0, hw, hw])], [_vi(x, [1, cout_last, hw, hw])], inits)
-    return model, {"x": rng.random((1, cin0, hw, hw), dtype=np.float32)}, sizes
+    model = _model(nodes, [_vi("x", [1, cin0, hw_in, hw_in])], [_vi(x, [1, cout_last, hw, hw])], inits)
+    return model, {"x": rng.random((1, cin0, hw_in, hw_in), dtype=np.float32)}, sizes
 
 
 def _add_chain(elems: int, chain: int = 4, *, int8: bool = False, seed: int = 0):
@@ -322,12 +327,14 @@ def _upsample(kind: str, cin: int, cout: int, hw: int, factor: int, *, int8: boo
 #: graph's edges are shared as they are inside a network; gemm as (m, k, n); elementwise as element counts.
 GRID = {
     "conv": [([(c, c, 3, 1)] * 4, hw) for c, hw in
-             ((8, 8), (16, 16), (16, 112), (32, 56), (64, 56), (96, 28), (128, 14), (256, 7))],
+             ((8, 8), (16, 16), (16, 112), (32, 56), (64, 56), (96, 28), (128, 14), (256, 7))]
+            + [([(3, 32, 3, 1, 2)] + [(32, 32, 3, 1)] * 3, 224), ([(3, 16, 3, 1)] + [(16, 16, 3, 1)] * 3, 96)],  # RGB in
     "pointwise": [([(a, b, 1, 1), (b, a, 1, 1)] * 2, hw) for a, b, hw in
                   ((8, 16, 8), (16, 32, 16), (16, 96, 112), (24, 144, 56), (32, 192, 28), (64, 384, 14), (160, 960, 7),
                    (128, 512, 28))],
     "depthwise": [([(c, c, 3, c)] * 4, hw) for c, hw in
-                  ((16, 8), (32, 16), (32, 112), (144, 56), (192, 28), (384, 14), (960, 7), (64, 160))],
+                  ((16, 8), (32, 16), (32, 112), (144, 56), (192, 28), (384, 14), (960, 7), (64, 160))]
+                 + [([(c, c, 3, c, 2)] + [(c, c, 3, c)] * 3, hw) for c, hw in ((96, 112), (144, 56), (192, 28), (576, 14))],
     "gemm": [(1, 64, 10), (1, 256, 256), (1, 1280, 1000), (1, 1024, 4096), (16, 512, 512), (64, 1024, 1024),
              (128, 256, 768)],
     "elementwise": [1 << 10, 1 << 12, 1 << 15, 1 << 17, 1 << 19, 1 << 21, 1 << 22, 1 << 23],
