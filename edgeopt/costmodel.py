@@ -151,15 +151,11 @@ class LayerCost:
     bound: str  # "compute" | "memory" | "fused"
 
 
-#: Kernel kinds a target may time separately (``BackendOption.kernel_models["<precision>:<kind>"]``, measured by
-#: the host target's micro-benchmark): dense, pointwise and depthwise convolutions run at very different rates, and
-#: upsampling layers (transposed convolutions, resizes) have kernels of their own, and other ops without MACs
-#: (elementwise, pooling, concat) are bound by the bytes they move.
-KERNEL_KINDS = ("conv", "pointwise", "depthwise", "gemm", "convtranspose", "resize", "elementwise")
-
-
 def kernel_kind(layer: LayerInfo) -> str:
-    """The kind of kernel a layer runs (see :data:`KERNEL_KINDS`)."""
+    """The kind of kernel a layer runs (:data:`edgeopt.types.KERNEL_KINDS`, timed separately by
+    ``BackendOption.kernel_models["<precision>:<kind>"]``): dense, pointwise and depthwise convolutions run at very
+    different rates, upsampling layers (transposed convolutions, resizes) have kernels of their own, and other ops
+    without MACs (elementwise, pooling, concat) are bound by the bytes they move."""
     if layer.op_type == "ConvTranspose":
         return "convtranspose"
     if layer.op_type in ("Resize", "Upsample"):

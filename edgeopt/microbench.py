@@ -6,7 +6,7 @@ short micro-benchmark (:func:`run_microbench`, about ten seconds, once per machi
 onnxruntime at the target's thread count:
 
 * fp32 and int8 kernel models of the kinds the cost model tells apart
-  (:data:`edgeopt.costmodel.KERNEL_KINDS`: dense, pointwise and depthwise convolutions,
+  (:data:`edgeopt.types.KERNEL_KINDS`: dense, pointwise and depthwise convolutions,
   matrix products, elementwise ops): each kind is timed on a grid of synthetic layers
   spanning the sizes of real networks (:data:`GRID`, chains of four so layout reorders
   amortize as inside a network) and a line ``fixed + per-MMAC + per-MB`` is fitted

@@ -98,6 +98,11 @@ class SparsitySupport(_Frozen):
     compresses_storage: bool = Field(default=False, description="whether the format stores it compactly")
 
 
+#: Kernel kinds a backend option may time separately (``BackendOption.kernel_models``; see
+#: :func:`edgeopt.costmodel.kernel_kind`).
+KERNEL_KINDS: tuple[str, ...] = ("conv", "pointwise", "depthwise", "gemm", "convtranspose", "resize", "elementwise")
+
+
 class KernelModel(_Frozen):
     """Measured time of one kernel kind at one precision on one backend (a line fitted to synthetic layers):
     ``fixed_us + us_per_mmac * MMACs + us_per_mb * MB moved``; the fixed part includes the per-node dispatch."""
@@ -141,6 +146,15 @@ class BackendOption(_Frozen):
     weight_only_compute: Literal["fp32", "fp16", "bf16"] = Field(
         default="fp32", description="the float arithmetic weight-only (wint8/wint4) layers compute in"
     )
+
+    @field_validator("kernel_models")
+    @classmethod
+    def _kernel_keys(cls, v: dict[str, KernelModel]) -> dict[str, KernelModel]:
+        bad = sorted(k for k in v if k.partition(":")[0] not in PRECISIONS or k.partition(":")[2] not in KERNEL_KINDS)
+        if bad:
+            raise ValueError(f"kernel_models keys must be '<precision>:<kind>' with a precision in {list(PRECISIONS)} and "
+                             f"a kind in {list(KERNEL_KINDS)}; got {bad}")
+        return v
 
     def efficiency_for(self, precision: str, unit: ComputeUnit) -> float:
         return self.efficiency_by_precision.get(precision, self.efficiency or unit.efficiency)

@@ -218,3 +218,14 @@ def test_host_int8_artifact_follows_the_detected_isa(tmp_path, monkeypatch, digi
                if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].ndim >= 2]
     assert weights and max(int(np.abs(w.astype(np.int32)).max()) for w in weights) == qmax
     assert art.numerics["int8_scheme"].startswith("uint8 activations, " + ("7" if qmax == 64 else "8") + "-bit weights")
+
+
+def test_grid_covers_every_kernel_kind_and_keys_are_checked():
+    from pydantic import ValidationError
+
+    from edgeopt.types import KERNEL_KINDS, BackendOption
+
+    assert sorted(microbench.GRID) == sorted(KERNEL_KINDS)
+    with pytest.raises(ValidationError, match="kernel_models keys"):
+        BackendOption(backend="onnxruntime", unit="cpu", precisions=["fp32"],
+                      kernel_models={"fp32:convv": {"fixed_us": 1, "us_per_mmac": 1, "us_per_mb": 1}})
