@@ -64,7 +64,8 @@ def ort_best(model: onnx.ModelProto, calib, d: Path) -> onnx.ModelProto:
     return onnx.load(str(dst))
 
 
-def nncf_agreement(model_path: Path, calib_x: np.ndarray, x: np.ndarray, ref: np.ndarray, overflow_fix: str) -> float:
+def nncf_ir(model_path: Path, calib_x: np.ndarray, overflow_fix: str, out: Path) -> Path:
+    """``nncf.quantize`` with the given overflow fix, saved as OpenVINO IR."""
     import nncf
     import openvino as ov
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
@@ -72,7 +73,14 @@ def nncf_agreement(model_path: Path, calib_x: np.ndarray, x: np.ndarray, ref: np
     ovm = ov.convert_model(str(model_path))
     q = nncf.quantize(ovm, nncf.Dataset([calib_x[i:i + 1] for i in range(len(calib_x))]), subset_size=len(calib_x),
                       advanced_parameters=AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix(overflow_fix)))
-    compiled = ov.Core().compile_model(q, "CPU", {"INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32"})
+    ov.save_model(q, str(out), compress_to_fp16=False)
+    return out
+
+
+def ov_agreement(xml: Path, x: np.ndarray, ref: np.ndarray) -> float:
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32"})
     pred = np.array([int(np.asarray(compiled(x[i:i + 1])[0]).argmax()) for i in range(len(x))])
     return float((pred == ref).mean())
 
@@ -182,13 +190,15 @@ def main() -> int:
                 host = float((top1(p, xh, True) == ref).mean())
                 e = f"{emu[k]['kernels']:.3f}" if emu and k in emu else "-"
                 print(f"| {k} | {exact:.3f} | {host:.3f} | {e} | {np.median(lat[k]):.2f} |")
-            for fix in ("disable", "enable"):
-                try:
-                    a = nncf_agreement(mp, xc, xh, ref, fix)
-                    print(f"| nncf.quantize on OpenVINO, overflow fix {fix} (host kernels) | - | {a:.3f} | - | - |")
-                except ImportError:
-                    print("| nncf / openvino not installed | | | | |")
-                    break
+            try:
+                irs = {fix: nncf_ir(mp, xc, fix, d / f"nncf_{fix}.xml") for fix in ("disable", "first_layer_only", "enable")}
+            except ImportError:
+                irs = {}
+                print("| nncf / openvino not installed | | | | |")
+            ov_emu = emulated({f"nncf {k}": v for k, v in irs.items()}, xh[:ne], ref[:ne], d) if irs and ne else None
+            for fix, xml in irs.items():
+                e = f"{ov_emu[f'nncf {fix}']['kernels']:.3f}" if ov_emu else "-"
+                print(f"| nncf.quantize on OpenVINO, overflow fix {fix} | - | {ov_agreement(xml, xh, ref):.3f} | {e} | - |")
             if emu:
                 name = next(iter(layouts))
                 checks.append(("MobileNetV2: AVX2 scheme's kernels match its QDQ numerics on AVX2 (>= 0.9 of crops)",
