@@ -118,8 +118,10 @@ def test_int8_pass_defaults_to_the_hosts_scheme(fake_host, digits_data):
     fake_host(HASWELL)
     r = run_pass("int8", m, {}, cal, evaluate=False)
     assert _weight_qmax(r.model) == 64 and any("7-bit weights (this host: no VNNI)" in n for n in r.report.notes)
+    assert any(n.startswith("bias correction: ") for n in r.report.notes)  # the coarser grid's mean shift is corrected
     fake_host("x86_64:avx2,avx512f,avx512_vnni")
-    assert _weight_qmax(run_pass("int8", m, {}, cal, evaluate=False).model) == 127
+    r8 = run_pass("int8", m, {}, cal, evaluate=False)
+    assert _weight_qmax(r8.model) == 127 and not any(n.startswith("bias correction: ") for n in r8.report.notes)
     assert _weight_qmax(run_pass("int8", m, {"weight_bits": 7}, cal, evaluate=False).model) == 64
 
 
