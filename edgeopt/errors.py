@@ -1,4 +1,6 @@
-"""Errors a user can act on.  The CLI prints ``error: <message>`` and exits 2."""
+"""Errors a user can act on (:class:`EdgeoptError`: the CLI prints ``error: <message>`` and exits 2) and bugs
+(:class:`InternalError`, or any other exception: ``internal error: ...`` with a hint, exit 1, the traceback
+with ``edgeopt --debug``)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,15 @@ class EdgeoptError(Exception):
     @property
     def message(self) -> str:
         return str(self)
+
+
+class InternalError(Exception):
+    """A bug in edgeopt: an invariant that should hold did not.  Nothing the user changes fixes it."""
+
+    exit_code = 1
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(message.split()))
 
 
 def _choices(valid: Iterable[str]) -> str:

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from .errors import InternalError
+
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
 
@@ -107,8 +109,13 @@ def _round_output(model: onnx.ModelProto, node: onnx.NodeProto, to: int, tag: st
                              helper.make_node("Cast", [f"{tag}/mid"], [y], name=f"{tag}/c2", to=TensorProto.FLOAT)])
 
 
+class NotApplicable(ValueError):
+    """The option cannot apply to this layer: recorded as a finding, not raised."""
+
+
 def simulate(model: onnx.ModelProto, layer: str, option: str, ranges: dict[str, tuple[float, float]]) -> onnx.ModelProto:
-    """A copy of the (cleaned) model with only ``layer`` in ``option``'s numerics."""
+    """A copy of the (cleaned) model with only ``layer`` in ``option``'s numerics (:class:`NotApplicable` where the
+    option cannot apply to the layer)."""
     import onnx
     from onnx import TensorProto
 
@@ -122,13 +129,13 @@ def simulate(model: onnx.ModelProto, layer: str, option: str, ranges: dict[str, 
     node = next(n for n in m.graph.node if n.name == layer)
     w = g.array(node.input[1])
     if w is None:
-        raise ValueError(f"{layer}: weight is not constant")
+        raise NotApplicable(f"{layer}: weight is not constant")
     axis = _out_axis(node, w)
     k_axis, why = _reduction_axis(node, w)
     if option in ("wint8", "wint4") and node.op_type == "Conv":
-        raise ValueError("weight-only kernels exist for MatMul/Gemm, not Conv")
+        raise NotApplicable("weight-only kernels exist for MatMul/Gemm, not Conv")
     if option == "2:4" and (k_axis is None or w.shape[k_axis] % 4 or w.shape[k_axis] == 1):
-        raise ValueError(why or f"reduction dim {w.shape[k_axis]} is not a multiple of 4")
+        raise NotApplicable(why or f"reduction dim {w.shape[k_axis]} is not a multiple of 4")
     if option == "fp16":
         new_w = _round_fp16(w)
         _round_output(m, node, TensorProto.FLOAT16, f"{layer}/sens")
@@ -156,7 +163,7 @@ def simulate(model: onnx.ModelProto, layer: str, option: str, ranges: dict[str, 
         mags = np.abs(w).ravel()
         new_w = np.where(_smallest_mask(mags, int(UNSTRUCTURED_RATIO * mags.size)).reshape(w.shape), w, 0).astype(w.dtype)
     else:
-        raise ValueError(f"unknown option {option}")
+        raise InternalError(f"sensitivity: unknown option {option}")
     g.set_initializer(node.input[1], new_w.astype(w.dtype))
     _toposort(m)
     return m
@@ -204,7 +211,7 @@ def measure(model: onnx.ModelProto, calib: CalibrationData, options: Iterable[st
     import onnx
 
     from .fidelity import session
-    from .passes import run_pass
+    from .passes import PassError, run_pass
     from .passes._util import collect_activations
     from .passes.cleanup import Config as CleanupConfig
     from .passes.cleanup import apply as cleanup
@@ -254,7 +261,7 @@ def measure(model: onnx.ModelProto, calib: CalibrationData, options: Iterable[st
             else:
                 sim = simulate(clean, name, option, ranges)
             out = session(sim).run(None, feeds)[0]
-        except Exception as e:  # an option that cannot apply to this layer is a finding, not a crash
+        except (NotApplicable, PassError, *_ort_errors()) as e:  # cannot apply / cannot run here: a finding, not a crash
             results[(name, option)] = Sensitivity(layer=name, option=option, noise=0.0, flips=None, applicable=False,
                                                   reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             continue
@@ -265,6 +272,14 @@ def measure(model: onnx.ModelProto, calib: CalibrationData, options: Iterable[st
 
         atomic_write_text(store, json.dumps([s.model_dump() for s in results.values()]))
     return results
+
+
+def _ort_errors() -> tuple[type[Exception], ...]:
+    """onnxruntime's own failures (an op or type its CPU provider does not run): the option cannot run here."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as st
+
+    return tuple(getattr(st, n) for n in ("Fail", "InvalidArgument", "InvalidGraph", "NotImplemented", "RuntimeException")
+                 if hasattr(st, n))
 
 
 def quantizable_layers(analysis: ModelAnalysis) -> list[str]:

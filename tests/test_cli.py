@@ -122,3 +122,43 @@ def test_build_replay_and_fleet_commands(tmp_path):
     fl = run("fleet", "default", "--targets", "x86-cpu,jetson-orin", "-o", tmp_path / "fleet", check_rc=0)
     assert "report:" in fl.stdout and (tmp_path / "fleet" / "report.html").is_file()
     assert (tmp_path / "fleet" / "jetson-orin" / "build_engine.py").is_file()
+
+
+def test_internal_errors_exit_1_with_a_hint_and_traceback_on_debug(monkeypatch, capsys):
+    """A bug is not a user error: exit 1, one line naming it as a bug, the traceback only with --debug."""
+    import edgeopt.cli as cli
+    from edgeopt.errors import InternalError
+
+    def broken(args):
+        raise KeyError("layer x")
+
+    monkeypatch.setattr(cli, "_cmd_targets", broken)
+    assert cli.main(["targets", "list"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("internal error: KeyError: 'layer x' (a bug in edgeopt")
+    assert "--debug" in err and "Traceback" not in err
+    with pytest.raises(KeyError):
+        cli.main(["--debug", "targets", "list"])
+
+    def invariant(args):
+        raise InternalError("tflite writer: tensor t used before it is produced")
+
+    monkeypatch.setattr(cli, "_cmd_targets", invariant)
+    assert cli.main(["targets", "list"]) == 1
+    assert capsys.readouterr().err.startswith("internal error: InternalError: tflite writer: tensor t used before")
+
+
+def test_sensitivity_records_inapplicable_options_but_raises_bugs(digits_data, monkeypatch):
+    import edgeopt.sensitivity as sens
+
+    m, cal, _ = digits_data
+    res = sens.measure(m, cal.subset(16), options=("wint8",), cache=False)
+    convs = [s for (name, opt), s in res.items() if "Conv" in name]
+    assert convs and all(not s.applicable and s.reason.startswith("NotApplicable: weight-only") for s in convs)
+
+    def bug(*a, **k):
+        raise TypeError("simulate bug")
+
+    monkeypatch.setattr(sens, "simulate", bug)
+    with pytest.raises(TypeError, match="simulate bug"):
+        sens.measure(m, cal.subset(16), options=("fp16",), cache=False)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import EdgeoptError, InputShapeError, UnsupportedOpError
+from ..errors import EdgeoptError, InputShapeError, InternalError, UnsupportedOpError
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -182,7 +182,7 @@ class _Translator:
             return self.env[name]
         if name in self.consts:
             return self.consts[name]
-        raise EdgeoptError(f"tensor {name} is neither computed nor constant")
+        raise InternalError(f"tensor {name} is neither computed nor constant")
 
     def const(self, name: str, what: str) -> np.ndarray:
         v = self.value(name)
@@ -235,7 +235,7 @@ class _Translator:
         self._k, self._node_ops = 0, []
         try:
             res = handler(self, node, _attrs(node), [self.value(i) for i in node.input])
-        except EdgeoptError:
+        except (EdgeoptError, InternalError):
             raise
         except Exception as e:  # a MIL type/shape error: name the node
             raise UnsupportedOpError(f"node {node.name} ({node.op_type}) failed to translate to MIL: {e}") from e
@@ -246,8 +246,8 @@ class _Translator:
                 want = self.shapes.get(name)
                 got = tuple(getattr(var, "shape", np.shape(var)))
                 if want is not None and tuple(want) != got:
-                    raise EdgeoptError(f"node {node.name} ({node.op_type}): MIL infers shape {list(got)} for {name}, "
-                                       f"ONNX {list(want)} (translation bug)")
+                    raise InternalError(f"node {node.name} ({node.op_type}): MIL infers shape {list(got)} for {name}, "
+                                        f"ONNX {list(want)} (translation bug)")
         self.layers[node.name] = self._node_ops or []
 
 
@@ -385,7 +385,7 @@ def _binary(t, node, a, ins):
     fn = getattr(mb, _BINARY[node.op_type])
     vals = [t.f32(v) for v in ins if v is not None]
     if all(isinstance(v, np.ndarray) for v in vals):
-        raise EdgeoptError(f"{node.name}: all inputs are constant (constant folding should have removed it)")
+        raise InternalError(f"{node.name}: all inputs are constant (constant folding should have removed it)")
     y = vals[0]
     for i, v in enumerate(vals[1:]):
         y = fn(x=y, y=v, name=t.name(main=(i == len(vals) - 2)))

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import EdgeoptError, UnsupportedOpError
+from ..errors import EdgeoptError, InternalError, UnsupportedOpError
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -325,7 +325,7 @@ class _Builder:
     def get(self, name: str, want: str = "any") -> tuple[int, str]:
         """The IR tensor for ONNX tensor ``name`` in layout ``want`` (plain | nhwc | any)."""
         if name not in self.vals:
-            raise EdgeoptError(f"tflite writer: tensor '{name}' is not produced by a translated node")
+            raise InternalError(f"tflite writer: tensor '{name}' is not produced by a translated node")
         tid, layout = self.vals[name]
         if want == "any" or want == layout:
             return tid, layout
@@ -406,7 +406,7 @@ class _Builder:
             self.done.add(node.name)
         for out in self.g.output:
             if out.name not in self.vals:
-                raise EdgeoptError(f"tflite writer: graph output '{out.name}' is not produced by a translated node")
+                raise InternalError(f"tflite writer: graph output '{out.name}' is not produced by a translated node")
             tid, layout = self.vals[out.name]
             if layout == "flat":
                 tid, layout = self.get(out.name, "plain")
@@ -1193,7 +1193,7 @@ class _Emitter:
             return self.versions[key]
         other = (tid, "q" if kind == "f" else "f")
         if other not in self.versions:
-            raise EdgeoptError(f"tflite writer: tensor {self.ir.tensors[tid].name} used before it is produced")
+            raise InternalError(f"tflite writer: tensor {self.ir.tensors[tid].name} used before it is produced")
         idx = self.new_act(tid, kind, suffix="/dequant" if kind == "f" else "/quant")
         self.operator("DEQUANTIZE" if kind == "f" else "QUANTIZE", [self.versions[other]], [idx])
         return idx
