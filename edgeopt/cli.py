@@ -360,8 +360,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_profile(args: argparse.Namespace) -> int:
     from .backends.base import read_manifest
-    from .profiling import calibration_for, profile_artifact, render_profile, save_profile
-    from .remote import parse_device
+    from .profiling import calibration_for, render_profile, save_profile
+    from .remote import parse_device, profile_artifact
 
     device = parse_device(args.device, token=args.token)  # a bad device string fails before anything runs
     artifact = read_manifest(args.artifact)

@@ -20,7 +20,7 @@ import numpy as np
 from .errors import EdgeoptError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .pipeline import BuildInputs
+    from .inputs import BuildInputs
     from .types import BackendOption, Target
 
 PROFILED = ("fp32", "int8", "wint8", "wint4")

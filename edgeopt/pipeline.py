@@ -15,53 +15,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import EdgeoptError, PlanError
+from .inputs import BuildInputs
 from .types import Artifact, Plan, Target
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
 
     from .calibration import CalibrationData
-    from .types import ModelAnalysis
 
 Progress = Callable[[str], None]
-
-
-@dataclass
-class BuildInputs:
-    """A model with its data, prepared once and shared by every target of a fleet."""
-
-    path: Path
-    model: onnx.ModelProto
-    analysis: ModelAnalysis
-    calib: CalibrationData | None
-    evaluation: CalibrationData | None
-
-    @classmethod
-    def prepare(cls, path: str | Path, *, calib=None, eval_data=None, labels: np.ndarray | None = None,
-                input_shapes: dict[str, list[int]] | None = None) -> BuildInputs:
-        from .calibration import as_calibration
-        from .graph import analyze, load_model
-
-        p = Path(path)
-        model = load_model(p, load_external_data=True)
-        analysis = analyze(p, input_shapes, model=model)
-        cal = as_calibration(calib, model) if calib is not None else None
-        if eval_data is not None:
-            ev = as_calibration(eval_data, model, labels=labels)
-        elif cal is not None:
-            ev = cal if labels is None else as_calibration(cal, model, labels=labels)
-        else:
-            ev = None
-        return cls(p, model, analysis, cal, ev)
-
-    @classmethod
-    def default_model(cls) -> BuildInputs:
-        """The embedded digits CNN with its calibration split and labelled test split."""
-        from .datasets import default_model_path, digits
-
-        xc, _ = digits("calib")
-        xt, yt = digits("test")
-        return cls.prepare(default_model_path(), calib=xc, eval_data=xt, labels=yt)
 
 
 def load_plan(path: str | Path) -> Plan:

@@ -1,6 +1,6 @@
 """Measuring latency: of ONNX models in onnxruntime on this machine, and of built artifacts on devices.
 
-Artifact profiles (:func:`profile_artifact`) are saved under ``profiles/`` and
+Artifact profiles (:func:`edgeopt.remote.profile_artifact`) are saved under ``profiles/`` and
 calibrate the cost model's latency predictions (:func:`calibrate`).
 """
 
@@ -78,7 +78,7 @@ def interleaved_latency(models: dict[str, object], feed: dict[str, np.ndarray], 
 # predictions per (target, backend, compute unit): see :func:`calibrate`.
 
 PROFILES_DIR = "profiles"
-#: Backends whose thread count profile_artifact can fix (others run with the runtime's own setting).
+#: Backends whose thread count a profile can fix (others run with the runtime's own setting).
 THREADED_BACKENDS = ("onnxruntime", "tflite", "openvino")
 #: The Python distribution that provides each backend's runtime (for the profile's host record).
 RUNTIME_DIST = {"onnxruntime": "onnxruntime", "tflite": "ai-edge-litert", "tflm": "ai-edge-litert",
@@ -307,7 +307,7 @@ def _now_utc() -> str:
 
 def profile_local(artifact_dir: str | Path, *, threads: int | None = None, warmup: int = 10, repeats: int = 100,
                   inputs=None, op_repeats: int = 20) -> Profile:
-    """Profile an artifact in its runtime on this machine (see :func:`profile_artifact`)."""
+    """Profile an artifact in its runtime on this machine (see :func:`edgeopt.remote.profile_artifact`)."""
     import importlib
 
     from .backends import get
@@ -332,27 +332,6 @@ def profile_local(artifact_dir: str | Path, *, threads: int | None = None, warmu
                    device="local", host=host_info(artifact.backend, artifact.plan.unit), threads=n_threads,
                    warmup=warmup, repeats=repeats, latency_ms=percentiles(times), peak_memory_bytes=mem.bytes,
                    ops=list(ops), predicted_latency_ms=artifact.predicted_latency_ms, created_utc=_now_utc())
-
-
-def profile_artifact(artifact_dir: str | Path, device="local", threads: int | None = None, warmup: int = 10,
-                     repeats: int = 100, inputs=None, *, token: str | None = None, op_repeats: int = 20) -> Profile:
-    """Measure an artifact on ``device``: warm-up runs, then ``repeats`` timed runs with ``threads`` threads.
-
-    ``device`` is ``local`` (this machine, in the artifact's runtime), ``ssh://[user@]host[:port]``,
-    ``adb:SERIAL`` or ``http://host:port`` (an ``edgeopt agent``; ``token`` or $EDGEOPT_AGENT_TOKEN), or a
-    :class:`edgeopt.remote.Device`.  ``inputs`` (local only): a mapping or .npz/.npy path; default random data
-    in the plan's input shapes.  The profile is returned, not saved: see :func:`save_profile`.
-    """
-    from .remote import Device, LocalDevice, parse_device
-
-    dev = device if isinstance(device, Device) else parse_device(str(device), token=token)
-    if isinstance(dev, LocalDevice):
-        return profile_local(artifact_dir, threads=threads, warmup=warmup, repeats=repeats, inputs=inputs,
-                             op_repeats=op_repeats)
-    if inputs is not None:
-        raise EdgeoptError(f"given inputs are supported on the local device only, not {dev.spec}")
-    _check_counts(threads, warmup, repeats)
-    return dev.profile(Path(artifact_dir), threads=threads, warmup=warmup, repeats=repeats)
 
 
 # --------------------------------------------------------------------------- saving and loading

@@ -465,3 +465,24 @@ class AgentDevice(Device):
         except ValidationError:
             raise EdgeoptError(f"the agent at {self.url} did not return a profile") from None
         return profile.model_copy(update={"device": self.spec})
+
+
+def profile_artifact(artifact_dir: str | Path, device="local", threads: int | None = None, warmup: int = 10,
+                     repeats: int = 100, inputs=None, *, token: str | None = None, op_repeats: int = 20) -> Profile:
+    """Measure an artifact on ``device``: warm-up runs, then ``repeats`` timed runs with ``threads`` threads.
+
+    ``device`` is ``local`` (this machine, in the artifact's runtime), ``ssh://[user@]host[:port]``,
+    ``adb:SERIAL`` or ``http://host:port`` (an ``edgeopt agent``; ``token`` or $EDGEOPT_AGENT_TOKEN), or a
+    :class:`edgeopt.remote.Device`.  ``inputs`` (local only): a mapping or .npz/.npy path; default random data
+    in the plan's input shapes.  The profile is returned, not saved: see :func:`save_profile`.
+    """
+    from .profiling import _check_counts, profile_local
+
+    dev = device if isinstance(device, Device) else parse_device(str(device), token=token)
+    if isinstance(dev, LocalDevice):
+        return profile_local(artifact_dir, threads=threads, warmup=warmup, repeats=repeats, inputs=inputs,
+                             op_repeats=op_repeats)
+    if inputs is not None:
+        raise EdgeoptError(f"given inputs are supported on the local device only, not {dev.spec}")
+    _check_counts(threads, warmup, repeats)
+    return dev.profile(Path(artifact_dir), threads=threads, warmup=warmup, repeats=repeats)

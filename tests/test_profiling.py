@@ -17,9 +17,9 @@ from edgeopt.profiling import (
     calibrate,
     calibrated_latency,
     load_profiles,
-    profile_artifact,
     save_profile,
 )
+from edgeopt.remote import profile_artifact
 from edgeopt.targets import load_target
 from edgeopt.types import Profile
 
