@@ -58,7 +58,7 @@ def measure(inputs: BuildInputs, target: Target, option: BackendOption, *, threa
     from .backends.onnxruntime import OrtRunner, apply_precisions
     from .planner import make_plan
 
-    if option.backend != "onnxruntime" or option.options.get("provider", "CPUExecutionProvider") != "CPUExecutionProvider":
+    if option.backend != "onnxruntime" or option.settings.provider != "CPUExecutionProvider":
         raise EdgeoptError(f"measured layer latency needs a local runtime; {option.label} is not onnxruntime on this CPU")
     from .costmodel import VIEW_OPS, fused_layers
 
@@ -87,7 +87,7 @@ def measure(inputs: BuildInputs, target: Target, option: BackendOption, *, threa
         with tempfile.TemporaryDirectory() as d:
             path = Path(d) / "m.onnx"
             onnx.save(model, str(path))
-            runner = OrtRunner(path, threads=threads or option.options.get("threads"))
+            runner = OrtRunner(path, threads=threads or option.settings.threads)
             for op in runner.op_profile(feed, repeats=repeats):
                 layer = _match(op.name, names)
                 if layer is not None:

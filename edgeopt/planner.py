@@ -138,7 +138,8 @@ def evaluate(analysis: ModelAnalysis, target: Target, option: BackendOption, rec
         choices = {k: Choice(p, reason=why) for k, (p, why) in precisions.items()}
     unit = unit_of(target, option)
     fused = fused_layers(analysis, option.fuses)
-    reorders = nchwc_reorders(analysis, fused, int(option.options.get("channel_multiple", 8))) if option.nchwc else {}
+    block = getattr(option.settings, "channel_multiple", None) or 8
+    reorders = nchwc_reorders(analysis, fused, block) if option.nchwc else {}
     producer_bits = {}
     layers: list[LayerPlan] = []
     for ly in analysis.layers:

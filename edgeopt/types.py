@@ -114,6 +114,48 @@ class KernelModel(_Frozen):
     max_rel_error: float | None = Field(default=None, ge=0, description="worst relative error of the fit on them")
 
 
+class _BackendSettings(_Frozen):
+    threads: int | None = Field(default=None, ge=1, description="intra-op threads the runtime uses")
+
+
+class OnnxRuntimeSettings(_BackendSettings):
+    provider: Literal["CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider",
+                      "OpenVINOExecutionProvider", "CoreMLExecutionProvider", "DmlExecutionProvider",
+                      "QNNExecutionProvider", "XnnpackExecutionProvider"] = "CPUExecutionProvider"
+    channel_multiple: int | None = Field(default=None, ge=1, description="channel counts its fast kernels want (pruning)")
+
+
+class OpenVinoSettings(_BackendSettings):
+    device: str = Field(default="CPU", description="OpenVINO device: CPU, GPU, NPU, AUTO, ...")
+
+
+class TfliteSettings(_BackendSettings):
+    delegate: Literal["xnnpack", "nnapi", "gpu", "hexagon", "none"] = "xnnpack"
+    calibration_samples: int = Field(default=256, ge=1)
+
+
+class TflmSettings(_BackendSettings):
+    kernels: Literal["reference", "cmsis-nn", "ethos-u"] = "reference"
+    calibration_samples: int = Field(default=256, ge=1)
+
+
+class CoreMlSettings(_BackendSettings):
+    compute_units: Literal["ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE"] = "ALL"
+
+
+class TensorRtSettings(_BackendSettings):
+    device: Literal["gpu", "dla"] = "gpu"
+    dla_core: int | None = Field(default=None, ge=0)
+    gpu_fallback: bool = False
+
+
+#: The settings each backend takes in a target's ``backends[].options`` (an unknown key is an error).
+BACKEND_SETTINGS: dict[str, type[_BackendSettings]] = {
+    "onnxruntime": OnnxRuntimeSettings, "openvino": OpenVinoSettings, "tflite": TfliteSettings, "tflm": TflmSettings,
+    "coreml": CoreMlSettings, "tensorrt": TensorRtSettings,
+}
+
+
 class BackendOption(_Frozen):
     """One way to run models on a target: a backend on one compute unit."""
 
@@ -146,6 +188,26 @@ class BackendOption(_Frozen):
     weight_only_compute: Literal["fp32", "fp16", "bf16"] = Field(
         default="fp32", description="the float arithmetic weight-only (wint8/wint4) layers compute in"
     )
+
+    @model_validator(mode="after")
+    def _known_settings(self) -> BackendOption:
+        from pydantic import ValidationError
+
+        model = BACKEND_SETTINGS[self.backend]
+        unknown = sorted(set(self.options) - set(model.model_fields))
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown} for backend {self.backend}; valid: {sorted(model.model_fields)}")
+        try:
+            model.model_validate(self.options)
+        except ValidationError as e:
+            first = e.errors()[0]
+            raise ValueError(f"backend {self.backend} option {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        return self
+
+    @property
+    def settings(self) -> _BackendSettings:
+        """``options`` as the backend's typed settings (defaults filled in)."""
+        return BACKEND_SETTINGS[self.backend].model_validate(self.options)
 
     @field_validator("kernel_models")
     @classmethod

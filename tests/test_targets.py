@@ -89,3 +89,26 @@ def test_load_targets_all_and_list():
     assert [t.name for t in load_targets("ios, x86-cpu")] == ["ios", "x86-cpu"]
     with pytest.raises(UnknownTargetError):
         load_targets("ios,bogus")
+
+
+@pytest.mark.parametrize("options,message", [
+    ("{thredas: 2}", r"unknown option\(s\) \['thredas'\] for backend onnxruntime; valid: \['channel_multiple', 'provider', 'threads'\]"),
+    ("{threads: 0}", r"backend onnxruntime option threads: Input should be greater than or equal to 1"),
+    ("{provider: CUDAExcutionProvider}", r"backend onnxruntime option provider"),
+])
+def test_backend_options_are_typed(tmp_path, options, message):
+    f = tmp_path / "t.yaml"
+    f.write_text(f"base: x86-cpu\nname: x\nbackends: [{{backend: onnxruntime, unit: cpu, precisions: [fp32], options: {options}}}]\n")
+    with pytest.raises(TargetFileError, match=message):
+        load_target(str(f))
+
+
+def test_every_builtin_option_reads_as_typed_settings():
+    from edgeopt.types import BACKEND_SETTINGS
+
+    assert set(BACKEND_SETTINGS) == set(__import__("edgeopt.backends", fromlist=["BACKENDS"]).BACKENDS)
+    for name in builtin_names():
+        for opt in load_target(name).backends:
+            s = opt.settings
+            assert all(getattr(s, k) == v for k, v in opt.options.items())
+    assert load_target("jetson-orin").backends[1].settings.device == "dla"

@@ -49,7 +49,7 @@ def _no_fp64(layer, option, analysis) -> str | None:
 
 def check_ops(analysis: ModelAnalysis, option: BackendOption) -> list[str]:
     supported = _is_supported
-    if option.options.get("device") == "dla" and not option.options.get("gpu_fallback", False):
+    if option.settings.device == "dla" and not option.settings.gpu_fallback:
         def supported(op: str, domain: str) -> bool:
             return op in DLA_OPS and _is_supported(op, domain)
     return _ops.check_layers(analysis, option, supported, [_no_fp64, _ops.max_rank(8)])

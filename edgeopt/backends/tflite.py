@@ -41,7 +41,7 @@ NNAPI_OPS = _ops.TFLM_OPS | frozenset({"Exp", "Log", "Sqrt", "Pow", "Neg", "Abs"
 def check_ops(analysis: ModelAnalysis, option: BackendOption) -> list[str]:
     from ._tflite_writer import SUPPORTED_OPS as WRITER_OPS  # what the .tflite writer translates
 
-    if option.options.get("delegate") == "nnapi":
+    if option.settings.delegate == "nnapi":
         return _ops.check_layers(analysis, option, NNAPI_OPS & WRITER_OPS,
                                  [_ops.static_shapes, _ops.div_by_constant, _ops.max_rank(4), _ops.grouped_conv])
     return _ops.check_layers(analysis, option, _ops.TFLITE_OPS & WRITER_OPS, [_ops.static_shapes, _ops.max_rank(5), _ops.grouped_conv])
