@@ -7,7 +7,6 @@ calibrate the cost model's latency predictions (:func:`calibrate`).
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 import os
 import platform
@@ -78,11 +77,6 @@ def interleaved_latency(models: dict[str, object], feed: dict[str, np.ndarray], 
 # predictions per (target, backend, compute unit): see :func:`calibrate`.
 
 PROFILES_DIR = "profiles"
-#: Backends whose thread count a profile can fix (others run with the runtime's own setting).
-THREADED_BACKENDS = ("onnxruntime", "tflite", "openvino")
-#: The Python distribution that provides each backend's runtime (for the profile's host record).
-RUNTIME_DIST = {"onnxruntime": "onnxruntime", "tflite": "ai-edge-litert", "tflm": "ai-edge-litert",
-                "openvino": "openvino", "coreml": "coremltools", "tensorrt": "tensorrt"}
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
 
 
@@ -116,7 +110,9 @@ def host_info(backend: str | None = None, unit: str | None = None) -> dict[str, 
     info = {"hostname": platform.node(), "system": f"{platform.system()} {platform.release()}",
             "machine": platform.machine(), "cpu": _cpu_model(), "cpus": str(usable_cpus()),
             "python": platform.python_version(), "edgeopt": __version__}
-    dist = RUNTIME_DIST.get(backend or "")
+    from .backends import BACKENDS, get
+
+    dist = get(backend).BACKEND.runtime_dist if backend in BACKENDS else None
     if dist:
         try:
             info["runtime"] = f"{dist} {metadata.version(dist)}"
@@ -263,33 +259,11 @@ def _load_runner(artifact, artifact_dir: Path, threads: int | None):
 
     backend = get(artifact.backend).BACKEND
     d = Path(artifact_dir)
-    if artifact.backend == "onnxruntime":
-        from .backends.onnxruntime import SESSION_FILE, OrtRunner
-
-        backend.require()
-        session = json.loads((d / SESSION_FILE).read_text())
-        n = int(threads or session.get("threads") or usable_cpus())
-        return OrtRunner(d / artifact.primary, session["provider"], n), n
-    if artifact.backend == "tflite":
-        from .backends.tflite import RECORD, TfliteRunner
-
-        backend.require()
-        record = json.loads((d / RECORD).read_text())
-        n = int(threads or record.get("threads") or usable_cpus())
-        return TfliteRunner(d / artifact.primary, record, threads=n), n
-    if artifact.backend == "openvino":
-        from .backends.openvino import COMPILE_FILE, OpenVinoRunner
-
-        backend.require()
-        spec = json.loads((d / COMPILE_FILE).read_text())
-        config = dict(spec["config"])
-        n = int(threads or config.get("INFERENCE_NUM_THREADS") or usable_cpus())
-        config["INFERENCE_NUM_THREADS"] = n
-        return OpenVinoRunner(d / artifact.primary, spec["device"], config), n
-    if threads:
-        raise EdgeoptError(f"--threads applies to {', '.join(THREADED_BACKENDS)} artifacts; "
-                           f"{artifact.backend} runs with its own setting (leave --threads out)")
-    return backend.load(artifact, d), 1 if artifact.backend == "tflm" else 0
+    if not backend.threaded:
+        return backend.load(artifact, d, threads=threads), backend.default_threads
+    backend.require()
+    n = int(threads or backend.artifact_threads(artifact, d) or usable_cpus())
+    return backend.load(artifact, d, threads=n), n
 
 
 def _check_counts(threads: int | None, warmup: int, repeats: int) -> None:

@@ -68,3 +68,17 @@ def test_check_reports_plan_backend_mismatch(digits_setup):
     ok = make_plan(analysis, load_target("x86-cpu"), backend="onnxruntime")
     assert get("onnxruntime").BACKEND.check(ok, analysis) == []
     assert np.isfinite(ok.predicted_latency_ms)
+
+
+def test_backend_contract_is_complete():
+    """Every backend states its runtime distribution and whether load() takes threads; load() has one signature."""
+    import inspect
+
+    from edgeopt.backends import BACKENDS, get
+
+    for name in BACKENDS:
+        backend = get(name).BACKEND
+        assert backend.name == name and backend.runtime_dist and isinstance(backend.threaded, bool)
+        params = inspect.signature(backend.load).parameters
+        assert list(params) == ["artifact", "artifact_dir", "threads"] and params["threads"].default is None
+    assert {n for n in BACKENDS if get(n).BACKEND.threaded} == {"onnxruntime", "openvino", "tflite"}

@@ -10,9 +10,12 @@ A backend module (``edgeopt/backends/<name>.py``) keeps its op table and
   ``out_dir`` (the caller makes that directory atomic) and returns the manifest;
   ``model`` is the float ONNX model after the plan's structural passes; the
   backend applies the plan's numeric formats (precisions) in its own way;
-* ``load(artifact, artifact_dir) -> Runner``: a runner that executes the artifact here,
-  or a :class:`~edgeopt.errors.BackendNotInstalledError` / :class:`RuntimeUnavailable`
-  saying why it cannot.
+* ``load(artifact, artifact_dir, threads=None) -> Runner``: a runner that executes the
+  artifact here (``threads``: intra-op threads, for backends whose runtime takes them,
+  ``threaded``; None: the artifact's own setting), or a
+  :class:`~edgeopt.errors.BackendNotInstalledError` / :class:`RuntimeUnavailable`
+  saying why it cannot;
+* ``runtime_dist``: the Python distribution that provides the runtime (profiles record its version).
 
 Vendor SDKs are imported inside methods only.
 """
@@ -72,6 +75,12 @@ class Backend(ABC):
     name: str
     sdk_modules: tuple[str, ...]
     sdk_label: str
+    #: the Python distribution that provides the runtime
+    runtime_dist: str
+    #: whether ``load`` takes a thread count (the runtime runs intra-op threads we can fix)
+    threaded: bool = False
+    #: threads a runtime without that setting runs with (0: its own choice)
+    default_threads: int = 0
     #: False where convert() writes SDK-ready files without the SDK (TensorRT: ONNX + engine build step)
     convert_requires_sdk: bool = True
 
@@ -100,7 +109,19 @@ class Backend(ABC):
                 calib: CalibrationData | None = None) -> Artifact: ...
 
     @abstractmethod
-    def load(self, artifact: Artifact, artifact_dir: Path) -> Runner: ...
+    def load(self, artifact: Artifact, artifact_dir: Path, threads: int | None = None) -> Runner: ...
+
+    def artifact_threads(self, artifact: Artifact, artifact_dir: Path) -> int | None:
+        """The thread count the artifact records for its runtime (None: none recorded, or not ``threaded``)."""
+        return None
+
+    def _no_threads(self, threads: int | None) -> None:
+        if threads:
+            from . import BACKENDS, get
+
+            threaded = [b for b in BACKENDS if get(b).BACKEND.threaded]
+            raise EdgeoptError(f"--threads applies to {', '.join(threaded)} artifacts; {self.name} runs with its own "
+                               "setting (leave --threads out)")
 
     def reference(self, artifact: Artifact, artifact_dir: Path) -> Runner | None:
         """A runner with the artifact's exact numerics that does not depend on this machine's kernels (QDQ graphs run

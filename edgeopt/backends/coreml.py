@@ -325,6 +325,7 @@ class CoreMLBackend(Backend):
     name = "coreml"
     sdk_modules = SDK_MODULES
     sdk_label = SDK_LABEL
+    runtime_dist = "coremltools"
 
     def convert(self, model: onnx.ModelProto, plan: Plan, out_dir: Path,
                 calib: CalibrationData | None = None) -> Artifact:
@@ -344,7 +345,8 @@ class CoreMLBackend(Backend):
         (out_dir / RECORD).write_text(json.dumps(record, indent=2) + "\n")
         return make_artifact(out_dir, PACKAGE, plan, self.name, tool_versions("coremltools"), accuracy)
 
-    def load(self, artifact: Artifact, artifact_dir: Path) -> Runner:
+    def load(self, artifact: Artifact, artifact_dir: Path, threads: int | None = None) -> Runner:
+        self._no_threads(threads)
         self.require()
         artifact_dir = Path(artifact_dir)
         if platform.system() != "Darwin":

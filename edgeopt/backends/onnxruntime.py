@@ -145,6 +145,8 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     sdk_modules = SDK_MODULES
     sdk_label = SDK_LABEL
+    runtime_dist = "onnxruntime"
+    threaded = True
 
     def convert(self, model: onnx.ModelProto, plan: Plan, out_dir: Path,
                 calib: CalibrationData | None = None) -> Artifact:
@@ -161,11 +163,14 @@ class OnnxRuntimeBackend(Backend):
         return make_artifact(out_dir, "model.onnx", plan, self.name, tool_versions("onnxconverter-common"),
                              numerics=int8_numerics(plan, int8_scheme_for(plan)))
 
-    def load(self, artifact: Artifact, artifact_dir: Path) -> Runner:
+    def load(self, artifact: Artifact, artifact_dir: Path, threads: int | None = None) -> Runner:
         self.require()
         artifact_dir = Path(artifact_dir)
         session = json.loads((artifact_dir / SESSION_FILE).read_text())
-        return OrtRunner(artifact_dir / artifact.primary, session["provider"], session.get("threads"))
+        return OrtRunner(artifact_dir / artifact.primary, session["provider"], threads or session.get("threads"))
+
+    def artifact_threads(self, artifact: Artifact, artifact_dir: Path) -> int | None:
+        return json.loads((Path(artifact_dir) / SESSION_FILE).read_text()).get("threads")
 
     def reference(self, artifact: Artifact, artifact_dir: Path) -> Runner | None:
         if not self.is_available():

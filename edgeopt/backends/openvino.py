@@ -89,6 +89,8 @@ class OpenVinoBackend(Backend):
     name = "openvino"
     sdk_modules = SDK_MODULES
     sdk_label = SDK_LABEL
+    runtime_dist = "openvino"
+    threaded = True
 
     def convert(self, model: onnx.ModelProto, plan: Plan, out_dir: Path,
                 calib: CalibrationData | None = None) -> Artifact:
@@ -119,10 +121,14 @@ class OpenVinoBackend(Backend):
         return make_artifact(Path(out_dir), "model.xml", plan, self.name, tool_versions("openvino", "nncf"),
                              numerics=int8_numerics(plan, int8_scheme_for(plan)))
 
-    def load(self, artifact: Artifact, artifact_dir: Path) -> Runner:
+    def load(self, artifact: Artifact, artifact_dir: Path, threads: int | None = None) -> Runner:
         self.require()
         spec = json.loads((Path(artifact_dir) / COMPILE_FILE).read_text())
-        return OpenVinoRunner(Path(artifact_dir) / artifact.primary, spec["device"], spec["config"])
+        config = {**spec["config"], **({"INFERENCE_NUM_THREADS": int(threads)} if threads else {})}
+        return OpenVinoRunner(Path(artifact_dir) / artifact.primary, spec["device"], config)
+
+    def artifact_threads(self, artifact: Artifact, artifact_dir: Path) -> int | None:
+        return json.loads((Path(artifact_dir) / COMPILE_FILE).read_text())["config"].get("INFERENCE_NUM_THREADS")
 
 
 def _nncf_quantize(ov_model, plan: Plan, int8_layers: list[str], calib: CalibrationData):

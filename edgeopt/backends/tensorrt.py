@@ -200,6 +200,7 @@ class TensorRtBackend(Backend):
     name = "tensorrt"
     sdk_modules = SDK_MODULES
     sdk_label = SDK_LABEL
+    runtime_dist = "tensorrt"
     convert_requires_sdk = False  # the ONNX and the build step are written anywhere; the engine where TensorRT is
 
     def convert(self, model: onnx.ModelProto, plan: Plan, out_dir: Path,
@@ -228,7 +229,8 @@ class TensorRtBackend(Backend):
                     "int8_reason": "TensorRT's QDQ rules; the engine's int8 kernels accumulate in int32"} if has_qdq else {}
         return make_artifact(out_dir, primary, plan, self.name, tool_versions("tensorrt"), numerics=numerics)
 
-    def load(self, artifact: Artifact, artifact_dir: Path) -> Runner:
+    def load(self, artifact: Artifact, artifact_dir: Path, threads: int | None = None) -> Runner:
+        self._no_threads(threads)
         self.require()
         engine = Path(artifact_dir) / ENGINE
         if not engine.is_file():

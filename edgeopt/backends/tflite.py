@@ -159,6 +159,8 @@ class TfliteRunner(Runner):
 
 class TfliteBackend(Backend):
     name = "tflite"
+    runtime_dist = "ai-edge-litert"
+    threaded = True
     sdk_modules = SDK_MODULES
     sdk_label = SDK_LABEL
 
@@ -177,11 +179,14 @@ class TfliteBackend(Backend):
         (out_dir / RECORD).write_text(json.dumps(record, indent=2) + "\n")
         return make_artifact(out_dir, MODEL_FILE, plan, self.name, tool_versions("ai-edge-litert", "flatbuffers"))
 
-    def load(self, artifact: Artifact, artifact_dir: Path) -> Runner:
+    def load(self, artifact: Artifact, artifact_dir: Path, threads: int | None = None) -> Runner:
         self.require()
         artifact_dir = Path(artifact_dir)
         record = json.loads((artifact_dir / RECORD).read_text())
-        return TfliteRunner(artifact_dir / artifact.primary, record, threads=record.get("threads"))
+        return TfliteRunner(artifact_dir / artifact.primary, record, threads=threads or record.get("threads"))
+
+    def artifact_threads(self, artifact: Artifact, artifact_dir: Path) -> int | None:
+        return json.loads((Path(artifact_dir) / RECORD).read_text()).get("threads")
 
 
 BACKEND = TfliteBackend()

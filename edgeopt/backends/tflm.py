@@ -187,6 +187,8 @@ class TflmBackend(Backend):
     name = "tflm"
     sdk_modules = SDK_MODULES
     sdk_label = SDK_LABEL
+    runtime_dist = "ai-edge-litert"
+    default_threads = 1  # a microcontroller interpreter: one thread
 
     def convert(self, model: onnx.ModelProto, plan: Plan, out_dir: Path,
                 calib: CalibrationData | None = None) -> Artifact:
@@ -229,9 +231,10 @@ class TflmBackend(Backend):
         (out_dir / RECORD).write_text(json.dumps({**conv.info, "notes": notes, "size_bytes": len(data)}, indent=2) + "\n")
         return make_artifact(out_dir, MODEL_FILE, plan, self.name, tool_versions("ai-edge-litert", "tflite-micro", "flatbuffers"))
 
-    def load(self, artifact: Artifact, artifact_dir: Path) -> Runner:
+    def load(self, artifact: Artifact, artifact_dir: Path, threads: int | None = None) -> Runner:
         from .tflite import TfliteRunner
 
+        self._no_threads(threads)
         artifact_dir = Path(artifact_dir)
         record = json.loads((artifact_dir / RECORD).read_text())
         if micro_available():
