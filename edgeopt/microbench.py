@@ -17,8 +17,8 @@ onnxruntime at the target's thread count:
 * weight-only int8/int4 (``MatMulNBits``) at batch 1;
 * bf16 through OpenVINO (``INFERENCE_PRECISION_HINT=bf16``) only where the CPU has
   native bf16 (:func:`edgeopt.hostinfo.bf16_native`) and openvino imports;
-* the bandwidth beyond the L2 caches: a chain of binary elementwise ops (``Add``/``Mul``
-  with a constant operand of the same size, as residual adds and unfused activations
+* the bandwidth beyond the L2 caches: a chain of ``Add`` ops (each with its own
+  constant operand of the same size, as residual adds and unfused activations
   stream) on tensors twice the L2 capacity of the threads' cores, so every op reads
   and writes L3/DRAM, as a large activation does inside a graph (the roofline's memory
   term is for traffic that does not stay in a core's cache);
@@ -49,7 +49,7 @@ from typing import Any
 SCHEMA = 4
 #: Timed seconds per measurement (after warm-up); the whole benchmark stays within a few seconds.
 MEASURE_SECONDS = 0.12
-#: Binary elementwise ops chained in the bandwidth measurement.
+#: Adds chained in the bandwidth measurement.
 BANDWIDTH_CHAIN = 6
 #: L2 per core assumed where the OS does not say (bytes).
 DEFAULT_L2_BYTES = 1 << 20
@@ -128,6 +128,19 @@ def _vi(name: str, shape: list[int]):
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
 
 
+def _qdq(nodes: list, inits: list, x: str, tag: str, scale: float, zero_point: int = 0) -> str:
+    """Append uint8 ``QuantizeLinear -> DequantizeLinear`` on ``x`` (as the int8 pass places on activations);
+    returns the dequantized tensor's name."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    inits += [numpy_helper.from_array(np.array(scale, np.float32), f"s_{tag}"),
+              numpy_helper.from_array(np.array(zero_point, np.uint8), f"z_{tag}")]
+    nodes += [helper.make_node("QuantizeLinear", [x, f"s_{tag}", f"z_{tag}"], [f"q_{tag}"]),
+              helper.make_node("DequantizeLinear", [f"q_{tag}", f"s_{tag}", f"z_{tag}"], [f"dq_{tag}"])]
+    return f"dq_{tag}"
+
+
 def _matmul(m: int, k: int, n: int, *, int8: bool = False, weight_bits: int = 8, seed: int = 0):
     import numpy as np
     from onnx import helper, numpy_helper
@@ -135,17 +148,12 @@ def _matmul(m: int, k: int, n: int, *, int8: bool = False, weight_bits: int = 8,
     rng = np.random.default_rng(seed)
     if int8:
         wmax = (1 << (weight_bits - 1)) - 1
-        inits = [numpy_helper.from_array(np.array(0.02, np.float32), "s"), numpy_helper.from_array(np.array(128, np.uint8), "z"),
-                 numpy_helper.from_array(rng.integers(-wmax - 1, wmax + 1, (k, n)).astype(np.int8), "wq"),
-                 numpy_helper.from_array(np.full(n, 0.01, np.float32), "ws"), numpy_helper.from_array(np.zeros(n, np.int8), "wz"),
-                 numpy_helper.from_array(np.array(0.05, np.float32), "so"), numpy_helper.from_array(np.array(128, np.uint8), "zo")]
-        nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
-                 helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"]),
-                 helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"], axis=1),
-                 helper.make_node("MatMul", ["dq", "w"], ["y"]),
-                 helper.make_node("QuantizeLinear", ["y", "so", "zo"], ["qo"]),
-                 helper.make_node("DequantizeLinear", ["qo", "so", "zo"], ["out"])]
-        out = "out"
+        inits = [numpy_helper.from_array(rng.integers(-wmax - 1, wmax + 1, (k, n)).astype(np.int8), "wq"),
+                 numpy_helper.from_array(np.full(n, 0.01, np.float32), "ws"), numpy_helper.from_array(np.zeros(n, np.int8), "wz")]
+        nodes = [helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"], axis=1)]
+        dq = _qdq(nodes, inits, "x", "in", 0.02, 128)
+        nodes.append(helper.make_node("MatMul", [dq, "w"], ["y"]))
+        out = _qdq(nodes, inits, "y", "out", 0.05, 128)
     else:
         inits = [numpy_helper.from_array((rng.standard_normal((k, n)) * 0.1).astype(np.float32), "w")]
         nodes, out = [helper.make_node("MatMul", ["x", "w"], ["y"])], "y"
@@ -166,21 +174,6 @@ def _matmul_nbits(k: int, n: int, bits: int, block: int = 32, seed: int = 0):
                             block_size=block, accuracy_level=4)
     model = _model([node], [_vi("x", [1, k])], [_vi("y", [1, n])], inits, ms_domain=True)
     return model, {"x": rng.random((1, k), dtype=np.float32)}, k * n
-
-
-def _stream(elems: int, chain: int = BANDWIDTH_CHAIN, seed: int = 0):
-    """``chain`` alternating Add/Mul ops, each with its own same-size constant operand; (model, feed, bytes moved)."""
-    import numpy as np
-    from onnx import helper, numpy_helper
-
-    rng = np.random.default_rng(seed)
-    nodes, inits, x = [], [], "x"
-    for i in range(chain):
-        inits.append(numpy_helper.from_array(rng.random((1, elems), dtype=np.float32) + 0.5, f"c{i}"))
-        nodes.append(helper.make_node("Add" if i % 2 == 0 else "Mul", [x, f"c{i}"], [f"y{i}"]))
-        x = f"y{i}"
-    model = _model(nodes, [_vi("x", [1, elems])], [_vi(x, [1, elems])], inits)
-    return model, {"x": rng.random((1, elems), dtype=np.float32)}, chain * 3 * elems * 4
 
 
 def l2_bytes_per_core() -> int:
@@ -214,15 +207,11 @@ def _conv_chain(layers: list[tuple[int, ...]], hw: int, *, int8: bool = False, w
         hw_out = (hw + 2 * (k // 2) - k) // stride + 1
         wshape = (cout, cin // g, k, k)
         if int8:
-            inits += [numpy_helper.from_array(np.array(0.02, np.float32), f"s{i}"),
-                      numpy_helper.from_array(np.array(0, np.uint8), f"z{i}"),
-                      numpy_helper.from_array(rng.integers(-wmax - 1, wmax + 1, wshape).astype(np.int8), f"wq{i}"),
+            inits += [numpy_helper.from_array(rng.integers(-wmax - 1, wmax + 1, wshape).astype(np.int8), f"wq{i}"),
                       numpy_helper.from_array(np.full(cout, 0.01, np.float32), f"ws{i}"),
                       numpy_helper.from_array(np.zeros(cout, np.int8), f"wz{i}")]
-            nodes += [helper.make_node("QuantizeLinear", [x, f"s{i}", f"z{i}"], [f"q{i}"]),
-                      helper.make_node("DequantizeLinear", [f"q{i}", f"s{i}", f"z{i}"], [f"dq{i}"]),
-                      helper.make_node("DequantizeLinear", [f"wq{i}", f"ws{i}", f"wz{i}"], [f"w{i}"], axis=0)]
-            src = f"dq{i}"
+            nodes.append(helper.make_node("DequantizeLinear", [f"wq{i}", f"ws{i}", f"wz{i}"], [f"w{i}"], axis=0))
+            src = _qdq(nodes, inits, x, str(i), 0.02)
         else:
             inits.append(numpy_helper.from_array((rng.standard_normal(wshape) * 0.1).astype(np.float32), f"w{i}"))
             src = x
@@ -236,11 +225,7 @@ def _conv_chain(layers: list[tuple[int, ...]], hw: int, *, int8: bool = False, w
                       + cout * 4))
         hw = hw_out
     if int8:
-        inits += [numpy_helper.from_array(np.array(0.05, np.float32), "so"),
-                  numpy_helper.from_array(np.array(0, np.uint8), "zo")]
-        nodes += [helper.make_node("QuantizeLinear", [x, "so", "zo"], ["qo"]),
-                  helper.make_node("DequantizeLinear", ["qo", "so", "zo"], ["out"])]
-        x = "out"
+        x = _qdq(nodes, inits, x, "out", 0.05)
     cin0, cout_last = layers[0][0], layers[-1][1]
     model = _model(nodes, [_vi("x", [1, cin0, hw_in, hw_in])], [_vi(x, [1, cout_last, hw, hw])], inits)
     return model, {"x": rng.random((1, cin0, hw_in, hw_in), dtype=np.float32)}, sizes
@@ -258,21 +243,11 @@ def _add_chain(elems: int, chain: int = 4, *, int8: bool = False, seed: int = 0)
         inits.append(numpy_helper.from_array(rng.random((1, elems), dtype=np.float32), f"c{i}"))
         a, b = y, f"c{i}"
         if int8:
-            inits += [numpy_helper.from_array(np.array(0.05, np.float32), f"s{i}"),
-                      numpy_helper.from_array(np.array(0, np.uint8), f"z{i}")]
-            nodes += [helper.make_node("QuantizeLinear", [y, f"s{i}", f"z{i}"], [f"qa{i}"]),
-                      helper.make_node("DequantizeLinear", [f"qa{i}", f"s{i}", f"z{i}"], [f"da{i}"]),
-                      helper.make_node("QuantizeLinear", [f"c{i}", f"s{i}", f"z{i}"], [f"qb{i}"]),
-                      helper.make_node("DequantizeLinear", [f"qb{i}", f"s{i}", f"z{i}"], [f"db{i}"])]
-            a, b = f"da{i}", f"db{i}"
+            a, b = _qdq(nodes, inits, y, f"a{i}", 0.05), _qdq(nodes, inits, f"c{i}", f"b{i}", 0.05)
         nodes.append(helper.make_node("Add", [a, b], [f"y{i}"]))
         y = f"y{i}"
     if int8:
-        inits += [numpy_helper.from_array(np.array(0.2, np.float32), "so"),
-                  numpy_helper.from_array(np.array(0, np.uint8), "zo")]
-        nodes += [helper.make_node("QuantizeLinear", [y, "so", "zo"], ["qo"]),
-                  helper.make_node("DequantizeLinear", ["qo", "so", "zo"], ["out"])]
-        y = "out"
+        y = _qdq(nodes, inits, y, "out", 0.2)
     model = _model(nodes, [_vi("x", [1, elems])], [_vi(y, [1, elems])], inits)
     return model, {"x": rng.random((1, elems), dtype=np.float32)}, [(0, 3 * elems * (1 if int8 else 4))] * chain
 
@@ -289,10 +264,7 @@ def _upsample(kind: str, cin: int, cout: int, hw: int, factor: int, *, int8: boo
     act = 1 if int8 else 4
     nodes, inits, x = [], [], "x"
     if int8:
-        inits += [numpy_helper.from_array(np.array(0.02, np.float32), "s"), numpy_helper.from_array(np.array(0, np.uint8), "z")]
-        nodes += [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
-                  helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"])]
-        x = "dq"
+        x = _qdq(nodes, inits, x, "in", 0.02)
     if kind == "convtranspose":
         wshape = (cin, cout, factor, factor)
         if int8:
@@ -311,12 +283,7 @@ def _upsample(kind: str, cin: int, cout: int, hw: int, factor: int, *, int8: boo
         inits.append(numpy_helper.from_array(np.array([1, 1, factor, factor], np.float32), "scales"))
         nodes.append(helper.make_node("Resize", [x, "", "scales"], ["y"], mode="nearest"))
         macs, wbytes = 0, 0
-    y = "y"
-    if int8:
-        inits += [numpy_helper.from_array(np.array(0.05, np.float32), "so"), numpy_helper.from_array(np.array(0, np.uint8), "zo")]
-        nodes += [helper.make_node("QuantizeLinear", ["y", "so", "zo"], ["qo"]),
-                  helper.make_node("DequantizeLinear", ["qo", "so", "zo"], ["out"])]
-        y = "out"
+    y = _qdq(nodes, inits, "y", "out", 0.05) if int8 else "y"
     model = _model(nodes, [_vi("x", [1, cin, hw, hw])], [_vi(y, [1, cout, out_hw, out_hw])], inits)
     moved = (cin * hw * hw + cout * out_hw * out_hw) * act + wbytes
     return model, {"x": rng.random((1, cin, hw, hw), dtype=np.float32)}, [(macs, moved)]
@@ -492,7 +459,8 @@ def _measure(threads: int | None) -> dict[str, Any]:
 
     l2 = l2_bytes_per_core()
     elems = max(1 << 18, min(1 << 24, 2 * l2 * n // 4))
-    ms_, fs_, moved = _stream(elems)
+    ms_, fs_, sizes = _add_chain(elems, BANDWIDTH_CHAIN)
+    moved = sum(b for _, b in sizes)
     t_stream = _ort_ms(ms_, fs_, n)
     times_ms["stream"] = t_stream
     bandwidth = moved / max(1e-9, (t_stream - (run_overhead_us + BANDWIDTH_CHAIN * overhead_us) / 1e3) / 1e3)
