@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import EdgeoptError
+from .technique import precision_names
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -53,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_args(pl)
     pl.add_argument("--target", required=True, help="built-in target name or .yaml path")
     pl.add_argument("--backend", help="restrict to one backend of the target")
-    pl.add_argument("--precision", help="force one precision recipe (fp32, fp16, bf16, int8, wint8, wint4)")
+    recipes = ", ".join(precision_names())
+    pl.add_argument("--precision", help=f"force one precision recipe ({recipes})")
     _add_data_args(pl)
     pl.add_argument("-o", "--output", type=Path, help="write the plan as JSON to this file")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -63,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--input-shape", action="append", metavar="NAME=DIMS", help="static shape for a dynamic input")
     b.add_argument("--target", required=True, help="built-in target name or .yaml path")
     b.add_argument("--backend", help="restrict to one backend of the target")
-    b.add_argument("--precision", help="force one precision recipe")
+    b.add_argument("--precision", help=f"force one precision recipe ({recipes})")
     b.add_argument("--plan", type=Path, help="replay this plan.json instead of planning")
     _add_data_args(b)
     b.add_argument("-o", "--output", type=Path, required=True, help="output directory (replaced atomically)")

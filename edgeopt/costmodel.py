@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from . import technique
 from .graph import ArenaPlan, plan_arena
-from .types import WEIGHT_BITS, BackendOption, ComputeUnit, LayerInfo, ModelAnalysis, Target, TensorInfo
+from .types import BackendOption, ComputeUnit, LayerInfo, ModelAnalysis, Target, TensorInfo
 
 #: Ops that are views of their input on every backend.
 VIEW_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout"})
@@ -108,12 +109,24 @@ def nchwc_reorders(analysis: ModelAnalysis, fused: set[str], block: int) -> dict
 
 def planned_weight_bytes(layer: LayerInfo, precision: str, sparsity: str = "none", ratio: float = 0.0,
                          compresses: bool = False) -> int:
-    """Stored bytes of a layer's weights after quantization and pruning."""
+    """Stored bytes of a layer's weights after quantization and pruning.
+
+    Args:
+        layer: the layer as analysis saw it.
+        precision: its numeric format (a registered precision technique).
+        sparsity: its pruning pattern (``none`` or a registered sparsity technique).
+        ratio: the fraction the pattern removes.
+        compresses: whether the backend stores the pruned weights compactly.
+
+    Returns:
+        Bytes of the weight tensor (body, index of kept elements, quantization metadata) and the other constants.
+    """
+    p = technique.get(precision)
     if not layer.quantizable:
         # biases, BN parameters, shape constants: stored in the float precision the layer runs
-        if precision in ("fp16", "bf16"):
+        if p.float_bits < 32:
             float_bytes = min(layer.weight_bytes, layer.params * 4)
-            return layer.weight_bytes - float_bytes + float_bytes // 2
+            return layer.weight_bytes - float_bytes + float_bytes * p.float_bits // 32
         return layer.weight_bytes
     main = layer.weight_shapes[0] if layer.weight_shapes else []
     n_main = 1
@@ -121,26 +134,14 @@ def planned_weight_bytes(layer: LayerInfo, precision: str, sparsity: str = "none
         n_main *= d
     rest = max(0, layer.params - n_main)  # bias
     out_ch = main[0] if main else 1
-    keep = 1.0
-    if sparsity == "channel":
-        keep = 1.0 - ratio
-    elif sparsity == "2:4":
-        keep = 0.5
-    elif sparsity == "unstructured" and compresses:
-        keep = 1.0 - ratio
-    bits = WEIGHT_BITS[precision]
-    body = n_main * keep * bits / 8
-    if sparsity == "2:4":
-        body += n_main * keep * 2 / 8  # 2-bit index per kept element
-    elif sparsity == "unstructured" and compresses:
-        body += n_main / 8  # bitmask
-    meta = 0.0
-    if precision == "int8" or precision == "wint8":
-        meta = out_ch * keep * _PER_CHANNEL_BYTES if sparsity == "channel" else out_ch * _PER_CHANNEL_BYTES
-    elif precision == "wint4":
-        meta = n_main * keep / INT4_BLOCK * _INT4_BLOCK_BYTES
-    bias_bits = 32 if precision in ("fp32", "int8", "wint8", "wint4") else 16
-    return int(round(body + meta + rest * keep * bias_bits / 8))
+    kept, index_bytes, channels = 1.0, 0.0, 1.0
+    if sparsity != "none":
+        sp = technique.get(sparsity)
+        kept, index_bytes = sp.storage(n_main, ratio, compresses)
+        channels = kept if sp.removes_channels else 1.0
+    body = n_main * kept * p.weight_bits / 8 + index_bytes
+    meta = p.metadata_bytes(n_main * kept, out_ch * channels)
+    return int(round(body + meta + rest * channels * p.float_bits / 8))
 
 
 @dataclass(frozen=True)

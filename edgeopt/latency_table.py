@@ -23,7 +23,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from .inputs import BuildInputs
     from .types import BackendOption, Target
 
-PROFILED = ("fp32", "int8", "wint8", "wint4")
+
+def profiled() -> tuple[str, ...]:
+    """Precisions whose uniform builds are profiled (``Technique.profiled``)."""
+    from .technique import precisions
+
+    return tuple(t.name for t in precisions() if t.profiled)
 
 
 @dataclass
@@ -78,7 +83,7 @@ def measure(inputs: BuildInputs, target: Target, option: BackendOption, *, threa
     feed = next(inputs.calib.batches(1)) if inputs.calib is not None else None
     if feed is None:
         raise EdgeoptError("measuring layer latency needs sample inputs: give --calib")
-    table = LatencyTable(option=option.label, precisions=tuple(p for p in PROFILED if p in option.precisions))
+    table = LatencyTable(option=option.label, precisions=tuple(p for p in profiled() if p in option.precisions))
     conv_times: list[float] = []
     for p in table.precisions:
         plan = make_plan(inputs.analysis, target, backend=option.backend, precision=p, enforce_budgets=False)

@@ -27,6 +27,17 @@ Progress = Callable[[str], None]
 
 
 def load_plan(path: str | Path) -> Plan:
+    """Read and validate a plan JSON file.
+
+    Args:
+        path: the plan file.
+
+    Returns:
+        The parsed plan.
+
+    Raises:
+        PlanError: the file does not exist or is not a valid plan.
+    """
     from pydantic import ValidationError
 
     p = Path(path)
@@ -42,6 +53,17 @@ def load_plan(path: str | Path) -> Plan:
 
 
 def check_replay(plan: Plan, inputs: BuildInputs, target: Target) -> None:
+    """Check that a saved plan can be replayed on this model and target.
+
+    Args:
+        plan: the saved plan.
+        inputs: the model (its analysis) the plan is replayed on.
+        target: the target the plan is replayed for.
+
+    Raises:
+        PlanError: the plan was made for another model (sha256) or target, the target's definition
+            changed since (its sha256 differs), or the plan names layers the model does not have.
+    """
     from .targets import target_sha256
 
     if plan.model_sha256 != inputs.analysis.sha256:
@@ -58,8 +80,21 @@ def check_replay(plan: Plan, inputs: BuildInputs, target: Target) -> None:
 
 
 def structural_passes(model: onnx.ModelProto, plan: Plan, calib: CalibrationData | None) -> tuple[onnx.ModelProto, list[str]]:
-    """Pruning the plan asks for (channel, 2:4, unstructured), before the backend sets numeric formats."""
-    from .passes import run_pass
+    """Apply the pruning the plan asks for, before the backend sets numeric formats.
+
+    Args:
+        model: the float ONNX model.
+        plan: the plan; layers with a sparsity other than ``none`` are pruned by that technique's ``apply``, one call
+            per (pattern, ratio).
+        calib: calibration data (channel pruning re-fits consumers on it).
+
+    Returns:
+        The pruned model and one note per pass run.
+
+    Raises:
+        EdgeoptError: a planned sparsity has no ``apply`` (it cannot be written into an ONNX graph).
+    """
+    from .technique import ApplyContext, get
 
     notes: list[str] = []
     by_ratio: dict[tuple[str, float], list[str]] = {}
@@ -67,24 +102,25 @@ def structural_passes(model: onnx.ModelProto, plan: Plan, calib: CalibrationData
         if lp.sparsity != "none":
             by_ratio.setdefault((lp.sparsity, round(lp.sparsity_ratio, 4)), []).append(lp.name)
     for (kind, ratio), names in sorted(by_ratio.items()):
-        if kind == "channel":
-            if calib is None:
-                raise EdgeoptError("channel pruning reconstructs layers from calibration data: give --calib")
-            cfg = {"nodes": names, "ratio": ratio}
-            if "channel_multiple" in plan.backend_options:  # what the backend's fast kernels want
-                cfg["round_to"] = int(plan.backend_options["channel_multiple"])
-            res = run_pass("channel_prune", model, cfg, calib, evaluate=False)
-        elif kind == "2:4":
-            res = run_pass("prune", model, {"nodes": names, "pattern": "n:m", "n": 2, "m": 4}, None, evaluate=False)
-        else:
-            res = run_pass("prune", model, {"nodes": names, "pattern": "unstructured", "sparsity": ratio}, None, evaluate=False)
-        model = res.model
-        notes.append(res.report.summary())
+        t = get(kind)
+        if t.apply is None:
+            raise EdgeoptError(f"sparsity {kind} cannot be written into an ONNX graph")
+        model, note = t.apply(model, names, ApplyContext(calib=calib, backend_options=plan.backend_options, ratio=ratio))
+        if note:
+            notes.append(note)
     return model, notes
 
 
 def open_here(artifact_dir: Path):
-    """A runner for the artifact in its own runtime on this machine, or None where that runtime cannot run here."""
+    """A runner for the artifact in its own runtime on this machine, or None where that runtime cannot run here.
+
+    Args:
+        artifact_dir: the artifact's directory (with its manifest).
+
+    Returns:
+        The backend's runner (the caller closes it), or None when the runtime is unavailable on this
+        host or not installed.
+    """
     from .backends.base import RuntimeUnavailable, open_artifact
     from .errors import BackendNotInstalledError
 
@@ -110,7 +146,19 @@ EVAL_LIMIT = 512
 
 def validate(runner, inputs: BuildInputs, limit: int = EVAL_LIMIT, reference: list[np.ndarray] | None = None) -> dict[str, float]:
     """Accuracy of the built artifact (its ``runner``) against the original ONNX model (empty without eval data);
-    ``reference``: the original model's outputs on the eval data, when already computed."""
+    ``reference``: the original model's outputs on the eval data, when already computed.
+
+    Args:
+        runner: the artifact's runner (``run(feed)`` returns its outputs).
+        inputs: the original model and its evaluation data.
+        limit: at most this many evaluation samples, run at batch 1.
+        reference: the original model's outputs on those samples; None computes them.
+
+    Returns:
+        ``snr_db`` and ``cosine``, plus ``top1_agreement`` for classification outputs and
+        ``accuracy``, ``baseline_accuracy`` and ``accuracy_delta`` when the data has labels;
+        empty without evaluation data.
+    """
     from .fidelity import compare_outputs, run
 
     if inputs.evaluation is None:
@@ -131,7 +179,19 @@ def check_numerics(artifact_dir: Path, runner, inputs: BuildInputs, on_target: b
     When this host is of the target's CPU class (``on_target``), the artifact's runtime here (``runner``) is what the
     device runs and decides.  Otherwise the artifact's exact numerics decide (its backend's reference, e.g. a QDQ graph
     run as written, where the backend has one) and this host's kernels are reported under ``host_*`` keys: an int8
-    artifact for a VNNI CPU can saturate on an AVX2 host's kernels, and a TensorRT engine cannot run here at all."""
+    artifact for a VNNI CPU can saturate on an AVX2 host's kernels, and a TensorRT engine cannot run here at all.
+
+    Args:
+        artifact_dir: the artifact's directory (its backend's reference is opened from it).
+        runner: the artifact's runner on this host, or None where its runtime cannot run here.
+        inputs: the original model and its evaluation data.
+        on_target: whether this host is of the target's CPU class.
+
+    Returns:
+        (accuracy metrics as :func:`validate` returns them, possibly with ``host_*`` keys; a sentence
+        saying how they were obtained).  ``({}, "")`` without evaluation data; the sentence is empty
+        when nothing could be run.
+    """
     from .backends.base import open_reference
     from .fidelity import run
 
@@ -155,7 +215,16 @@ def check_numerics(artifact_dir: Path, runner, inputs: BuildInputs, on_target: b
 
 
 def measure(runner, inputs: BuildInputs, repeats: int = 50) -> float:
-    """Median latency (ms, batch 1) of the artifact's ``runner`` here."""
+    """Median latency (ms, batch 1) of the artifact's ``runner`` here.
+
+    Args:
+        runner: the artifact's runner.
+        inputs: the first evaluation batch is fed, or zeros of the model's input shapes without evaluation data.
+        repeats: timed runs (after 5 warm-up runs).
+
+    Returns:
+        The median run time in milliseconds.
+    """
     from .profiling import time_runs
 
     feed = next(inputs.evaluation.batches(1)) if inputs.evaluation is not None else _zeros(inputs)
@@ -163,6 +232,11 @@ def measure(runner, inputs: BuildInputs, repeats: int = 50) -> float:
 
 
 def host_description() -> str:
+    """A one-line description of this host's CPU, for the manifest's ``measured_on``.
+
+    Returns:
+        ``"<arch> <CPU model> [<kernel class>] (<host name>)"``.
+    """
     import platform
 
     from .hostinfo import detect
@@ -173,7 +247,15 @@ def host_description() -> str:
 
 def host_is(target: Target, unit: str | None = None) -> bool:
     """Whether this machine stands for the target: a CPU unit (``unit``, else any) of the same architecture and
-    kernel class (:func:`edgeopt.hostinfo.kernel_class`) as this host's CPU."""
+    kernel class (:func:`edgeopt.hostinfo.kernel_class`) as this host's CPU.
+
+    Args:
+        target: the target.
+        unit: the name of one of the target's compute units; None checks them all.
+
+    Returns:
+        True when the unit (or any unit) runs like this host's CPU.
+    """
     from .hostinfo import runs_like_host
 
     units = [target.compute_units[unit]] if unit else list(target.compute_units.values())
@@ -189,7 +271,29 @@ def _zeros(inputs: BuildInputs) -> dict[str, np.ndarray]:
 def build(inputs: BuildInputs, target: Target, out_dir: str | Path, *, plan: Plan | None = None,
           backend: str | None = None, precision: str | None = None, max_accuracy_drop: float | None = None,
           validate_artifact: bool = True, profile: bool = True, progress: Progress | None = None) -> Artifact:
-    """Build one optimized artifact for ``target`` in ``out_dir`` (replaced atomically) and return its manifest."""
+    """Build one optimized artifact for ``target`` in ``out_dir`` (replaced atomically) and return its manifest.
+
+    Args:
+        inputs: the model, its analysis, and optional calibration and evaluation data.
+        target: the target to build for.
+        out_dir: the destination directory; it receives the artifact's files, its manifest, ``plan.json`` and,
+            when passes ran, ``passes.json``.
+        plan: a saved plan to replay (checked with :func:`check_replay`); None plans with :func:`plan_for`.
+        backend: restrict planning to this backend.
+        precision: force this whole-model recipe when planning.
+        max_accuracy_drop: the largest accuracy loss allowed, used in planning and checked on the built artifact.
+        validate_artifact: measure the artifact's accuracy on the evaluation data.
+        profile: time the artifact on this host where its runtime runs here.
+        progress: called with one status line per stage.
+
+    Returns:
+        The artifact's manifest, with measured accuracy and latency where they were obtained.
+
+    Raises:
+        PlanError: ``plan`` does not match the model or target.
+        EdgeoptError: the validated artifact loses more than ``max_accuracy_drop``, or planning or
+            conversion fails (e.g. :class:`~edgeopt.errors.BudgetError`).
+    """
     from .backends.base import build_artifact, write_manifest
     from .io import atomic_dir
 
@@ -244,7 +348,25 @@ def plan_for(inputs: BuildInputs, target: Target, *, backend: str | None = None,
              progress: Progress | None = None) -> Plan:
     """The planner's choice: per-layer search on measured sensitivity when calibration data exists
     (and no precision is forced), else the whole-model recipe search.  ``measure_latency`` profiles
-    uniform builds on this machine (it must be the target device) and plans on measured layer times."""
+    uniform builds on this machine (it must be the target device) and plans on measured layer times.
+
+    Args:
+        inputs: the model, its analysis and optional calibration data.
+        target: the target to plan for.
+        backend: restrict the search to this backend.
+        precision: force this whole-model recipe (skips the per-layer search).
+        max_accuracy_drop: the largest predicted top-1 drop the per-layer search may trade for latency.
+        sensitivity: per-layer sensitivity already measured; None measures it on the calibration data.
+        measure_latency: profile layer latency for the first candidate backend option on this machine.
+        progress: called with status lines while measuring.
+
+    Returns:
+        The plan from :func:`~edgeopt.planner.search_plan` or :func:`~edgeopt.planner.make_plan`.
+
+    Raises:
+        EdgeoptError: ``max_accuracy_drop`` is given without calibration data, or the planner finds
+            no plan (e.g. :class:`~edgeopt.errors.BudgetError`).
+    """
     from .planner import make_plan, search_plan
 
     if precision is not None or inputs.calib is None:
@@ -277,7 +399,21 @@ class FleetResult:
 def fleet(inputs: BuildInputs, targets: list[Target], out_dir: str | Path, *, jobs: int = 2,
           max_accuracy_drop: float | None = None, progress: Progress | None = None) -> FleetResult:
     """Build every target into ``out_dir/<target>/`` in parallel, sharing calibration data and
-    sensitivity; write ``fleet.json`` and ``report.html``.  The directory is replaced atomically."""
+    sensitivity; write ``fleet.json`` and ``report.html``.  The directory is replaced atomically.
+
+    A target that fails (a user error or a bug) is recorded as a failed entry; the others still build.
+
+    Args:
+        inputs: the model, its analysis, and optional calibration and evaluation data.
+        targets: the targets to build.
+        out_dir: the destination directory.
+        jobs: targets built at once (at least 1).
+        max_accuracy_drop: passed to :func:`plan_for` for every target (the built artifacts are not checked against it).
+        progress: called with status lines.
+
+    Returns:
+        One entry per target (in ``targets`` order) and the path of ``report.html``.
+    """
     from concurrent.futures import ThreadPoolExecutor
 
     from .io import atomic_dir

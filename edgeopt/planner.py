@@ -4,9 +4,10 @@ Pure: works on a :class:`ModelAnalysis` and a :class:`Target`, imports no vendor
 
 The search goes through the target's backend options in preference order and,
 on each, through whole-model recipes from highest to lowest fidelity
-(fp32 > fp16 > bf16 > wint8 > int8 > wint4), taking the first that meets the
-RAM, storage and latency budgets.  Weight-only recipes touch only MatMul/Gemm
-layers (the ops MatMulNBits-style kernels exist for); full-integer backends
+(each technique's ``fidelity`` in :mod:`edgeopt.technique`: fp32 > fp16 > bf16 >
+wint8 > int8 > wint4), taking the first that meets the RAM, storage and latency
+budgets.  A technique that names its ops (weight-only formats: MatMul/Gemm, the
+ops MatMulNBits-style kernels exist for) touches only those; full-integer backends
 get int8 everywhere.  When nothing fits, the error names the closest point.
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from . import __version__
+from . import __version__, technique
 from . import backends as backend_registry
 from .costmodel import (
     VIEW_OPS,
@@ -30,41 +31,68 @@ from .costmodel import (
 )
 from .errors import BudgetError, EdgeoptError, UnsupportedOpError
 from .targets import target_sha256
-from .types import WEIGHT_ONLY, BackendOption, BudgetCheck, LayerPlan, ModelAnalysis, Plan, Target
+from .types import BackendOption, BudgetCheck, LayerPlan, ModelAnalysis, Plan, Target
 from .units import fmt_bytes
 
-FIDELITY_ORDER = ("fp32", "fp16", "bf16", "wint8", "int8", "wint4")
-WEIGHT_ONLY_OPS = frozenset({"MatMul", "Gemm"})
+
+def fidelity_order() -> tuple[str, ...]:
+    """Precisions from highest to lowest fidelity (the order whole-model recipes are tried in).
+
+    Returns:
+        The precision technique names, highest fidelity first.
+    """
+    return technique.precision_names()
 
 
 def check_option(analysis: ModelAnalysis, option: BackendOption) -> list[str]:
-    """Reasons ``option`` cannot run ``analysis`` (empty: it can)."""
+    """Reasons ``option`` cannot run ``analysis``.
+
+    Args:
+        analysis: the model.
+        option: one backend option of a target.
+
+    Returns:
+        One reason per unsupported layer (empty: the option runs the model).
+    """
     return backend_registry.get(option.backend).check_ops(analysis, option)
 
 
 def _float_precision(option: BackendOption) -> str:
-    for p in ("fp32", "fp16", "bf16"):
-        if p in option.precisions:
-            return p
+    """The highest-fidelity float format the option runs (what layers a recipe does not touch run in)."""
+    for t in technique.precisions():
+        if t.name in option.precisions and not t.weight_only and t.activation_bits is not None and t.activation_bits >= 16:
+            return t.name
     return option.weight_only_compute
 
 
 def recipe_precisions(analysis: ModelAnalysis, option: BackendOption, recipe: str) -> dict[str, tuple[str, str]]:
-    """Per-layer (precision, reason) for a whole-model recipe on a backend option."""
+    """Per-layer precision of a whole-model recipe.
+
+    Args:
+        analysis: the model.
+        option: the backend option it runs on.
+        recipe: a precision technique applied to every layer it applies to.
+
+    Returns:
+        Layer name -> (precision, reason).
+    """
+    t = technique.get(recipe)
     out: dict[str, tuple[str, str]] = {}
     for ly in analysis.layers:
         if option.requires_full_integer:
             out[ly.name] = ("int8", f"{option.label} runs full-integer models only")
-        elif recipe in WEIGHT_ONLY:
-            if ly.quantizable and ly.op_type in WEIGHT_ONLY_OPS:
-                out[ly.name] = (recipe, f"{recipe}: weight-only quantization of a {ly.op_type}")
+        elif t.ops is not None or t.weight_only:
+            if ly.quantizable and t.applies_to(ly.op_type):
+                what = "weight-only quantization" if t.weight_only else recipe
+                out[ly.name] = (recipe, f"{recipe}: {what} of a {ly.op_type}")
             else:
                 fp = _float_precision(option)
-                why = "no weights" if not ly.quantizable else f"weight-only kernels exist for MatMul/Gemm, not {ly.op_type}"
+                why = "no weights" if not ly.quantizable else f"{recipe} applies to {', '.join(sorted(t.ops or ()))}, not {ly.op_type}"
                 out[ly.name] = (fp, f"{fp}: {why}")
-        elif recipe == "int8":
-            why = "int8 static quantization" if ly.quantizable else "int8 activations between quantized layers (no Q/DQ islands)"
-            out[ly.name] = ("int8", why)
+        elif t.activation_bits is not None and t.activation_bits <= 8:
+            why = (f"{recipe}: {t.description}" if ly.quantizable
+                   else f"{recipe} activations between quantized layers (no Q/DQ islands)")
+            out[ly.name] = (recipe, why)
         else:
             out[ly.name] = (recipe, f"{recipe} recipe")
     return out
@@ -83,6 +111,7 @@ class Evaluation:
 
     @property
     def fits(self) -> bool:
+        """Whether every budget check passes."""
         return all(c.ok for c in self.checks)
 
     @property
@@ -101,6 +130,13 @@ class Choice:
     reason: str = ""
 
 
+def _ratio(c: Choice) -> float:
+    """The fraction a choice's pruning removes (unset: the technique's planned ratio)."""
+    if c.sparsity == "none":
+        return 0.0
+    return c.ratio or technique.get(c.sparsity).ratio
+
+
 def _sparsity_support(option: BackendOption, pattern: str):
     return next((s for s in option.sparsity if s.pattern == pattern), None)
 
@@ -108,10 +144,11 @@ def _sparsity_support(option: BackendOption, pattern: str):
 def _choice_cost(ly, c: Choice, option: BackendOption, unit, *, fused: bool = False, measured=None):
     """(ms, weight bytes, bound) of one layer under a choice: measured time where the table has it, else the roofline."""
     support = _sparsity_support(option, c.sparsity) if c.sparsity != "none" else None
-    ratio = 0.5 if c.sparsity == "2:4" else c.ratio
+    sp = technique.get(c.sparsity) if c.sparsity != "none" else None
+    ratio = _ratio(c)
     wb = planned_weight_bytes(ly, c.precision, c.sparsity, ratio, bool(support and support.compresses_storage))
-    keep = 1.0 - ratio if c.sparsity == "channel" else 1.0
-    speedup = support.speedup if support is not None and c.sparsity != "channel" else 1.0
+    keep = 1.0 - ratio if sp is not None and sp.removes_channels else 1.0
+    speedup = support.speedup if support is not None and not (sp and sp.removes_channels) else 1.0
     cost = layer_latency(ly, c.precision, option, unit, fused=fused, weight_bytes=wb, sparsity_speedup=speedup, keep=keep)
     timed = measured.get(ly.name, c.precision) if measured is not None else None
     ms = timed * keep / speedup if timed is not None else cost.ms
@@ -132,6 +169,20 @@ def evaluate(analysis: ModelAnalysis, target: Target, option: BackendOption, rec
 
     ``measured`` (a :class:`~edgeopt.latency_table.LatencyTable`) replaces predicted layer times and
     format-conversion costs with times profiled on this machine where it has them.
+
+    Args:
+        analysis: the model.
+        target: the target whose unit and budgets are used.
+        option: the backend option the model runs on.
+        recipe: the recipe name recorded in the result; without ``precisions`` or ``choices``
+            it is also applied to the model (see :func:`recipe_precisions`).
+        precisions: layer name -> (precision, reason); used when ``choices`` is None.
+        choices: layer name -> :class:`Choice` for every layer (precision and pruning).
+        measured: a latency table profiled for ``option``, or None to use the cost model only.
+
+    Returns:
+        The per-layer plans, predicted latency (ms), storage, RAM and arena bytes, and the
+        ram/storage/latency budget checks.
     """
     if choices is None:
         precisions = precisions or recipe_precisions(analysis, option, recipe)
@@ -144,7 +195,7 @@ def evaluate(analysis: ModelAnalysis, target: Target, option: BackendOption, rec
     layers: list[LayerPlan] = []
     for ly in analysis.layers:
         c = choices[ly.name]
-        ratio = 0.5 if c.sparsity == "2:4" else c.ratio
+        ratio = _ratio(c)
         ms, wb, bound = _choice_cost(ly, c, option, unit, fused=ly.name in fused, measured=measured)
         bits = option.activation_bits(c.precision)
         prev = [producer_bits[i] for i in ly.inputs if i in producer_bits]
@@ -187,6 +238,18 @@ def _describe(e: Evaluation) -> str:
 
 
 def candidate_options(target: Target, backend: str | None) -> list[BackendOption]:
+    """The target's backend options to search, in its preference order.
+
+    Args:
+        target: the target.
+        backend: keep only this backend's options; None keeps all.
+
+    Returns:
+        The matching backend options (never empty).
+
+    Raises:
+        EdgeoptError: the target has no option for ``backend``.
+    """
     options = [o for o in target.backends if backend is None or o.backend == backend]
     if not options:
         valid = sorted({o.backend for o in target.backends})
@@ -201,6 +264,24 @@ def make_plan(analysis: ModelAnalysis, target: Target, *, backend: str | None = 
     ``backend`` restricts the backend; ``precision`` forces a recipe.  With
     ``enforce_budgets=False`` the best plan is returned even when it misses a
     budget (the plan's checks say which).
+
+    Args:
+        analysis: the model.
+        target: the target and its budgets.
+        backend: search only this backend's options; None searches all in preference order.
+        precision: try only this whole-model recipe; None tries every recipe an option runs,
+            highest fidelity first.
+        enforce_budgets: raise when no plan fits; if False, return the closest one instead
+            (least overshoot, then highest fidelity).
+
+    Returns:
+        The first plan (by option preference, then fidelity) that meets every budget, with
+        its rationale.
+
+    Raises:
+        EdgeoptError: the target has no ``backend`` option, or no usable option runs ``precision``.
+        UnsupportedOpError: no candidate option can run the model's ops.
+        BudgetError: no plan meets the budgets and ``enforce_budgets`` is True.
     """
     rationale: list[str] = []
     unsupported: list[str] = []
@@ -213,7 +294,7 @@ def make_plan(analysis: ModelAnalysis, target: Target, *, backend: str | None = 
             unsupported.append(f"{option.label}: {'; '.join(reasons[:3])}{more}")
             rationale.append(f"skipped {option.label}: {len(reasons)} layer(s) unsupported, first: {reasons[0]}")
             continue
-        recipes: Iterable[str] = [p for p in FIDELITY_ORDER if p in option.precisions]
+        recipes: Iterable[str] = [p for p in fidelity_order() if p in option.precisions]
         if precision is not None:
             if precision not in option.precisions:
                 rationale.append(f"skipped {option.label}: it does not run {precision} (it runs {', '.join(option.precisions)})")
@@ -231,7 +312,7 @@ def make_plan(analysis: ModelAnalysis, target: Target, *, backend: str | None = 
             raise UnsupportedOpError(f"no backend of target {target.name} can run this model: " + " | ".join(unsupported))
         valid = sorted({p for o in options for p in o.precisions})
         raise EdgeoptError(f"target {target.name} cannot run precision '{precision}'; valid: {', '.join(valid)}")
-    best = min(evaluations, key=lambda e: (e.overshoot, FIDELITY_ORDER.index(e.recipe)))
+    best = min(evaluations, key=lambda e: (e.overshoot, fidelity_order().index(e.recipe)))
     if not enforce_budgets:
         rationale.append(f"no plan meets every budget; kept the closest: {_describe(best)}")
         return _to_plan(analysis, target, best, rationale)
@@ -252,14 +333,29 @@ def _to_plan(analysis: ModelAnalysis, target: Target, ev: Evaluation, rationale:
 
 
 def layer_choices(analysis: ModelAnalysis, option: BackendOption, sens: dict) -> dict[str, list[tuple[Choice, float, float]]]:
-    """Per weighted layer: every (Choice, noise, flips) the backend option can run and sensitivity measured."""
+    """Per weighted layer: every (Choice, noise, flips) the backend option can run and sensitivity measured.
+
+    Pruning candidates are combined with each precision the sparsity support allows, skipped
+    when they neither remove channels nor run faster nor store smaller; their noise and flips
+    add to the precision's.
+
+    Args:
+        analysis: the model.
+        option: the backend option whose precisions and sparsity patterns are candidates.
+        sens: (layer name, precision or sparsity pattern) -> measured sensitivity (with
+            ``noise``, ``flips`` and ``applicable``); the reference precision needs no entry.
+
+    Returns:
+        Layer name -> list of (choice, output noise, top-1 flips); layers without weights
+        or without any candidate are left out.
+    """
     out: dict[str, list[tuple[Choice, float, float]]] = {}
     for ly in analysis.layers:
-        if not (ly.quantizable and ly.op_type in ("Conv", "Gemm", "MatMul")):
+        if not (ly.quantizable and ly.op_type in technique.WEIGHTED):
             continue
         cands: list[tuple[Choice, float, float]] = []
         for p in option.precisions:
-            if p == "fp32":
+            if p == technique.REFERENCE:
                 base = (0.0, 0.0)
             else:
                 s = sens.get((ly.name, p))
@@ -270,15 +366,12 @@ def layer_choices(analysis: ModelAnalysis, option: BackendOption, sens: dict) ->
             for sp in option.sparsity:
                 if sp.precisions is not None and p not in sp.precisions:
                     continue
-                if sp.pattern == "unstructured" and sp.speedup <= 1.0 and not sp.compresses_storage:
+                if not technique.get(sp.pattern).removes_channels and sp.speedup <= 1.0 and not sp.compresses_storage:
                     continue  # zeros that neither run faster nor store smaller
-                key = {"channel": "channel", "2:4": "2:4", "unstructured": "unstructured"}[sp.pattern]
-                s = sens.get((ly.name, key))
+                s = sens.get((ly.name, sp.pattern))
                 if s is None or not s.applicable:
                     continue
-                from .sensitivity import CHANNEL_RATIO, UNSTRUCTURED_RATIO
-
-                ratio = CHANNEL_RATIO if sp.pattern == "channel" else UNSTRUCTURED_RATIO if sp.pattern == "unstructured" else 0.5
+                ratio = technique.get(sp.pattern).ratio
                 cands.append((Choice(p, sp.pattern, ratio), base[0] + s.noise, base[1] + (s.flips or 0.0)))
         if cands:
             out[ly.name] = cands
@@ -297,7 +390,7 @@ def _fill(analysis: ModelAnalysis, option: BackendOption, weighted: dict[str, Ch
             c = Choice("int8", reason=f"{option.label} runs full-integer models only")
         else:
             src = next((producer[i] for i in ly.inputs if i in producer), None)
-            p = src if src in option.precisions and src not in WEIGHT_ONLY else fp
+            p = src if src in option.precisions and not technique.get(src).weight_only else fp
             if src is None and any(c.precision == "int8" for c in weighted.values()) and "int8" in option.precisions:
                 p = fp
             c = Choice(p, reason="runs in its input's format" if src else f"{p}: model input")
@@ -323,6 +416,25 @@ def search_plan(analysis: ModelAnalysis, target: Target, sens: dict, *, backend:
     missed, takes the move with the best budget gain per unit of added output
     noise.  With ``max_accuracy_drop`` it then keeps trading noise for latency
     while the predicted drop (sum of per-layer top-1 flips) stays within it.
+
+    Args:
+        analysis: the model.
+        target: the target and its budgets.
+        sens: measured sensitivity, as :func:`layer_choices` takes it.
+        backend: search only this backend's options; None searches all in preference order.
+        max_accuracy_drop: after the budgets are met, trade accuracy for latency up to this
+            predicted top-1 drop; None stops once the budgets are met.
+        enforce_budgets: raise when no plan fits; if False, return the one with the least
+            overshoot instead.
+        measured: a latency table; used only for the option it was measured for.
+
+    Returns:
+        The first option's plan (in preference order) that meets every budget, with its rationale.
+
+    Raises:
+        EdgeoptError: the target has no ``backend`` option.
+        UnsupportedOpError: no candidate option can run the model's ops.
+        BudgetError: no plan meets the budgets and ``enforce_budgets`` is True.
     """
     rationale: list[str] = []
     unsupported: list[str] = []
@@ -336,7 +448,7 @@ def search_plan(analysis: ModelAnalysis, target: Target, sens: dict, *, backend:
         cands = layer_choices(analysis, option, sens)
         if option.requires_full_integer:
             cands = {k: [c for c in v if c[0].precision == "int8"] for k, v in cands.items()}
-        current = {k: min(v, key=lambda c: (c[1], FIDELITY_ORDER.index(c[0].precision))) for k, v in cands.items() if v}
+        current = {k: min(v, key=lambda c: (c[1], fidelity_order().index(c[0].precision))) for k, v in cands.items() if v}
         noise = {k: c[1] for k, c in current.items()}
         flips = {k: c[2] for k, c in current.items()}
 
@@ -408,7 +520,19 @@ def _why(c: Choice, noise: float, flips: float) -> str:
 
 def assemble_layer(analysis: ModelAnalysis, target: Target, option: BackendOption, name: str, c: Choice,
                    measured=None) -> tuple[float, int]:
-    """(latency ms, weight bytes) of one layer under a choice (no fusion or conversion effects)."""
+    """(latency ms, weight bytes) of one layer under a choice (no fusion or conversion effects).
+
+    Args:
+        analysis: the model.
+        target: the target whose compute unit is costed.
+        option: the backend option the layer runs on.
+        name: the layer's name (must be in ``analysis.layers``).
+        c: the layer's precision and pruning.
+        measured: a latency table whose time replaces the roofline estimate where it has one.
+
+    Returns:
+        (predicted latency in ms, weight bytes) of the layer.
+    """
     ly = next(x for x in analysis.layers if x.name == name)
     ms, wb, _ = _choice_cost(ly, c, option, unit_of(target, option), measured=measured)
     return ms, wb

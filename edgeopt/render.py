@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .planner import FIDELITY_ORDER, check_option, evaluate
+from .planner import check_option, evaluate, fidelity_order
 from .types import ModelAnalysis, Plan, Target
 from .units import fmt_bytes
 
@@ -119,7 +119,7 @@ def target_fit(a: ModelAnalysis, tg: Target, out: Console) -> None:
             if len(reasons) > 5:
                 out.print(f"[red]unsupported[/] {option.label}: ... {len(reasons) - 5} more")
             continue
-        for p in (p for p in FIDELITY_ORDER if p in option.precisions):
+        for p in (p for p in fidelity_order() if p in option.precisions):
             ev = evaluate(a, tg, option, p)
             missed = [c.name.replace("_ms", "") for c in ev.checks if not c.ok]
             t.add_row(option.label, "[green]ok[/]", p, f"{ev.latency_ms:.3f} ms", fmt_bytes(ev.ram),

@@ -6,26 +6,26 @@ file or a hand-edited plan is an error instead of a silently ignored key.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ByteSize, ConfigDict, Field, field_validator, model_validator
 
-#: Numeric formats a layer can run in.  ``int8`` quantizes weights and
-#: activations (static QDQ); ``wint8``/``wint4`` quantize weights only and keep
-#: floating-point activations (MatMulNBits-style).
-Precision = Literal["fp32", "fp16", "bf16", "int8", "wint8", "wint4"]
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "wint8", "wint4")
+from . import technique
 
-#: Bits per stored weight element for each precision.
-WEIGHT_BITS: dict[str, int] = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8, "wint8": 8, "wint4": 4}
-#: Bits per element of the arithmetic each precision computes in.
-BITS: dict[str, int] = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8}
-WEIGHT_ONLY = ("wint8", "wint4")
+#: A numeric format a layer can run in, and a pruning pattern ("none": dense): names of techniques registered in
+#: :mod:`edgeopt.technique` (fp32, fp16, bf16, int8, wint8, wint4; 2:4, unstructured, channel; and any registered
+#: later), checked when a model is validated.
+Precision = Annotated[str, AfterValidator(technique.check_precision)]
+Sparsity = Annotated[str, AfterValidator(technique.check_sparsity)]
 
-#: Sparsity patterns: ``unstructured`` (any zero), ``2:4`` (N:M, two of every
-#: four along the reduction axis), ``channel`` (whole output channels removed,
-#: which every backend runs since the layer simply becomes smaller).
-Sparsity = Literal["none", "unstructured", "2:4", "channel"]
+
+def _pattern(name: str) -> str:
+    if name == "none":
+        raise ValueError(f"a sparsity pattern is one of {', '.join(technique.sparsity_names())}")
+    return technique.check_sparsity(name)
+
+
+SparsityPattern = Annotated[str, AfterValidator(_pattern)]
 
 
 class _Frozen(BaseModel):
@@ -83,16 +83,17 @@ class ComputeUnit(_Frozen):
     @field_validator("peak_ops_per_s")
     @classmethod
     def _known_precisions(cls, v: dict[str, float]) -> dict[str, float]:
-        bad = sorted(set(v) - set(PRECISIONS))
+        valid = technique.precision_names()
+        bad = sorted(set(v) - set(valid))
         if bad:
-            raise ValueError(f"unknown precision(s) {bad}; valid: {list(PRECISIONS)}")
+            raise ValueError(f"unknown precision(s) {bad}; valid: {list(valid)}")
         if any(x <= 0 for x in v.values()):
             raise ValueError("peak rates must be positive")
         return v
 
 
 class SparsitySupport(_Frozen):
-    pattern: Literal["unstructured", "2:4", "channel"]
+    pattern: SparsityPattern
     speedup: float = Field(default=1.0, ge=1.0, description="compute speed-up on layers using it")
     precisions: list[Precision] | None = Field(default=None, description="None: all the backend's precisions")
     compresses_storage: bool = Field(default=False, description="whether the format stores it compactly")
@@ -212,9 +213,10 @@ class BackendOption(_Frozen):
     @field_validator("kernel_models")
     @classmethod
     def _kernel_keys(cls, v: dict[str, KernelModel]) -> dict[str, KernelModel]:
-        bad = sorted(k for k in v if k.partition(":")[0] not in PRECISIONS or k.partition(":")[2] not in KERNEL_KINDS)
+        valid = technique.precision_names()
+        bad = sorted(k for k in v if k.partition(":")[0] not in valid or k.partition(":")[2] not in KERNEL_KINDS)
         if bad:
-            raise ValueError(f"kernel_models keys must be '<precision>:<kind>' with a precision in {list(PRECISIONS)} and "
+            raise ValueError(f"kernel_models keys must be '<precision>:<kind>' with a precision in {list(valid)} and "
                              f"a kind in {list(KERNEL_KINDS)}; got {bad}")
         return v
 
@@ -226,10 +228,11 @@ class BackendOption(_Frozen):
 
     def compute_precision(self, precision: str) -> str:
         """The arithmetic a layer in ``precision`` runs (what the peak rate is looked up by)."""
-        return self.weight_only_compute if precision in WEIGHT_ONLY else precision
+        return self.weight_only_compute if technique.get(precision).weight_only else precision
 
     def activation_bits(self, precision: str) -> int:
-        return BITS[self.compute_precision(precision)]
+        """Bits per activation element of a layer in ``precision`` (weight-only formats: the float they compute in)."""
+        return technique.get(self.compute_precision(precision)).activation_bits or 32
 
     @property
     def label(self) -> str:

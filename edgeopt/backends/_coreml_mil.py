@@ -88,8 +88,7 @@ def prepare(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelP
     BatchNormalization fused and Identity/Dropout removed, every node named."""
     import onnx
 
-    from ..passes._util import ensure_names
-    from ..passes.cleanup import constants_to_initializers, fold_constants, fuse_batchnorm, remove_identity
+    from ..passes.cleanup import normalize
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -103,13 +102,7 @@ def prepare(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelP
     for vi in m.graph.output:  # let inference fill the (now static) output shapes
         vi.type.tensor_type.ClearField("shape")
     del m.graph.value_info[:]
-    ensure_names(m)
-    constants_to_initializers(m)
-    for _ in range(3):  # Shape -> Cast -> Slice -> Concat chains fold in steps
-        if not fold_constants(m):
-            break
-    fuse_batchnorm(m)
-    remove_identity(m)
+    normalize(m)
     try:
         return onnx.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
     except Exception:  # no ONNX shapes to check MIL's against; translation still works

@@ -178,8 +178,7 @@ def prepare_onnx(model: onnx.ModelProto, input_shapes: Mapping[str, list[int]] |
 
     from ..fidelity import session
     from ..graph import expose_outputs, fix_input_shapes
-    from ..passes._util import ensure_names
-    from ..passes.cleanup import constants_to_initializers, fold_constants, fuse_batchnorm, remove_identity
+    from ..passes.cleanup import normalize
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -188,13 +187,7 @@ def prepare_onnx(model: onnx.ModelProto, input_shapes: Mapping[str, list[int]] |
     fix_input_shapes(m, {k: v for k, v in (input_shapes or {}).items() if k in names})
     for o in m.graph.output:  # declared output dims may be stale once inputs are fixed
         o.type.tensor_type.ClearField("shape")
-    ensure_names(m)
-    constants_to_initializers(m)
-    for _ in range(3):
-        if not fold_constants(m):
-            break
-    fuse_batchnorm(m)
-    remove_identity(m)
+    normalize(m)
     tensors = [o for n in m.graph.node for o in n.output if o]
     sess = session(expose_outputs(m, tensors), optimize=False)
     feeds = {}

@@ -15,7 +15,9 @@ A backend module (``edgeopt/backends/<name>.py``) keeps its op table and
   ``threaded``; None: the artifact's own setting), or a
   :class:`~edgeopt.errors.BackendNotInstalledError` / :class:`RuntimeUnavailable`
   saying why it cannot;
-* ``runtime_dist``: the Python distribution that provides the runtime (profiles record its version).
+* ``runtime_dist``: the Python distribution that provides the runtime (profiles record its version);
+* ``precisions`` / ``sparsity``: the techniques it writes (None: any technique that can be written into the
+  ONNX graph; see :mod:`edgeopt.technique`).
 
 Vendor SDKs are imported inside methods only.
 """
@@ -55,13 +57,31 @@ class Runner(ABC):
     output_names: list[str]
 
     @abstractmethod
-    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]: ...
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Run the artifact once.
+
+        Args:
+            feeds: input name -> array, in the ONNX model's layout and dtype.
+
+        Returns:
+            The outputs, in the order of ``output_names``, in the ONNX model's layout.
+        """
+        ...
 
     def op_profile(self, feeds: Mapping[str, np.ndarray], repeats: int = 20) -> list[OpTiming]:
-        """Per-op timings averaged over ``repeats`` runs (empty where the runtime has no counters)."""
+        """Per-op timings averaged over ``repeats`` runs (empty where the runtime has no counters).
+
+        Args:
+            feeds: input name -> array, as :meth:`run` takes them.
+            repeats: runs to average over.
+
+        Returns:
+            One timing per op the runtime reports; this default returns an empty list.
+        """
         return []
 
     def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the runtime's resources (a no-op by default); the runner is not used afterwards."""
         pass
 
     def __enter__(self) -> Runner:
@@ -83,18 +103,62 @@ class Backend(ABC):
     default_threads: int = 0
     #: False where convert() writes SDK-ready files without the SDK (TensorRT: ONNX + engine build step)
     convert_requires_sdk: bool = True
+    #: precisions (techniques in :mod:`edgeopt.technique`) convert() writes in the backend's own format; None: any
+    #: technique with an ``apply`` hook, written into the ONNX graph (onnxruntime)
+    precisions: frozenset[str] | None = None
+    #: pruning patterns it honours (all pruning is applied to the ONNX graph before convert; a format may store it
+    #: compactly or run it faster, which the target's ``sparsity`` entries say)
+    sparsity: frozenset[str] | None = None
+
+    def writes(self, technique: str) -> bool:
+        """Whether convert() can produce a layer in ``technique`` (a precision or a sparsity pattern).
+
+        Args:
+            technique: a technique name from :mod:`edgeopt.technique`.
+
+        Returns:
+            True when the backend declares it in ``precisions``/``sparsity``, or, where that is None,
+            when the technique has an ``apply`` hook (it can be written into the ONNX graph).
+        """
+        from ..technique import get
+
+        t = get(technique)
+        declared = self.precisions if t.kind == "precision" else self.sparsity
+        return t.apply is not None if declared is None else technique in declared
 
     def is_available(self) -> bool:
+        """Whether the backend's SDK can be imported here.
+
+        Returns:
+            True when every module in ``sdk_modules`` is importable (checked without importing it).
+        """
         from importlib.util import find_spec
 
         return all(find_spec(m) is not None for m in self.sdk_modules)
 
     def require(self) -> None:
+        """Check that the backend's SDK is installed.
+
+        Raises:
+            BackendNotInstalledError: a module in ``sdk_modules`` cannot be imported.
+        """
         if not self.is_available():
             raise BackendNotInstalledError(self.name, self.sdk_label)
 
     def check(self, plan: Plan, analysis: ModelAnalysis) -> list[str]:
-        """Reasons this backend cannot build ``plan`` for ``analysis`` (empty: it can)."""
+        """Reasons this backend cannot build ``plan`` for ``analysis`` (empty: it can).
+
+        Args:
+            plan: the plan to build.
+            analysis: the model the plan is for.
+
+        Returns:
+            One reason per problem: the plan is for another backend, a layer's op is unsupported on the
+            plan's backend option, or a precision/sparsity the plan uses is one this backend cannot write.
+
+        Raises:
+            EdgeoptError: the plan's target has no backend option matching the plan's backend, unit and options.
+        """
         from . import get
 
         reasons = []
@@ -102,17 +166,62 @@ class Backend(ABC):
             reasons.append(f"the plan is for backend {plan.backend}, not {self.name}")
         option = _option_for(plan)
         reasons += get(self.name).check_ops(analysis, option)
+        used = {lp.precision for lp in plan.layers} | {lp.sparsity for lp in plan.layers if lp.sparsity != "none"}
+        reasons += [f"{self.name} cannot write {t} layers" for t in sorted(used) if not self.writes(t)]
         return reasons
 
     @abstractmethod
     def convert(self, model: onnx.ModelProto, plan: Plan, out_dir: Path,
-                calib: CalibrationData | None = None) -> Artifact: ...
+                calib: CalibrationData | None = None) -> Artifact:
+        """Write the artifact's files for ``plan`` into ``out_dir``.
+
+        Implementations apply the plan's per-layer precisions in the backend's own format and
+        build the manifest with :func:`make_artifact`; they do not write the manifest file (the
+        caller does, and makes ``out_dir`` atomic).
+
+        Args:
+            model: the float ONNX model, after the plan's structural (pruning) passes.
+            plan: the plan to build; its backend is this one.
+            out_dir: an existing, empty directory to write into.
+            calib: calibration data for formats that need activation ranges (int8), or None.
+
+        Returns:
+            The artifact's manifest (file hashes, primary file, plan, tool versions).
+
+        Raises:
+            BackendNotInstalledError: the SDK the conversion needs is not installed.
+        """
+        ...
 
     @abstractmethod
-    def load(self, artifact: Artifact, artifact_dir: Path, threads: int | None = None) -> Runner: ...
+    def load(self, artifact: Artifact, artifact_dir: Path, threads: int | None = None) -> Runner:
+        """A runner that executes the artifact on this machine.
+
+        Args:
+            artifact: the artifact's manifest.
+            artifact_dir: the directory holding its files.
+            threads: intra-op threads, for ``threaded`` backends; None: the artifact's own setting.
+
+        Returns:
+            A runner for the artifact; the caller closes it.
+
+        Raises:
+            BackendNotInstalledError: the runtime is not installed.
+            RuntimeUnavailable: the runtime cannot execute here (e.g. no suitable OS or device).
+            EdgeoptError: ``threads`` is given for a backend that is not ``threaded``.
+        """
+        ...
 
     def artifact_threads(self, artifact: Artifact, artifact_dir: Path) -> int | None:
-        """The thread count the artifact records for its runtime (None: none recorded, or not ``threaded``)."""
+        """The thread count the artifact records for its runtime (None: none recorded, or not ``threaded``).
+
+        Args:
+            artifact: the artifact's manifest.
+            artifact_dir: the directory holding its files.
+
+        Returns:
+            The recorded thread count, or None; this default returns None.
+        """
         return None
 
     def _no_threads(self, threads: int | None) -> None:
@@ -125,7 +234,15 @@ class Backend(ABC):
 
     def reference(self, artifact: Artifact, artifact_dir: Path) -> Runner | None:
         """A runner with the artifact's exact numerics that does not depend on this machine's kernels (QDQ graphs run
-        as written: quantize, dequantize, float ops), or None where the backend has no such stand-in."""
+        as written: quantize, dequantize, float ops), or None where the backend has no such stand-in.
+
+        Args:
+            artifact: the artifact's manifest.
+            artifact_dir: the directory holding its files.
+
+        Returns:
+            The reference runner (the caller closes it), or None; this default returns None.
+        """
         return None
 
 
@@ -140,7 +257,14 @@ def _option_for(plan: Plan):
 
 def int8_scheme_for(plan: Plan):
     """The int8 layout the plan's compute unit runs exactly (:func:`edgeopt.hostinfo.int8_scheme`), or None for
-    units that are not CPUs with a known ISA (GPUs, NPUs, MCUs: the backend's own rules apply)."""
+    units that are not CPUs with a known ISA (GPUs, NPUs, MCUs: the backend's own rules apply).
+
+    Args:
+        plan: the plan; its target definition's compute unit ``plan.unit`` is looked up.
+
+    Returns:
+        The int8 scheme for the plan's backend and the unit's arch/ISA, or None when the unit has no ``arch``.
+    """
     from ..hostinfo import int8_scheme
 
     unit = plan.target_definition.compute_units[plan.unit]
@@ -148,7 +272,16 @@ def int8_scheme_for(plan: Plan):
 
 
 def int8_numerics(plan: Plan, scheme) -> dict[str, str]:
-    """Manifest lines for a plan's int8 layout (empty when no layer is int8)."""
+    """Manifest lines for a plan's int8 layout (empty when no layer is int8).
+
+    Args:
+        plan: the plan.
+        scheme: the int8 scheme from :func:`int8_scheme_for`, or None.
+
+    Returns:
+        ``int8_scheme`` and ``int8_reason`` entries for the manifest's ``numerics`` ("backend defaults"
+        when ``scheme`` is None), or an empty dict.
+    """
     if not any(lp.precision == "int8" for lp in plan.layers):
         return {}
     if scheme is None:
@@ -158,6 +291,14 @@ def int8_numerics(plan: Plan, scheme) -> dict[str, str]:
 
 
 def sha256_of(path: Path) -> str:
+    """SHA-256 of a file's contents, read in 1 MiB blocks.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The hex digest.
+    """
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
@@ -166,6 +307,14 @@ def sha256_of(path: Path) -> str:
 
 
 def tool_versions(*packages: str) -> dict[str, str]:
+    """Versions of Python and the installed tools an artifact was built with, for its manifest.
+
+    Args:
+        packages: distributions to record besides edgeopt, onnx and onnxruntime.
+
+    Returns:
+        ``python`` and distribution name -> version; distributions that are not installed are left out.
+    """
     out = {"python": platform.python_version()}
     for p in ("edgeopt", "onnx", "onnxruntime", *packages):
         try:
@@ -177,7 +326,24 @@ def tool_versions(*packages: str) -> dict[str, str]:
 
 def make_artifact(out_dir: Path, primary: str, plan: Plan, backend: str, versions: dict[str, str],
                   accuracy: dict[str, float] | None = None, numerics: dict[str, str] | None = None) -> Artifact:
-    """Hash every file under ``out_dir`` (but the manifest) into an :class:`Artifact`."""
+    """Hash every file under ``out_dir`` (but the manifest) into an :class:`Artifact`.
+
+    Args:
+        out_dir: the directory the backend wrote the artifact's files into.
+        primary: the artifact's main file (or directory, e.g. a Core ML package), relative to ``out_dir``.
+        plan: the plan the artifact was built from (gives its target and predicted latency).
+        backend: the backend's name.
+        versions: tool versions (see :func:`tool_versions`).
+        accuracy: accuracy metrics the backend measured itself, if any.
+        numerics: notes on the artifact's numerics (e.g. :func:`int8_numerics`), if any.
+
+    Returns:
+        The manifest: relative path -> sha256 of every file, total size, and the given details,
+        stamped with the current UTC time.
+
+    Raises:
+        EdgeoptError: ``primary`` was not written.
+    """
     files = {str(p.relative_to(out_dir)): sha256_of(p) for p in sorted(out_dir.rglob("*"))
              if p.is_file() and p.name != MANIFEST}
     if primary not in files and not (out_dir / primary).is_dir():
@@ -190,6 +356,15 @@ def make_artifact(out_dir: Path, primary: str, plan: Plan, backend: str, version
 
 
 def write_manifest(artifact: Artifact, out_dir: Path) -> Path:
+    """Write the artifact's manifest (``manifest.json``) into ``out_dir`` atomically.
+
+    Args:
+        artifact: the manifest.
+        out_dir: the artifact's directory.
+
+    Returns:
+        The manifest file's path.
+    """
     from ..io import atomic_write_text
 
     path = out_dir / MANIFEST
@@ -198,6 +373,17 @@ def write_manifest(artifact: Artifact, out_dir: Path) -> Path:
 
 
 def read_manifest(artifact_dir: Path) -> Artifact:
+    """Read an artifact's manifest (without checking its files; see :func:`read_verified`).
+
+    Args:
+        artifact_dir: the artifact's directory.
+
+    Returns:
+        The parsed manifest.
+
+    Raises:
+        EdgeoptError: the directory has no ``manifest.json``, or it is not a valid manifest.
+    """
     from pydantic import ValidationError
 
     path = Path(artifact_dir) / MANIFEST
@@ -210,7 +396,15 @@ def read_manifest(artifact_dir: Path) -> Artifact:
 
 
 def verify_files(artifact: Artifact, artifact_dir: Path) -> list[str]:
-    """Files whose hash no longer matches the manifest (missing ones included)."""
+    """Files whose hash no longer matches the manifest (missing ones included).
+
+    Args:
+        artifact: the manifest.
+        artifact_dir: the artifact's directory.
+
+    Returns:
+        The manifest's relative paths that are missing or changed (empty: all intact).
+    """
     bad = []
     for rel, digest in artifact.files.items():
         p = Path(artifact_dir) / rel
@@ -220,7 +414,21 @@ def verify_files(artifact: Artifact, artifact_dir: Path) -> list[str]:
 
 
 def build_artifact(model: onnx.ModelProto, plan: Plan, out_dir: Path, calib: CalibrationData | None = None) -> Artifact:
-    """Convert ``model`` with the plan's backend into ``out_dir`` atomically (all or nothing), manifest included."""
+    """Convert ``model`` with the plan's backend into ``out_dir`` atomically (all or nothing), manifest included.
+
+    Args:
+        model: the float ONNX model, after the plan's structural passes.
+        plan: the plan; ``plan.backend`` does the conversion.
+        out_dir: the destination directory (replaced on success).
+        calib: calibration data for formats that need it, or None.
+
+    Returns:
+        The artifact's manifest, as written to ``out_dir``.
+
+    Raises:
+        EdgeoptError: the plan's backend is unknown.
+        BackendNotInstalledError: the backend needs its SDK to convert and it is not installed.
+    """
     from ..io import atomic_dir
     from . import get
 
@@ -234,7 +442,17 @@ def build_artifact(model: onnx.ModelProto, plan: Plan, out_dir: Path, calib: Cal
 
 
 def read_verified(artifact_dir: Path) -> Artifact:
-    """An artifact's manifest, after checking that its files still have the hashes it records."""
+    """An artifact's manifest, after checking that its files still have the hashes it records.
+
+    Args:
+        artifact_dir: the artifact's directory.
+
+    Returns:
+        The parsed manifest.
+
+    Raises:
+        EdgeoptError: the manifest is missing or invalid, or a file it lists is missing or changed.
+    """
     artifact = read_manifest(artifact_dir)
     bad = verify_files(artifact, artifact_dir)
     if bad:
@@ -243,7 +461,17 @@ def read_verified(artifact_dir: Path) -> Artifact:
 
 
 def open_reference(artifact_dir: Path) -> Runner | None:
-    """The backend's exact-numerics stand-in for an artifact (see :meth:`Backend.reference`), or None."""
+    """The backend's exact-numerics stand-in for an artifact (see :meth:`Backend.reference`), or None.
+
+    Args:
+        artifact_dir: the artifact's directory.
+
+    Returns:
+        The reference runner (the caller closes it), or None where the backend has none.
+
+    Raises:
+        EdgeoptError: the artifact's manifest is missing or invalid, or its files are damaged.
+    """
     from . import get
 
     artifact = read_verified(artifact_dir)
@@ -251,7 +479,19 @@ def open_reference(artifact_dir: Path) -> Runner | None:
 
 
 def open_artifact(artifact_dir: Path) -> tuple[Artifact, Runner]:
-    """Read an artifact's manifest, check its files' hashes, and load it in its backend's runtime."""
+    """Read an artifact's manifest, check its files' hashes, and load it in its backend's runtime.
+
+    Args:
+        artifact_dir: the artifact's directory.
+
+    Returns:
+        (the manifest, a runner for the artifact with its own thread setting; the caller closes it).
+
+    Raises:
+        EdgeoptError: the manifest is missing or invalid, or the artifact's files are damaged.
+        BackendNotInstalledError: the artifact's runtime is not installed.
+        RuntimeUnavailable: the runtime cannot execute here.
+    """
     from . import get
 
     artifact = read_verified(artifact_dir)

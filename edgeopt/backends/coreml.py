@@ -322,6 +322,7 @@ class CoreMLRunner(Runner):
 
 
 class CoreMLBackend(Backend):
+    precisions = frozenset({"fp32", "fp16", "wint8", "wint4"})
     name = "coreml"
     sdk_modules = SDK_MODULES
     sdk_label = SDK_LABEL

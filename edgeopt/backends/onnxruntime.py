@@ -45,41 +45,37 @@ SESSION_FILE = "session.json"
 
 def apply_precisions(model: onnx.ModelProto, plan: Plan, calib: CalibrationData | None,
                      int8_config: dict | None = None) -> tuple[onnx.ModelProto, list[str]]:
-    """Apply a plan's per-layer precisions to a float ONNX model with edgeopt's passes.
+    """Apply a plan's per-layer precisions to a float ONNX model with each technique's ``apply`` (edgeopt's passes).
 
-    Weight-only layers first (MatMul -> MatMulNBits), then int8 QDQ, then fp16;
-    returns the model and one note per pass run.  int8 uses the layout the plan's CPU runs
-    exactly (:func:`~edgeopt.backends.base.int8_scheme_for`; full-range weights where the unit
-    is not a CPU), never this build host's, with ``int8_config`` on top.
+    Args:
+        model: the float ONNX model (after structural passes).
+        plan: the plan; its layers' precisions name registered techniques.
+        calib: calibration data (int8 needs it).
+        int8_config: int8 pass settings on top of the layout the plan's CPU runs exactly
+            (:func:`~edgeopt.backends.base.int8_scheme_for`; full-range weights where the unit is not a CPU), never
+            this build host's.
+
+    Returns:
+        The model and one note per pass run.  Techniques run in their ``apply_order`` (weight-only first, then int8,
+        then fp16).
     """
-    from ..passes import run_pass
+    from ..technique import ApplyContext, get
 
     by_precision: dict[str, list[str]] = {}
     for lp in plan.layers:
         by_precision.setdefault(lp.precision, []).append(lp.name)
+    scheme = int8_scheme_for(plan)
+    layout = {"weight_bits": 8} if scheme is None else {"weight_bits": scheme.weight_bits,
+                                                         "activation_type": scheme.activation_type}
+    ctx = ApplyContext(calib=calib, configs={"int8": {**layout, **(int8_config or {})}},
+                       backend_options=plan.backend_options)
     notes: list[str] = []
-    for bits in (8, 4):
-        names = by_precision.get(f"wint{bits}")
-        if names:
-            # accuracy_level 4: int8 activations inside MatMulNBits; the default level dequantizes to fp32
-            # on every call, which made 8-bit weights ~1.5x slower than fp32 on MobileNetV2's classifier
-            res = run_pass("weight_only", model, {"bits": bits, "nodes": names, "accuracy_level": 4}, None, evaluate=False)
-            model = res.model
-            notes.append(res.report.summary())
-    if by_precision.get("int8"):
-        if calib is None:
-            raise EdgeoptError(f"the plan quantizes {len(by_precision['int8'])} layer(s) to int8: give calibration data")
-        scheme = int8_scheme_for(plan)
-        layout = {"weight_bits": 8} if scheme is None else {"weight_bits": scheme.weight_bits,
-                                                             "activation_type": scheme.activation_type}
-        cfg = {"nodes": by_precision["int8"], **layout, **(int8_config or {})}
-        res = run_pass("int8", model, cfg, calib, evaluate=False)
-        model = res.model
-        notes.append(res.report.summary())
-    if by_precision.get("fp16"):
-        res = run_pass("fp16", model, {"nodes": by_precision["fp16"]}, None, evaluate=False)
-        model = res.model
-        notes.append(res.report.summary())
+    for t in sorted((get(p) for p in by_precision), key=lambda t: t.apply_order):
+        if t.apply is None:
+            raise EdgeoptError(f"precision {t.name} cannot be written into an ONNX graph ({t.description})")
+        model, note = t.apply(model, by_precision[t.name], ctx)
+        if note:
+            notes.append(note)
     return model, notes
 
 

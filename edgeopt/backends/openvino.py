@@ -86,6 +86,7 @@ class OpenVinoRunner(Runner):
 
 
 class OpenVinoBackend(Backend):
+    precisions = frozenset({"fp32", "fp16", "bf16", "int8"})
     name = "openvino"
     sdk_modules = SDK_MODULES
     sdk_label = SDK_LABEL

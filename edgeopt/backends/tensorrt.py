@@ -197,6 +197,7 @@ class TrtRunner(Runner):
 
 
 class TensorRtBackend(Backend):
+    precisions = frozenset({"fp32", "fp16", "bf16", "int8"})
     name = "tensorrt"
     sdk_modules = SDK_MODULES
     sdk_label = SDK_LABEL

@@ -51,7 +51,7 @@ def check_ops(analysis: ModelAnalysis, option: BackendOption) -> list[str]:
 
 MODEL_FILE = "model.tflite"
 RECORD = "tflite.json"
-TFLITE_PRECISIONS = ("fp32", "fp16", "int8")
+TFLITE_PRECISIONS = frozenset({"fp32", "fp16", "int8"})
 
 
 def plan_precisions(plan: Plan, backend: str) -> tuple[dict[str, str], str]:
@@ -158,6 +158,7 @@ class TfliteRunner(Runner):
 
 
 class TfliteBackend(Backend):
+    precisions = TFLITE_PRECISIONS
     name = "tflite"
     runtime_dist = "ai-edge-litert"
     threaded = True

@@ -184,6 +184,7 @@ def budget_check(flash: int, arena: int, arena_source: str, budgets: _Budgets) -
 
 
 class TflmBackend(Backend):
+    precisions = frozenset({"int8"})
     name = "tflm"
     sdk_modules = SDK_MODULES
     sdk_label = SDK_LABEL

@@ -56,6 +56,15 @@ class PassConfig(BaseModel):
     exclude: list[str] = Field(default_factory=list, description="node names or regexes never touched")
 
     def selects(self, name: str) -> bool:
+        """Whether the pass may touch node ``name``.
+
+        Args:
+            name: a node name.
+
+        Returns:
+            False when it equals or fully matches an ``exclude`` pattern; otherwise True when ``nodes``
+            is None or it equals or fully matches one of ``nodes``.
+        """
         def hit(patterns: list[str]) -> bool:
             return any(p == name or re.fullmatch(p, name) for p in patterns)
 
@@ -79,6 +88,12 @@ class PassOutcome:
     notes: list[str] = field(default_factory=list)
 
     def skip(self, node: str, reason: str) -> None:
+        """Record a node the pass left untouched.
+
+        Args:
+            node: the node's name.
+            reason: why the pass could not handle it.
+        """
         self.skipped.append(Skip(node=node, reason=reason))
 
 
@@ -95,6 +110,12 @@ class PassReport(BaseModel):
     fidelity: Fidelity | None = None
 
     def summary(self) -> str:
+        """A one-line human-readable summary of the pass's effect.
+
+        Returns:
+            Nodes changed and skipped, size before -> after, and the fidelity (SNR, cosine, top-1
+            agreement and accuracy where measured).
+        """
         fid = ""
         if self.fidelity is not None:
             f = self.fidelity
@@ -118,12 +139,36 @@ class PassError(EdgeoptError):
 
 
 def get(name: str):
+    """The module implementing pass ``name``.
+
+    Args:
+        name: a pass name (a key of :data:`REGISTRY`).
+
+    Returns:
+        The imported ``edgeopt.passes`` module (with ``Config`` or ``CONFIGS`` and ``apply``).
+
+    Raises:
+        PassError: ``name`` is not a known pass.
+    """
     if name not in REGISTRY:
         raise PassError(f"unknown pass '{name}'; valid passes: {', '.join(sorted(REGISTRY))}")
     return importlib.import_module(f"{__name__}.{REGISTRY[name]}")
 
 
 def make_config(name: str, config: PassConfig | dict[str, Any] | None = None) -> PassConfig:
+    """Validate a configuration for pass ``name``.
+
+    Args:
+        name: a pass name.
+        config: an instance of the pass's config class (returned as is), a dict or another
+            pydantic model to validate into it, or None for the defaults.
+
+    Returns:
+        The pass's config (the module's ``CONFIGS[name]`` class where it has several, else its ``Config``).
+
+    Raises:
+        PassError: ``name`` is unknown, or ``config`` does not validate.
+    """
     from pydantic import ValidationError
 
     mod = get(name)
@@ -138,13 +183,37 @@ def make_config(name: str, config: PassConfig | dict[str, Any] | None = None) ->
 
 
 def model_size(model: onnx.ModelProto) -> int:
-    """Serialized bytes (external data included when it is loaded into the proto)."""
+    """Serialized bytes (external data included when it is loaded into the proto).
+
+    Args:
+        model: the model.
+
+    Returns:
+        ``model.ByteSize()``.
+    """
     return model.ByteSize()
 
 
 def run_pass(name: str, model: onnx.ModelProto, config: PassConfig | dict[str, Any] | None = None,
              calib: CalibrationData | None = None, *, evaluate: bool = True, eval_limit: int | None = 256) -> PassResult:
-    """Apply one pass to a copy of ``model`` and report its effect."""
+    """Apply one pass to a copy of ``model`` and report its effect.
+
+    Args:
+        name: a pass name.
+        model: the input model (not modified).
+        config: the pass's configuration (see :func:`make_config`).
+        calib: calibration data; required by passes that need it, also used to measure fidelity.
+        evaluate: compare the outputs of the input and transformed models on ``calib``.
+        eval_limit: at most this many samples for that comparison (None: all).
+
+    Returns:
+        The transformed model and a report (nodes applied/skipped, notes, sizes before/after, and
+        fidelity when evaluated).
+
+    Raises:
+        PassError: the pass is unknown, its config is invalid, or it needs calibration data and
+            ``calib`` is None.
+    """
     import onnx
 
     cfg = make_config(name, config)

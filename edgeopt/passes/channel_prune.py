@@ -43,8 +43,8 @@ import numpy as np
 from pydantic import Field
 
 from . import PassConfig, PassError, PassOutcome
-from ._util import Graph, ensure_names
-from .cleanup import constants_to_initializers, fold_constants, fuse_batchnorm, remove_identity
+from ._util import Graph
+from .cleanup import normalize
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -73,6 +73,14 @@ class Config(PassConfig):
 
 
 def needs_calibration(config: Config) -> bool:
+    """Whether the pass needs calibration data under ``config``.
+
+    Args:
+        config: the pass config.
+
+    Returns:
+        ``config.reconstruct`` (only the least-squares re-fit reads calibration data).
+    """
     return config.reconstruct
 
 
@@ -596,16 +604,26 @@ def _params(model: onnx.ModelProto) -> int:
 
 
 def apply(model: onnx.ModelProto, config: Config, calib: CalibrationData | None = None) -> PassOutcome:
+    """Remove the least important output channels of each prunable group and, optionally, re-fit its consumers.
+
+    Args:
+        model: the model (already a copy); normalised, sliced and re-fitted in place.
+        config: ratio, criterion, rounding, minimum channels, reconstruction and node scoping.
+        calib: calibration data; required when ``config.reconstruct`` (at most ``calib_samples`` are used).
+
+    Returns:
+        The outcome: the pruned model, the producers pruned, the producers skipped (with reasons), and
+        notes with the parameter count before/after and each layer's channel counts.
+
+    Raises:
+        PassError: ``reconstruct`` is set and ``calib`` is None, or reconstruction cannot run the
+            pruned model segment by segment.
+    """
     import onnx
 
     if config.reconstruct and calib is None:
         raise PassError("channel_prune with reconstruct=True needs calibration data (or set reconstruct=False)")
-    ensure_names(model)
-    constants_to_initializers(model)
-    fold_constants(model)
-    fuse_batchnorm(model)
-    remove_identity(model)
-    Graph(model).remove_unused_initializers()
+    normalize(model)
     out = PassOutcome(model)
     params_before = _params(model)
     original = onnx.ModelProto()

@@ -1,9 +1,16 @@
 """Graph cleanup: Constant nodes -> initializers, constant folding (static
 ``Shape`` included), Conv+BatchNormalization fusion, Identity/Dropout removal.
 
+:func:`normalize` is the one normalization the passes and the TFLite / Core ML
+translators run.  The generic graph plumbing is onnx-ir's (constant lifting, dead
+node and initializer removal, topological sort); what it does not do is here:
+folding through onnxruntime (static ``Shape``/``Size`` included, several rounds for
+``Shape -> Cast -> Slice -> Concat`` chains), BatchNormalization fusion, and
+Identity/Dropout removal that keeps graph output names.
+
 Quantizers and pruners look for weights among initializers; PaddlePaddle exports
 (PP-OCR) store them as ``Constant`` nodes, so every weight-changing pass runs
-:func:`constants_to_initializers` first.
+:func:`constants_to_initializers` (or :func:`normalize`) first.
 """
 
 from __future__ import annotations
@@ -45,20 +52,82 @@ def _constant_array(node: onnx.NodeProto) -> np.ndarray | None:
     return None
 
 
+def _ir_passes(model: onnx.ModelProto, *passes) -> None:
+    """Run onnx-ir passes on ``model`` in place."""
+    import onnx_ir as ir
+
+    im = ir.from_proto(model)
+    for p in passes:
+        p(im)
+    model.CopyFrom(ir.to_proto(im))
+
+
 def constants_to_initializers(model: onnx.ModelProto, config: PassConfig | None = None) -> list[str]:
-    """Turn the main graph's Constant nodes into initializers; returns the names of converted nodes."""
-    g = Graph(model)
-    keep, done = [], []
-    for n in model.graph.node:
-        value = _constant_array(n) if n.op_type == "Constant" else None
-        if value is not None and (config is None or config.selects(n.name)):
-            g.set_initializer(n.output[0], value)
-            done.append(n.name or n.output[0])
-        else:
-            keep.append(n)
+    """Turn the main graph's Constant nodes into initializers (onnx-ir's ``LiftConstantsToInitializersPass``, every
+    Constant whatever its size or attribute kind).
+
+    Args:
+        model: changed in place.
+        config: unused (lifting a constant never changes the function); kept for the step-function signature.
+
+    Returns:
+        The names of the Constant nodes lifted.
+    """
+    from onnx_ir.passes.common import LiftConstantsToInitializersPass
+
+    done = [n.name or n.output[0] for n in model.graph.node if n.op_type == "Constant"]
     if done:
-        del model.graph.node[:]
-        model.graph.node.extend(keep)
+        _ir_passes(model, LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0))
+    return done
+
+
+def tidy(model: onnx.ModelProto) -> None:
+    """Remove dead nodes and initializers and sort the nodes topologically (onnx-ir), in place."""
+    from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
+
+    _ir_passes(model, RemoveUnusedNodesPass(), TopologicalSortPass())
+
+
+#: normalize() step names, as reports print them
+STEPS = {"constants": "Constant -> initializer", "fold": "constant folding",
+         "batchnorm": "BatchNormalization fused into Conv", "identity": "Identity/Dropout removed"}
+
+
+def normalize(model: onnx.ModelProto, config: PassConfig | None = None, *, constants: bool = True, fold: bool = True,
+              batchnorm: bool = True, identity: bool = True, rounds: int = 3,
+              outcome: PassOutcome | None = None) -> dict[str, list[str]]:
+    """The graph normalization every pass and translator runs, in place: nodes named, Constant nodes lifted to
+    initializers, constants folded (static ``Shape`` included; up to ``rounds`` rounds, since ``Shape -> Cast ->
+    Slice -> Concat`` chains fold step by step), BatchNormalization fused into the Conv before it, Identity/Dropout
+    removed, then dead nodes removed and the nodes sorted.
+
+    Args:
+        model: the model, changed in place.
+        config: node scoping for folding, fusion and identity removal (None: every node).
+        constants: lift Constant nodes to initializers (folding and fusion see only initializers otherwise).
+        fold: fold constants.
+        batchnorm: fuse BatchNormalization into convolutions.
+        identity: remove Identity and inference-mode Dropout nodes (not those producing a graph output).
+        rounds: folding rounds at most.
+        outcome: where fusion records the convolutions it had to skip.
+
+    Returns:
+        Step name (:data:`STEPS`) -> the nodes it changed (empty lists for steps that changed nothing).
+    """
+    ensure_names(model)
+    done = {"constants": constants_to_initializers(model) if constants else [], "fold": [], "batchnorm": [],
+            "identity": []}
+    if fold:
+        for _ in range(rounds):
+            names = fold_constants(model, config)
+            if not names:
+                break
+            done["fold"] += names
+    if batchnorm:
+        done["batchnorm"] = fuse_batchnorm(model, config, outcome)
+    if identity:
+        done["identity"] = remove_identity(model, config)
+    tidy(model)
     return done
 
 
@@ -195,20 +264,21 @@ def remove_identity(model: onnx.ModelProto, config: PassConfig | None = None) ->
 
 
 def apply(model: onnx.ModelProto, config: Config, calib=None) -> PassOutcome:
-    ensure_names(model)
+    """The cleanup pass: :func:`normalize` with the steps the config enables.
+
+    Args:
+        model: a copy of the model (changed in place).
+        config: which steps run, and node scoping.
+        calib: unused.
+
+    Returns:
+        The outcome: every node changed, one note per step that changed something.
+    """
     out = PassOutcome(model)
-    steps = []
-    if config.constants_to_initializers:
-        steps.append(("Constant -> initializer", constants_to_initializers(model, config)))
-    if config.fold_constants:
-        steps.append(("constant folding", fold_constants(model, config)))
-    if config.fuse_batchnorm:
-        steps.append(("BatchNormalization fused into Conv", fuse_batchnorm(model, config, out)))
-    if config.remove_identity:
-        steps.append(("Identity/Dropout removed", remove_identity(model, config)))
-    Graph(model).remove_unused_initializers()
-    for what, names in steps:
-        out.applied.extend(names)
+    done = normalize(model, config, constants=config.constants_to_initializers, fold=config.fold_constants,
+                     batchnorm=config.fuse_batchnorm, identity=config.remove_identity, outcome=out)
+    for key, names in done.items():
         if names:
-            out.notes.append(f"{what}: {len(names)}")
+            out.applied.extend(names)
+            out.notes.append(f"{STEPS[key]}: {len(names)}")
     return out

@@ -151,6 +151,28 @@ def _bf16(model: onnx.ModelProto, config: Bf16Config) -> PassOutcome:
     return out
 
 
+def round_fp16(w: np.ndarray, config: Fp16Config | None = None) -> np.ndarray:
+    """float32 weights as the fp16 pass stores them (onnxconverter-common's clamping of tiny and huge values, then
+    rounding to float16), back in float32.
+
+    Args:
+        w: the weights.
+        config: supplies ``min_positive_val`` and ``max_finite_val``; None: the fp16 defaults.
+
+    Returns:
+        The fp16-rounded weights as a float32 array of the same shape.
+    """
+    import warnings
+
+    from onnxconverter_common import float16
+
+    config = config or Fp16Config()
+    with warnings.catch_warnings():  # it warns once per clamped value
+        warnings.simplefilter("ignore", UserWarning)
+        return float16.convert_np_to_float16(np.asarray(w, np.float32), config.min_positive_val,
+                                             config.max_finite_val).astype(np.float32)
+
+
 def _to_bf16_bits(x: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bit patterns (uint16), round to nearest even; NaN stays NaN."""
     bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
@@ -161,6 +183,16 @@ def _to_bf16_bits(x: np.ndarray) -> np.ndarray:
 
 
 def apply(model: onnx.ModelProto, config: PassConfig, calib=None) -> PassOutcome:
+    """Convert the selected nodes to fp16, or store their weights as bf16 (see the module docstring).
+
+    Args:
+        model: the model (already a copy); bf16 edits it in place, fp16 returns a converted model.
+        config: a :class:`Bf16Config` runs the bf16 conversion; anything else is taken as a :class:`Fp16Config`.
+        calib: unused.
+
+    Returns:
+        The outcome: the converted model, the nodes converted, and the nodes kept in float32 (with reasons).
+    """
     if isinstance(config, Bf16Config):
         return _bf16(model, config)
     return _fp16(model, config)  # type: ignore[arg-type]

@@ -51,8 +51,8 @@ import numpy as np
 from pydantic import Field
 
 from . import PassConfig, PassError, PassOutcome
-from ._util import Graph, ensure_names
-from .cleanup import constants_to_initializers, fold_constants, fuse_batchnorm
+from ._util import Graph
+from .cleanup import STEPS, normalize
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -137,7 +137,17 @@ def _from_in_channel_view(v: np.ndarray, shape: tuple[int, ...], group: int) -> 
 
 def fake_quant_weight(w: np.ndarray, axis: int | None, weight_bits: int = 8) -> np.ndarray:
     """``w`` after symmetric int8 quantization as onnxruntime does it: range [-127, 127] and scale ``max|w| / 127``
-    (``weight_bits=7``, reduce_range: [-64, 64], ``max|w| / 64``); one scale per slice along ``axis`` (None: per tensor)."""
+    (``weight_bits=7``, reduce_range: [-64, 64], ``max|w| / 64``); one scale per slice along ``axis``
+    (None: per tensor).
+
+    Args:
+        w: the float weight.
+        axis: the axis with one scale per slice (output channels), or None for one scale for the whole tensor.
+        weight_bits: 8 for [-127, 127]; any other value gives the 7-bit range [-64, 64].
+
+    Returns:
+        The dequantized weight (float32, same shape); all-zero slices stay zero.
+    """
     w32 = w.astype(np.float32)
     if axis is None:
         amax = np.abs(w32).max(keepdims=True) if w32.size else np.zeros((1,) * w32.ndim, np.float32)
@@ -207,7 +217,18 @@ def _cle_pairs(model: onnx.ModelProto, g: Graph, config: Config, outcome: PassOu
 
 
 def cross_layer_equalize(model: onnx.ModelProto, config: Config, outcome: PassOutcome, iterations: int = 20) -> list[str]:
-    """Equalize weight ranges of consecutive convs in place; returns the names of the equalized pairs' convs."""
+    """Equalize weight ranges of consecutive convs in place; returns the names of the equalized pairs' convs.
+
+    Args:
+        model: the model, modified in place (initializers rescaled; ``Clip(0, 6)`` made ``Relu`` with
+            ``relu6_to_relu``).
+        config: the pass config (node scoping and ``relu6_to_relu``).
+        outcome: receives skipped pairs (with reasons) and notes.
+        iterations: equalization sweeps over all pairs.
+
+    Returns:
+        The names of the convs in equalized pairs, each once, in pair order.
+    """
     g = Graph(model)
     pairs = _cle_pairs(model, g, config, outcome)
     if not pairs:
@@ -263,7 +284,18 @@ def _channel_means(model: onnx.ModelProto, tensors: list[str], calib: Calibratio
 
 def bias_correct(model: onnx.ModelProto, names: set[str], config: Config, calib: CalibrationData,
                  outcome: PassOutcome) -> list[str]:
-    """Empirical bias correction of Conv/Gemm nodes in ``names``; returns the nodes corrected."""
+    """Empirical bias correction of Conv/Gemm nodes in ``names``; returns the nodes corrected.
+
+    Args:
+        model: the model, modified in place (each corrected node gets a new bias initializer).
+        names: the nodes that will be quantized; MatMul and ineligible nodes are skipped with a reason.
+        config: the pass config (``per_channel``, weight bits, ``calib_samples``).
+        calib: calibration data for the per-channel input means ``E[x]``.
+        outcome: receives the skipped nodes.
+
+    Returns:
+        The names of the nodes whose bias was corrected.
+    """
     g = Graph(model)
     targets = []
     for n in model.graph.node:
@@ -342,7 +374,14 @@ def bias_correct(model: onnx.ModelProto, names: set[str], config: Config, calib:
 
 
 def resolved_weight_bits(config: Config) -> int:
-    """The config's weight range; unset: the one this host's CPU runs exactly."""
+    """The config's weight range; unset: the one this host's CPU runs exactly.
+
+    Args:
+        config: the pass config.
+
+    Returns:
+        ``config.weight_bits`` (7 or 8), or, when None, onnxruntime's int8 scheme's weight bits for this host's CPU.
+    """
     if config.weight_bits is not None:
         return config.weight_bits
     from ..hostinfo import detect, int8_scheme
@@ -352,6 +391,11 @@ def resolved_weight_bits(config: Config) -> int:
 
 
 def default_op_types() -> set[str]:
+    """The op types onnxruntime quantizes by default (used when ``op_types`` is None).
+
+    Returns:
+        The union of onnxruntime's QDQ and QLinear op registries.
+    """
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
     return set(QDQRegistry) | set(QLinearOpsRegistry)
@@ -390,22 +434,130 @@ class _QuietOrt(logging.Filter):
         return record.levelno >= logging.ERROR or "onnxruntime" not in record.pathname.replace("\\", "/")
 
 
-def quantize(model: onnx.ModelProto, nodes: list[str], config: Config, calib: CalibrationData) -> onnx.ModelProto:
-    """``quantize_static`` on a copy of ``model`` (written to a temp dir: ORT mutates protos it is handed)."""
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+def calibration_method(config: Config):
+    """The onnxruntime ``CalibrationMethod`` the config asks for.
 
-    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-              "entropy": CalibrationMethod.Entropy}[config.calibration]
+    Args:
+        config: the pass config (its ``calibration``).
+
+    Returns:
+        ``CalibrationMethod.MinMax``, ``Percentile`` or ``Entropy``.
+    """
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+            "entropy": CalibrationMethod.Entropy}[config.calibration]
+
+
+def quantizer_options(config: Config) -> dict:
+    """``extra_options`` for ``quantize_static``: the calibrator's settings (range symmetry, percentile) and the
+    quantizer's (symmetric weights, activation symmetry, int32 biases).
+
+    Args:
+        config: the pass config.
+
+    Returns:
+        A new dict of onnxruntime extra option name -> value.
+    """
     extra: dict = {"ActivationSymmetric": config.activation_symmetric, "WeightSymmetric": True,
                    "QuantizeBias": config.quantize_bias}
     if config.activation_symmetric:
         extra["CalibTensorRangeSymmetric"] = True
     if config.calibration == "percentile":
         extra["CalibPercentile"] = config.percentile
+    return extra
+
+
+#: quantize_static's names for the calibrator's settings (onnxruntime.quantization.quantize_static)
+_CALIB_KEYS = {"CalibTensorRangeSymmetric": "symmetric", "CalibMovingAverage": "moving_average",
+               "CalibMovingAverageConstant": "averaging_constant", "CalibPercentile": "percentile"}
+
+
+def _calibration_data(calib: CalibrationData, config: Config):
     data = calib.subset(config.calib_samples) if len(calib) > config.calib_samples else calib
     bs = data.batch_size if config.calibration == "minmax" else min(data.batch_size, 16)
-    reader = _chunk_reader(data, bs)
+    return data, _chunk_reader(data, bs)
+
+
+def activation_ranges(model: onnx.ModelProto, config: Config, calib: CalibrationData) -> dict[str, tuple[float, float]]:
+    """The activation ranges ``quantize_static`` computes for ``model`` under ``config``: the same onnxruntime
+    calibrator, method, settings and batching, for the inputs and outputs of the op types it quantizes.
+
+    Args:
+        model: the float model (not modified).
+        config: the pass config (calibration method, settings, ``calib_samples``, ``op_types``).
+        calib: calibration data.
+
+    Returns:
+        Tensor name -> (low, high) activation range.
+    """
+    import onnx
+    from onnxruntime.quantization.calibrate import create_calibrator
+
+    extra = quantizer_options(config)
+    calib_extra = {_CALIB_KEYS[k]: v for k, v in extra.items() if k in _CALIB_KEYS}
+    _, reader = _calibration_data(calib, config)
+    ops = sorted(set(config.op_types) if config.op_types else default_op_types())
+    large = model.ByteSize() > 1_800_000_000
+    with tempfile.TemporaryDirectory(prefix="edgeopt-calib-") as d:
+        src = os.path.join(d, "float.onnx")
+        if large:  # saving with external data rewrites the proto handed in: save a copy
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            onnx.save(copy, src, save_as_external_data=True, location="float.data")
+        else:
+            onnx.save(model, src)
+        with contextlib.redirect_stdout(io.StringIO()):
+            cal = create_calibrator(src, ops, augmented_model_path=os.path.join(d, "augmented.onnx"),
+                                    calibrate_method=calibration_method(config), use_external_data_format=large,
+                                    extra_options=calib_extra)
+            for start in range(len(reader)):
+                reader.set_range(start, start + 1)
+                cal.collect_data(reader)
+            data = cal.compute_data()
+    return {k: (float(np.asarray(v.range_value[0])), float(np.asarray(v.range_value[1]))) for k, v in data.items()}
+
+
+def activation_qparams(lo: float, hi: float, config: Config) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, zero point) of an activation with range ``[lo, hi]``, computed by onnxruntime's own
+    ``compute_scale_zp`` for the config's activation type and symmetry (what the QDQ graph will hold).
+
+    Args:
+        lo: the range's low end.
+        hi: the range's high end.
+        config: the pass config (``activation_type`` and ``activation_symmetric``).
+
+    Returns:
+        (scale as float32, zero point as uint8 or int8 following ``activation_type``).
+    """
+    from onnx import TensorProto
+    from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType
+
+    qtype = TensorProto.UINT8 if config.activation_type == "uint8" else TensorProto.INT8
+    qmin, qmax = get_qmin_qmax_for_qType(qtype, symmetric=config.activation_symmetric)
+    zero, scale = compute_scale_zp(np.array(lo, np.float32), np.array(hi, np.float32), qmin, qmax,
+                                   config.activation_symmetric)
+    return np.asarray(scale, np.float32), np.asarray(zero, np.uint8 if config.activation_type == "uint8" else np.int8)
+
+
+def quantize(model: onnx.ModelProto, nodes: list[str], config: Config, calib: CalibrationData) -> onnx.ModelProto:
+    """``quantize_static`` on a copy of ``model`` (written to a temp dir: ORT mutates protos it is handed).
+
+    Args:
+        model: the float model (not modified).
+        nodes: the names of the nodes to quantize.
+        config: the pass config (calibration, per-channel, activation type, weight bits, extra options).
+        calib: calibration data (at most ``calib_samples`` samples are read).
+
+    Returns:
+        The QDQ model as loaded back from the quantizer's output.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    method = calibration_method(config)
+    extra = quantizer_options(config)
+    _, reader = _calibration_data(calib, config)
     extra["CalibStridedMinMax"] = 1  # one batch per collect call (any method)
     large = model.ByteSize() > 1_800_000_000
     root = logging.getLogger()
@@ -450,15 +602,25 @@ def _upgrade_opset(model: onnx.ModelProto, out: PassOutcome) -> onnx.ModelProto:
 
 
 def apply(model: onnx.ModelProto, config: Config, calib: CalibrationData | None) -> PassOutcome:
+    """Quantize the selected nodes to int8 QDQ (see the module docstring for the steps).
+
+    Args:
+        model: the model (already a copy); normalised, equalized and bias-corrected in place.
+        config: the pass config.
+        calib: calibration data (required).
+
+    Returns:
+        The outcome: the QDQ model, the nodes quantized, the nodes left in float (with reasons) and notes.
+
+    Raises:
+        PassError: ``calib`` is None, or a per-channel model's opset cannot be converted to 13.
+    """
     if calib is None:
         raise PassError("int8 quantization needs calibration data")
-    ensure_names(model)
     out = PassOutcome(model)
-    norm = [("Constant -> initializer", constants_to_initializers(model)), ("constant folding", fold_constants(model)),
-            ("BatchNormalization fused into Conv", fuse_batchnorm(model))]
-    for what, names in norm:
+    for key, names in normalize(model, identity=False).items():
         if names:
-            out.notes.append(f"normalised: {what}: {len(names)}")
+            out.notes.append(f"normalised: {STEPS[key]}: {len(names)}")
     if config.cross_layer_equalization:
         eq = cross_layer_equalize(model, config, out)
         out.notes.append(f"cross-layer equalization: {len(eq)} conv(s)")

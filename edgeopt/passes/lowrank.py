@@ -219,6 +219,21 @@ def _factor(w: np.ndarray, stats: _Stats | None, centered: bool, config: Config)
 
 
 def apply(model: onnx.ModelProto, config: Config, calib: CalibrationData | None = None) -> PassOutcome:
+    """Factor the selected dense layers into two thinner ones by truncated SVD where that saves enough parameters.
+
+    Args:
+        model: the model (already a copy); each factored node is replaced in place by a pair named
+            ``<name>/lowrank_a`` and ``<name>/lowrank_b``.
+        config: rank selection, minimum saving, op types, data-aware settings and node scoping.
+        calib: calibration data; required when ``config.data_aware`` (at most ``calib_samples`` are read).
+
+    Returns:
+        The outcome: the factored model, the layers factored, the layers skipped (with reasons) and
+        per-layer rank and parameter notes.
+
+    Raises:
+        PassError: ``data_aware`` is set and ``calib`` is None.
+    """
     from onnx import helper
 
     ensure_names(model)

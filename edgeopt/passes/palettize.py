@@ -74,6 +74,14 @@ def kmeans_rows(x: np.ndarray, k: int, iterations: int = 25) -> tuple[np.ndarray
     Lloyd step is a ``searchsorted`` of the cluster boundaries.  Initialized from the
     cube-rooted density (or at the distinct values, for a row with at most ``k`` of them);
     the returned centroids are the means of the values assigned to them.
+
+    Args:
+        x: the values, one row per lookup table.
+        k: clusters per row.
+        iterations: at most this many Lloyd steps (they stop early once the centroids settle).
+
+    Returns:
+        (centroids [C, k] as float64, in ascending order per row; indices [C, R] into each row's centroids).
     """
     x = np.asarray(x, np.float64)
     rows, n = x.shape
@@ -207,6 +215,22 @@ def _tensor_bytes(g: Graph, names: list[str]) -> int:
 
 
 def apply(model: onnx.ModelProto, config: Config, calib=None) -> PassOutcome:
+    """Replace each selected weight by a k-means lookup table, packed indices and an in-graph decode.
+
+    A weight is palettized only when every node reading it is selected and the estimated storage is smaller.
+
+    Args:
+        model: the model (already a copy), modified in place (or converted to opset 21 for ``uint4`` indices).
+        config: bits, granularity, k-means iterations, minimum size, op types, packing and node scoping.
+        calib: unused.
+
+    Returns:
+        The outcome: the palettized model, the nodes whose weight was palettized, the nodes skipped (with
+        reasons) and per-weight size notes.
+
+    Raises:
+        PassError: ``packing="uint4"`` with more than 4 bits, or ``op_types`` names an op it does not handle.
+    """
 
     ensure_names(model)
     constants_to_initializers(model)

@@ -124,6 +124,17 @@ def _smallest_mask(mags: np.ndarray, k: int) -> np.ndarray:
 
 
 def apply(model: onnx.ModelProto, config: Config, calib=None) -> PassOutcome:
+    """Zero the smallest-magnitude weights of the selected layers (unstructured or n:m), keeping every shape.
+
+    Args:
+        model: the model (already a copy), modified in place.
+        config: pattern, sparsity or n:m, scope, op types and node scoping.
+        calib: unused.
+
+    Returns:
+        The outcome: the pruned model, the layers pruned, the layers skipped (with reasons) and
+        per-weight and overall sparsity notes.
+    """
     ensure_names(model)
     constants_to_initializers(model)
     out = PassOutcome(model)

@@ -89,7 +89,16 @@ def _check(node: onnx.NodeProto, g: Graph, config: Config) -> tuple[np.ndarray |
 
 def gemm_to_matmul(node: onnx.NodeProto, g: Graph, w_kn: np.ndarray) -> onnx.NodeProto | None:
     """Rewrite a Gemm (transA=0, constant B) in place into ``MatMul(A, alpha * B')``; returns the ``Add(beta * C)``
-    to insert after it (named ``<name>/bias``), if any.  The MatMul keeps the Gemm's name."""
+    to insert after it (named ``<name>/bias``), if any.  The MatMul keeps the Gemm's name.
+
+    Args:
+        node: the Gemm node, rewritten in place.
+        g: the graph helper of the node's model (receives the new weight and scaled-bias initializers).
+        w_kn: the Gemm's weight as ``[K, N]`` (already transposed when ``transB``).
+
+    Returns:
+        The ``Add`` node the caller must insert after the MatMul, or None when there is no ``C`` or ``beta`` is 0.
+    """
     import onnx
 
     a = _attrs(node)
@@ -135,6 +144,19 @@ def _quantizer_class():
 
 
 def apply(model: onnx.ModelProto, config: Config, calib=None) -> PassOutcome:
+    """Quantize the selected MatMul/Gemm weights blockwise into ``MatMulNBits`` nodes.
+
+    Args:
+        model: the model (already a copy); Constants and eligible Gemms are rewritten in place first.
+        config: bits, block size, symmetry, accuracy level and node scoping.
+        calib: unused.
+
+    Returns:
+        The outcome: the quantized model, the layers quantized, and the layers skipped (with reasons).
+
+    Raises:
+        PassError: onnxruntime's ``MatMulNBitsQuantizer`` cannot be imported.
+    """
     ensure_names(model)
     out = PassOutcome(model)
     converted = constants_to_initializers(model)

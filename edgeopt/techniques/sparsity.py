@@ -1,0 +1,86 @@
+"""Pruning patterns: 2:4 (two of every four weights along the reduction axis), unstructured magnitude pruning, and
+channel pruning (whole output channels removed, consumers re-fitted on calibration data)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..technique import ApplyContext, SimContext, Technique
+from . import scoped_pass
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnx
+
+#: Fractions planned (and measured by sensitivity) for the patterns whose ratio is free.
+CHANNEL_RATIO = 0.3
+UNSTRUCTURED_RATIO = 0.5
+
+
+def _nm(ratio: float) -> dict:
+    return {"pattern": "n:m", "n": 2, "m": 4}
+
+
+def _unstructured(ratio: float) -> dict:
+    return {"pattern": "unstructured", "sparsity": ratio}
+
+
+def _prune_simulator(config):
+    def simulate(ctx: SimContext, layer: str) -> onnx.ModelProto:
+        """The prune pass itself on this layer."""
+        return scoped_pass(ctx, "prune", layer, config(UNSTRUCTURED_RATIO))
+
+    return simulate
+
+
+def _prune_applier(config):
+    def apply(model: onnx.ModelProto, layers: list[str], ctx: ApplyContext) -> tuple[onnx.ModelProto, str | None]:
+        from ..passes import run_pass
+
+        res = run_pass("prune", model, {**config(ctx.ratio), "nodes": layers}, None, evaluate=False)
+        return res.model, res.report.summary()
+
+    return apply
+
+
+def _simulate_channel(ctx: SimContext, layer: str) -> onnx.ModelProto:
+    """The channel-pruning pass (with its least-squares reconstruction) on this layer, fitted on other samples than
+    those it is judged on, or it looks perfect."""
+    return scoped_pass(ctx, "channel_prune", layer, {"ratio": CHANNEL_RATIO, "calib_samples": len(ctx.fit)}, ctx.fit)
+
+
+def _apply_channel(model: onnx.ModelProto, layers: list[str], ctx: ApplyContext) -> tuple[onnx.ModelProto, str | None]:
+    from ..errors import EdgeoptError
+    from ..passes import run_pass
+
+    if ctx.calib is None:
+        raise EdgeoptError("channel pruning reconstructs layers from calibration data: give --calib")
+    cfg = {"nodes": layers, "ratio": ctx.ratio}
+    if ctx.backend_options.get("channel_multiple"):  # what the backend's fast kernels want
+        cfg["round_to"] = int(ctx.backend_options["channel_multiple"])
+    res = run_pass("channel_prune", model, cfg, ctx.calib, evaluate=False)
+    return res.model, res.report.summary()
+
+
+def _nm_storage(weights: int, ratio: float, compresses: bool) -> tuple[float, float]:
+    return 0.5, weights * 0.5 * 2 / 8  # half the weights kept, a 2-bit index per kept weight
+
+
+def _unstructured_storage(weights: int, ratio: float, compresses: bool) -> tuple[float, float]:
+    return (1.0 - ratio, weights / 8) if compresses else (1.0, 0.0)  # kept values + a bitmask, or dense zeros
+
+
+def _channel_storage(weights: int, ratio: float, compresses: bool) -> tuple[float, float]:
+    return 1.0 - ratio, 0.0
+
+
+TECHNIQUES = [
+    Technique(name="2:4", kind="sparsity", description="two of every four weights along the reduction axis kept "
+              "(sparse tensor cores)", ratio=0.5, storage=_nm_storage,
+              simulate=_prune_simulator(_nm), apply=_prune_applier(_nm)),
+    Technique(name="unstructured", kind="sparsity", description="the smallest weights set to zero",
+              ratio=UNSTRUCTURED_RATIO, storage=_unstructured_storage,
+              simulate=_prune_simulator(_unstructured), apply=_prune_applier(_unstructured)),
+    Technique(name="channel", kind="sparsity", description="whole output channels removed, consumers re-fitted",
+              ratio=CHANNEL_RATIO, removes_channels=True, storage=_channel_storage,
+              simulate=_simulate_channel, apply=_apply_channel),
+]
