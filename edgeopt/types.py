@@ -150,7 +150,8 @@ class TensorRtSettings(_BackendSettings):
     gpu_fallback: bool = False
 
 
-#: The settings each backend takes in a target's ``backends[].options`` (an unknown key is an error).
+#: The backends and the settings each takes in a target's ``backends[].options`` (an unknown key is an error): the one
+#: list of backend names (``edgeopt.backends.BACKENDS`` is its keys).
 BACKEND_SETTINGS: dict[str, type[_BackendSettings]] = {
     "onnxruntime": OnnxRuntimeSettings, "openvino": OpenVinoSettings, "tflite": TfliteSettings, "tflm": TflmSettings,
     "coreml": CoreMlSettings, "tensorrt": TensorRtSettings,
@@ -160,7 +161,7 @@ BACKEND_SETTINGS: dict[str, type[_BackendSettings]] = {
 class BackendOption(_Frozen):
     """One way to run models on a target: a backend on one compute unit."""
 
-    backend: Literal["onnxruntime", "openvino", "tflite", "tflm", "coreml", "tensorrt"]
+    backend: str = Field(description="a backend: a key of BACKEND_SETTINGS, a module of edgeopt.backends")
     unit: str = Field(description="key into the target's compute units")
     options: dict[str, str | int | float | bool] = Field(
         default_factory=dict, description="backend settings (delegate, execution provider, precision hint...)"
@@ -189,6 +190,13 @@ class BackendOption(_Frozen):
     weight_only_compute: Literal["fp32", "fp16", "bf16"] = Field(
         default="fp32", description="the float arithmetic weight-only (wint8/wint4) layers compute in"
     )
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        if v not in BACKEND_SETTINGS:
+            raise ValueError(f"unknown backend {v!r}; valid: {', '.join(BACKEND_SETTINGS)}")
+        return v
 
     @model_validator(mode="after")
     def _known_settings(self) -> BackendOption:

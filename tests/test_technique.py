@@ -46,8 +46,11 @@ def test_registry_is_consistent_with_targets_and_backends():
             assert t.simulate is not None, t.name
     assert set(measured_techniques()) == set(names) - {technique.REFERENCE}
     assert set(profiled()) <= set(technique.precision_names())
-    backend_literal = BackendOption.model_fields["backend"].annotation.__args__
-    assert set(backend_literal) == set(BACKENDS) == set(BACKEND_SETTINGS)
+    assert BACKENDS == tuple(BACKEND_SETTINGS)
+    for name in BACKENDS:
+        assert get(name).BACKEND.name == name
+    with pytest.raises(ValidationError, match="unknown backend 'ncnn'; valid: onnxruntime"):
+        BackendOption(backend="ncnn", unit="cpu", precisions=["fp32"])
     for name in valid_names():
         if name == "host":
             continue  # measured on this machine (tests/test_host_target.py)

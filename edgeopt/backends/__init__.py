@@ -10,7 +10,11 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-BACKENDS: tuple[str, ...] = ("onnxruntime", "openvino", "tflite", "tflm", "coreml", "tensorrt")
+from ..types import BACKEND_SETTINGS
+
+#: every backend: the keys of :data:`edgeopt.types.BACKEND_SETTINGS`, where a backend's name and typed options are
+#: declared (with its module here, that is all a new backend needs)
+BACKENDS: tuple[str, ...] = tuple(BACKEND_SETTINGS)
 
 
 def get(name: str) -> ModuleType:
