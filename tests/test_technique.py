@@ -116,23 +116,23 @@ def _quant6(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _simulate6(ctx: SimContext, layer: str) -> onnx.ModelProto:
-    from edgeopt.techniques import layer_copy, output_axis
+    from edgeopt.passes._util import output_channel_axis
+    from edgeopt.techniques import layer_copy
 
     m, g, node, w = layer_copy(ctx, layer)
-    q, scale = _quant6(w, output_axis(node, w))
+    q, scale = _quant6(w, output_channel_axis(node, w.ndim))
     g.set_initializer(node.input[1], (q * scale).astype(np.float32))
     return m
 
 
 def _apply6(model: onnx.ModelProto, layers: list[str], ctx: ApplyContext) -> tuple[onnx.ModelProto, str]:
     """6-bit values held in int8 initializers, dequantized per output channel in the graph."""
-    from edgeopt.passes._util import Graph
-    from edgeopt.techniques import output_axis
+    from edgeopt.passes._util import Graph, output_channel_axis
 
     g = Graph(model)
     for node in [n for n in model.graph.node if n.name in layers]:
         w = g.array(node.input[1])
-        axis = output_axis(node, w)
+        axis = output_channel_axis(node, w.ndim)
         q, scale = _quant6(w, axis)
         base = node.input[1]
         g.set_initializer(f"{base}.q6", q)

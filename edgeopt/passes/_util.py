@@ -82,6 +82,28 @@ class Graph:
         self.refresh()
 
 
+def output_channel_axis(node: onnx.NodeProto, ndim: int) -> int:
+    """The axis of a layer's weight that indexes output channels (what per-channel quantization scales).
+
+    Args:
+        node: a Conv, ConvTranspose, Gemm or MatMul.
+        ndim: rank of its weight.
+
+    Returns:
+        The axis.
+    """
+    import onnx
+
+    a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1 if ndim > 1 else 0
+    if node.op_type == "Gemm":
+        return 0 if a.get("transB", 0) else ndim - 1
+    return ndim - 1  # MatMul: the output features are the last axis of the right operand
+
+
 def node_name(node: onnx.NodeProto, index: int) -> str:
     return node.name or f"{node.op_type}_{index}"
 

@@ -26,7 +26,7 @@ import numpy as np
 from pydantic import Field
 
 from . import PassConfig, PassError, PassOutcome
-from ._util import Graph, ensure_names
+from ._util import Graph, ensure_names, output_channel_axis
 from .cleanup import constants_to_initializers
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -125,19 +125,6 @@ def kmeans_rows(x: np.ndarray, k: int, iterations: int = 25) -> tuple[np.ndarray
 
 def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
-
-
-def _channel_axis(node: onnx.NodeProto, ndim: int) -> int:
-    import onnx
-
-    a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "ConvTranspose":
-        return 1 if ndim > 1 else 0
-    if node.op_type == "Gemm":
-        return 0 if a.get("transB", 0) else ndim - 1
-    return ndim - 1  # MatMul: the output features are the last axis of the right operand
 
 
 def _upgrade_to_21(model: onnx.ModelProto) -> tuple[onnx.ModelProto | None, str]:
@@ -267,7 +254,7 @@ def apply(model: onnx.ModelProto, config: Config, calib=None) -> PassOutcome:
     for wname, nodes in chosen.items():
         readers = g.consumers.get(wname, [])
         w = g.array(wname)
-        axes = {_channel_axis(n, w.ndim) for n in nodes}
+        axes = {output_channel_axis(n, w.ndim) for n in nodes}
         if len(readers) != len(nodes) or wname in g.outputs or any(n.input[0] == wname for n in nodes):
             for n in nodes:
                 out.skip(n.name, f"weight '{wname}' is also read by nodes outside the pass's scope")

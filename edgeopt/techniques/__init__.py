@@ -35,14 +35,6 @@ def layer_copy(ctx: SimContext, layer: str) -> tuple[onnx.ModelProto, Graph, onn
     return m, g, node, w
 
 
-def output_axis(node: onnx.NodeProto, w: np.ndarray) -> int:
-    """The weight axis that indexes output channels (what per-channel quantization scales)."""
-    if node.op_type == "Gemm":
-        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-        return 0 if trans_b else 1
-    return 0 if node.op_type == "Conv" else w.ndim - 1
-
-
 def insert_after(model: onnx.ModelProto, node: onnx.NodeProto, new: list[onnx.NodeProto]) -> None:
     """Insert ``new`` right after ``node`` (keeps the node list topologically sorted)."""
     at = list(model.graph.node).index(node) + 1

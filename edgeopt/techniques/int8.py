@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..technique import ApplyContext, SimContext, Technique
-from . import insert_after, insert_before, layer_copy, output_axis, qdq_nodes
+from . import insert_after, insert_before, layer_copy, qdq_nodes
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -28,6 +28,7 @@ def _simulate(ctx: SimContext, layer: str) -> onnx.ModelProto:
     samples) -- measured once per model and configuration."""
     from ..passes import PassOutcome
     from ..passes import int8 as p
+    from ..passes._util import output_channel_axis
 
     cfg = _config(ctx.config("int8"))
     ranges = ctx.once(f"int8.ranges:{cfg.model_dump_json()}", lambda: p.activation_ranges(ctx.model, cfg, ctx.data))
@@ -36,8 +37,8 @@ def _simulate(ctx: SimContext, layer: str) -> onnx.ModelProto:
     if cfg.bias_correction if cfg.bias_correction is not None else bits == 7:
         p.bias_correct(m, {layer}, cfg, ctx.data, PassOutcome(m))
         g.refresh()
-    g.set_initializer(node.input[1], p.fake_quant_weight(w, output_axis(node, w) if cfg.per_channel else None,
-                                                         bits).astype(w.dtype))
+    axis = output_channel_axis(node, w.ndim) if cfg.per_channel else None
+    g.set_initializer(node.input[1], p.fake_quant_weight(w, axis, bits).astype(w.dtype))
     x, y = node.input[0], node.output[0]
     if x in ranges:
         tag = f"{layer}/sim_in"
