@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .calibration import CalibrationData
     from .types import ModelAnalysis
 
-__all__ = ["WEIGHTED", "NotApplicable", "Sensitivity", "measure", "measured_techniques", "quantizable_layers", "simulate"]
+__all__ = ["WEIGHTED", "NotApplicable", "Sensitivity", "measure", "measured_techniques", "quantizable_layers"]
 
 
 def measured_techniques() -> tuple[str, ...]:
@@ -50,16 +50,6 @@ class Sensitivity(BaseModel):
     flips: float | None  # fraction of samples whose top-1 changes (classification outputs)
     applicable: bool = True
     reason: str = ""
-
-
-def simulate(model: onnx.ModelProto, layer: str, option: str, calib: CalibrationData,
-             configs: Mapping[str, Mapping[str, Any]] | None = None) -> onnx.ModelProto:
-    """A copy of the (cleaned) model with only ``layer`` in technique ``option``'s numerics (:class:`NotApplicable`
-    where it cannot apply to the layer)."""
-    t = techniques.get(option)
-    if t.simulate is None:
-        raise NotApplicable(f"{option} has no simulator")
-    return t.simulate(techniques.SimContext(model=model, data=calib, fit=calib, configs=configs or {}), layer)
 
 
 def _compare(ref: np.ndarray, out: np.ndarray) -> tuple[float, float | None]:

@@ -62,13 +62,12 @@ def _ir_passes(model: onnx.ModelProto, *passes) -> None:
     model.CopyFrom(ir.to_proto(im))
 
 
-def constants_to_initializers(model: onnx.ModelProto, config: PassConfig | None = None) -> list[str]:
+def constants_to_initializers(model: onnx.ModelProto) -> list[str]:
     """Turn the main graph's Constant nodes into initializers (onnx-ir's ``LiftConstantsToInitializersPass``, every
     Constant whatever its size or attribute kind).
 
     Args:
-        model: changed in place.
-        config: unused (lifting a constant never changes the function); kept for the step-function signature.
+        model: changed in place (lifting a constant never changes the function, so no node scoping).
 
     Returns:
         The names of the Constant nodes lifted.
