@@ -25,7 +25,14 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", type=Path, help="calibration data: folder of .npy/.npz, or one .npy/.npz file")
     p.add_argument("--eval", dest="eval_data", type=Path, help="held-out inputs for accuracy (default: the calibration data)")
     p.add_argument("--labels", type=Path, help=".npy labels of the --eval (or --calib) samples")
-    p.add_argument("--max-accuracy-drop", type=float, help="accuracy the plan may lose (top-1, absolute), e.g. 0.01")
+    p.add_argument("--max-accuracy-drop", type=float,
+                   help="accuracy the plan may lose: top-1 accuracy with --labels, else top-1 agreement with the "
+                        "original (absolute; default 0.01)")
+    p.add_argument("--min-snr-db", type=float,
+                   help="output SNR floor in dB for models without class scores (default 30)")
+    p.add_argument("--objective", choices=("latency", "fidelity"), default="latency",
+                   help="latency (default): the fastest plan within the accuracy budget, checked on the built "
+                        "artifact; fidelity: the most faithful plan that meets the target's budgets")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -221,7 +228,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     status, say = _progress()
     with status:
         plan = plan_for(inputs, target, backend=args.backend, precision=args.precision,
-                        max_accuracy_drop=args.max_accuracy_drop, progress=say)
+                        max_accuracy_drop=args.max_accuracy_drop, min_snr_db=args.min_snr_db, objective=args.objective,
+                        progress=say)
     if args.output:
         from .io import atomic_write_text
 
@@ -248,13 +256,18 @@ def _cmd_build(args: argparse.Namespace) -> int:
     status, say = _progress()
     with status:
         art = build(inputs, target, args.output, plan=plan, backend=args.backend, precision=args.precision,
-                    max_accuracy_drop=args.max_accuracy_drop, progress=say)
+                    max_accuracy_drop=args.max_accuracy_drop, min_snr_db=args.min_snr_db, objective=args.objective,
+                    progress=say)
     out = console()
     plan_summary(art.plan, out, layers=False)
     measured = f"{art.measured_latency_ms:.3f} ms measured here" if art.measured_latency_ms is not None else "not runnable here"
     print(f"artifact {args.output}: {art.backend}, {art.size_bytes:,} bytes, predicted {art.predicted_latency_ms:.3f} ms, {measured}")
+    for step in art.accuracy_control:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in step.measured.items() if k in ("accuracy_delta", "top1_agreement", "snr_db"))
+        print(f"accuracy control {step.iteration}: {step.summary}: {shown or 'not measured'}: {step.action}")
     if art.accuracy:
         print("validated: " + ", ".join(f"{k} {v:.4f}" for k, v in art.accuracy.items()))
+    print(f"fidelity: {art.fidelity}")
     return 0
 
 
@@ -267,7 +280,8 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
     inputs = _inputs(args)
     status, say = _progress()
     with status:
-        res = fleet(inputs, targets, args.output, jobs=args.jobs, max_accuracy_drop=args.max_accuracy_drop, progress=say)
+        res = fleet(inputs, targets, args.output, jobs=args.jobs, max_accuracy_drop=args.max_accuracy_drop,
+                    min_snr_db=args.min_snr_db, objective=args.objective, progress=say)
     out = console()
     for e in res.entries:
         if e.ok:

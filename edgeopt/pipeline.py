@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import EdgeoptError, PlanError
 from .inputs import BuildInputs
-from .types import Artifact, Plan, Target
+from .types import AccuracyBudget, Artifact, Plan, Target
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -173,7 +173,8 @@ def validate(runner, inputs: BuildInputs, limit: int = EVAL_LIMIT, reference: li
     return out
 
 
-def check_numerics(artifact_dir: Path, runner, inputs: BuildInputs, on_target: bool) -> tuple[dict[str, float], str]:
+def check_numerics(artifact_dir: Path, runner, inputs: BuildInputs, on_target: bool,
+                   reference: list[np.ndarray] | None = None) -> tuple[dict[str, float], str]:
     """The artifact's accuracy and how it was obtained.
 
     When this host is of the target's CPU class (``on_target``), the artifact's runtime here (``runner``) is what the
@@ -186,6 +187,7 @@ def check_numerics(artifact_dir: Path, runner, inputs: BuildInputs, on_target: b
         runner: the artifact's runner on this host, or None where its runtime cannot run here.
         inputs: the original model and its evaluation data.
         on_target: whether this host is of the target's CPU class.
+        reference: the original model's outputs on the evaluation data, when already computed.
 
     Returns:
         (accuracy metrics as :func:`validate` returns them, possibly with ``host_*`` keys; a sentence
@@ -197,18 +199,19 @@ def check_numerics(artifact_dir: Path, runner, inputs: BuildInputs, on_target: b
 
     if inputs.evaluation is None:
         return {}, ""
+    ref = reference if reference is not None else run(inputs.model, inputs.evaluation, EVAL_LIMIT)
     if runner is not None and on_target:
-        return validate(runner, inputs), "the artifact's runtime on this host, of the target's CPU class"
-    ref = run(inputs.model, inputs.evaluation, EVAL_LIMIT)
-    reference = open_reference(artifact_dir)
+        return validate(runner, inputs, reference=ref), "the artifact's runtime on this host, of the target's CPU class"
+    exact_runner = open_reference(artifact_dir)
     try:
-        exact = validate(reference, inputs, reference=ref) if reference is not None else {}
+        exact = validate(exact_runner, inputs, reference=ref) if exact_runner is not None else {}
     finally:
-        if reference is not None:
-            reference.close()
+        if exact_runner is not None:
+            exact_runner.close()
     host = validate(runner, inputs, reference=ref) if runner is not None else {}
     if exact:
-        how = "exact reference numerics (QDQ run as written, onnxruntime graph optimizations off), independent of this CPU"
+        how = getattr(exact_runner, "description", None) or (
+            "exact reference numerics (QDQ run as written, onnxruntime graph optimizations off), independent of this CPU")
         return {**exact, **{f"host_{k}": v for k, v in host.items()}}, how + ("; this host's kernels (another CPU class): "
                                                                              "host_* keys" if host else "")
     return host, ("the artifact's runtime on this host, which is not of the target's class" if host else "")
@@ -268,20 +271,309 @@ def _zeros(inputs: BuildInputs) -> dict[str, np.ndarray]:
     return {n: np.zeros(inputs.analysis.inputs[n], dtype) for n, _, dtype in model_inputs(inputs.model)}
 
 
+#: builds accuracy control may make for one artifact (the last one is the float fallback)
+MAX_CONTROL_ROUNDS = 4
+
+
+@dataclass
+class Planning:
+    """What planning knows about one model on one target, kept across accuracy-control rounds: the accuracy budget,
+    the error model fitted on measured artifacts, the per-layer sensitivity measured so far, and the original model's
+    outputs on the evaluation data."""
+
+    inputs: BuildInputs
+    target: Target
+    backend: str | None = None
+    max_accuracy_drop: float | None = None
+    min_snr_db: float | None = None
+    sensitivity: dict = field(default_factory=dict)
+    progress: Progress | None = None
+    measured: object | None = None  # a latency table for the first option, when profiled
+    reference: list[np.ndarray] | None = None
+    budget: AccuracyBudget | None = None
+    error_model: object | None = None  # accuracy.ErrorModel
+
+    def prepare(self) -> None:
+        """Compute the reference outputs, the budget and the error model (once; needs data)."""
+        from .accuracy import ErrorModel, choose_budget, is_classification
+        from .fidelity import run
+
+        data = self.inputs.evaluation or self.inputs.calib
+        if self.budget is not None or data is None:
+            return
+        if self.reference is None:
+            self.reference = run(self.inputs.model, data, EVAL_LIMIT)
+        labels = data.labels is not None
+        self.budget = choose_budget(is_classification(self.reference[0]), labels, self.max_accuracy_drop, self.min_snr_db)
+        self.error_model = ErrorModel(self.reference[0], data.labels, self.budget)
+
+    int8_choices: dict = field(default_factory=dict)  # layout json -> (chosen settings, note)
+
+    def int8_settings(self, option) -> tuple[dict, dict, str]:
+        """The int8 pass settings for a backend option: the layout its unit runs exactly and the backend requires,
+        and the calibration chosen for this model by measurement (:data:`INT8_CANDIDATES`: the full-model int8 graph
+        run as written on the comparison samples, lowest output noise wins).
+
+        Returns:
+            (settings sensitivity simulates with, the chosen calibration settings for the plan, a rationale line).
+        """
+        from . import backends
+        from .hostinfo import int8_scheme
+
+        backend = backends.get(option.backend).BACKEND
+        if "int8" not in option.precisions or self.inputs.calib is None or not backend.uses_int8_pass:
+            return {}, {}, ""
+        unit = self.target.compute_units[option.unit]
+        layout: dict = {"weight_bits": 8}
+        if unit.arch:
+            sch = int8_scheme(option.backend, unit.arch, unit.isa)
+            layout = {"weight_bits": sch.weight_bits, "activation_type": sch.activation_type}
+        layout.update(backend.int8_config)
+        key = json.dumps(layout, sort_keys=True)
+        if key not in self.int8_choices:
+            if self.progress:
+                self.progress(f"choosing int8 calibration for {option.label} ({len(INT8_CANDIDATES)} candidates)")
+            noise = {json.dumps(c, sort_keys=True): int8_noise(self.inputs, {**layout, **c}) for c in INT8_CANDIDATES}
+            best = min(noise, key=noise.get)
+            shown = ", ".join(f"{_calib_label(json.loads(k))} {v:.3g}" for k, v in noise.items())
+            note = f"int8 calibration for this model, by measured whole-model output noise: {shown}; chose {_calib_label(json.loads(best))}"
+            self.int8_choices[key] = (json.loads(best), note)
+        chosen, note = self.int8_choices[key]
+        return {**layout, **chosen}, chosen, note
+
+    def measure_sensitivity(self, techniques: list[str], int8_config: dict | None = None) -> dict:
+        """Measure the techniques not yet measured (on-disk cache shared with other runs); int8 under
+        ``int8_config`` (the only technique whose simulation depends on chosen settings).
+
+        Returns:
+            ``(layer, technique) -> Sensitivity`` for the requested techniques.
+        """
+        from .sensitivity import measure
+
+        out: dict = {}
+        groups = [([t for t in techniques if t != "int8"], None), (["int8"] if "int8" in techniques else [], int8_config)]
+        for techs, cfg in groups:
+            if not techs:
+                continue
+            key = ("configs", json.dumps(cfg or {}, sort_keys=True))
+            store = self.sensitivity if cfg is None else self.sensitivity.setdefault(key, {})
+            have = {k[1] for k in store if k[0] != "configs"}
+            missing = [t for t in techs if t not in have]
+            if missing and self.inputs.calib is not None:
+                store.update(measure(self.inputs.model, self.inputs.calib, options=missing, progress=self.progress,
+                                     configs={"int8": cfg} if cfg else None))
+            out.update({k: v for k, v in store.items() if k[0] != "configs" and k[1] in techs})
+        return out
+
+
+#: int8 calibration settings tried per model (the int8 pass's percentile default, a wider percentile, min/max)
+INT8_CANDIDATES: tuple[dict, ...] = ({"calibration": "percentile", "percentile": 99.99},
+                                     {"calibration": "percentile", "percentile": 99.999},
+                                     {"calibration": "minmax"})
+
+
+def _calib_label(c: dict) -> str:
+    return f"percentile {c['percentile']:g}" if c.get("calibration") == "percentile" else str(c.get("calibration"))
+
+
+def int8_noise(inputs: BuildInputs, config: dict, samples: int = 32) -> float:
+    """Output noise (power relative to the signal) of the whole model in int8 with the int8 pass's ``config``, run as
+    written (exact numerics) on the first ``samples`` calibration samples; cached on disk like sensitivity.
+
+    Args:
+        inputs: the model and its calibration data.
+        config: int8 pass settings.
+        samples: samples compared.
+
+    Returns:
+        The relative noise power of the first output (inf when the graph cannot be quantized or run).
+    """
+    import hashlib
+
+    import onnx
+
+    from .fidelity import session
+    from .passes import PassError
+    from .sensitivity import quantizable_layers
+    from .technique import ApplyContext, get
+    from .zoo import cache_dir
+
+    calib = inputs.calib
+    h = hashlib.sha256(inputs.analysis.sha256.encode())
+    for k, v in sorted(calib.feeds().items()):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(v).tobytes())
+    h.update(json.dumps({"v": 1, "samples": samples, **config}, sort_keys=True).encode())
+    store = cache_dir() / "int8choice" / f"{h.hexdigest()[:24]}.json"
+    if store.is_file():
+        try:
+            return float(json.loads(store.read_text())["noise"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    sub = calib.subset(min(samples, len(calib)))
+    feeds = sub.feeds()
+    model = onnx.ModelProto()
+    model.CopyFrom(inputs.model)
+    try:
+        q, _ = get("int8").apply(model, quantizable_layers(inputs.analysis), ApplyContext(calib=calib, configs={"int8": config}))
+        out = session(q, optimize=False).run(None, feeds)[0].astype(np.float64)
+    except (PassError, EdgeoptError):
+        return float("inf")
+    ref = session(inputs.model).run(None, feeds)[0].astype(np.float64)
+    noise = float(np.sum((ref - out) ** 2) / max(np.sum(ref**2), 1e-30))
+    from .io import atomic_write_text
+
+    atomic_write_text(store, json.dumps({"noise": noise, "config": config}))
+    return noise
+
+
+def _runnable(analysis, target: Target, backend: str | None) -> tuple[list, list[str], list[str]]:
+    """The target's options that run the model (pre-flight, before anything expensive), rationale, refusals."""
+    from .planner import candidate_options, check_option
+
+    runnable, rationale, unsupported = [], [], []
+    for option in candidate_options(target, backend):
+        reasons = check_option(analysis, option)
+        if reasons:
+            more = f" (+{len(reasons) - 3} more)" if len(reasons) > 3 else ""
+            unsupported.append(f"{option.label}: {'; '.join(reasons[:3])}{more}")
+            rationale.append(f"skipped {option.label}: {len(reasons)} layer(s) unsupported, first: {reasons[0]}")
+        else:
+            runnable.append(option)
+    if not runnable:
+        from .errors import UnsupportedOpError
+
+        raise UnsupportedOpError(f"no backend of target {target.name} can run this model: " + " | ".join(unsupported))
+    return runnable, rationale, unsupported
+
+
+def plan_latency(pl: Planning, *, noise_cap: float | None = None, float_only: bool = False,
+                 enforce_budgets: bool = True) -> Plan:
+    """The fastest plan within the accuracy budget (the default objective).
+
+    Without calibration data only formats presumed faithful (fp32, fp16) are considered: nothing else can be
+    calibrated or measured.  With it, the per-layer search (:func:`~edgeopt.planner.optimize_option`) runs on each
+    backend option in the target's preference order, measuring sensitivity only for the techniques that option
+    runs, under the noise cap the error model derives from the budget (or ``noise_cap``).
+
+    Args:
+        pl: the planning state (budget, error model and sensitivity are filled in and reused).
+        noise_cap: the largest predicted total noise (accuracy control passes a tightened one); None: from the budget.
+        float_only: consider only formats presumed faithful (accuracy control's last resort).
+        enforce_budgets: raise when no plan meets the RAM/storage/latency budgets; else return the closest.
+
+    Returns:
+        The plan, with its accuracy prediction and rationale.
+
+    Raises:
+        UnsupportedOpError: no backend option runs the model's ops (checked first).
+        BudgetError: no plan meets the budgets and ``enforce_budgets`` is True.
+    """
+    from . import technique
+    from .errors import BudgetError
+    from .planner import _describe, fastest_recipe, optimize_option, summarize, to_plan
+    from .types import AccuracyPrediction
+
+    inputs, target = pl.inputs, pl.target
+    analysis = inputs.analysis
+    runnable, rationale, _ = _runnable(analysis, target, pl.backend)
+    faithful = [t.name for t in technique.precisions() if t.presumed_faithful]
+    best = None
+    if inputs.calib is None or float_only:
+        why = ("accuracy control's last resort" if float_only else
+               "no calibration data: formats that need data to calibrate or to measure their accuracy are not considered "
+               "(give --calib)")
+        rationale.append(f"{why}; candidates: {', '.join(faithful)}")
+        for option in runnable:
+            allowed = ["int8"] if option.requires_full_integer else faithful
+            ev = fastest_recipe(analysis, target, option, allowed)
+            if ev is None:
+                rationale.append(f"skipped {option.label}: it runs none of {', '.join(allowed)}")
+                continue
+            if option.requires_full_integer and inputs.calib is None:
+                rationale.append(f"{option.label} runs full-integer models only: the build needs calibration data")
+            if ev.fits:
+                rationale.append(f"chose the fastest: {_describe(ev)}")
+                pl.prepare()
+                acc = (AccuracyPrediction(budget=pl.budget, predicted_noise=0.0, noise_cap=0.0)
+                       if pl.budget is not None else None)
+                return to_plan(analysis, target, ev, rationale, accuracy=acc)
+            rationale.append(f"rejected {_describe(ev)}")
+            best = ev if best is None or ev.overshoot < best.overshoot else best
+        if best is None:
+            raise BudgetError(f"no backend option of {target.name} runs {', '.join(faithful)}; give calibration data "
+                              f"(--calib) so that quantized formats can be planned")
+        if not enforce_budgets:
+            return to_plan(analysis, target, best, rationale)
+        raise BudgetError(f"no plan meets the budgets of {target.name}; closest: {_describe(best)}"
+                          + ("" if inputs.calib is not None else "; calibration data (--calib) would allow quantized formats"))
+
+    pl.prepare()
+    model = pl.error_model
+    cap = noise_cap if noise_cap is not None else model.noise_cap()
+    rationale.append(f"objective: fastest plan with {pl.budget.describe()}: predicted total output noise <= {cap:.3g}")
+    best_res = None
+    chosen_configs: dict = {}
+    for option in runnable:
+        techs = [t for t in [*option.precisions, *(s.pattern for s in option.sparsity)]
+                 if t != technique.REFERENCE and technique.get(t).simulate is not None]
+        sim_int8, chosen, note = pl.int8_settings(option)
+        if note:
+            rationale.append(f"{option.label}: {note}")
+        sens = pl.measure_sensitivity(techs, sim_int8 or None)
+        chosen_configs = {"int8": chosen} if chosen else {}
+        measured = pl.measured if pl.measured is not None and getattr(pl.measured, "option", None) == option.label else None
+        res = optimize_option(analysis, target, option, sens, cap, measured=measured)
+        if res is None:
+            ev = fastest_recipe(analysis, target, option, faithful)
+            if ev is None:
+                continue
+            noise = 0.0
+            rationale.append(f"{option.label}: no layer with measured sensitivity; fastest faithful recipe {ev.recipe}")
+        else:
+            ev, noise = res.evaluation, res.noise
+            rationale.append(f"{option.label}: from the '{res.start}' start, {res.moves} move(s), {res.evaluations} "
+                             f"evaluation(s), stopped: {res.stopped}; {summarize(ev.layers)}; predicted noise {noise:.3g} "
+                             f"(cap {cap:.3g}); {_describe(ev)}")
+        acc = AccuracyPrediction(budget=pl.budget, predicted_noise=noise, noise_cap=cap,
+                                 predicted=round(model.predict(noise), 6) if noise > 0 else None)
+        if ev.fits and noise <= cap * (1 + 1e-9):
+            return to_plan(analysis, target, ev, rationale, accuracy=acc, configs=chosen_configs)
+        if best_res is None or ev.overshoot < best_res[0].overshoot:
+            best_res = (ev, acc, chosen_configs)
+    if best_res is None:
+        raise BudgetError(f"no backend option of {target.name} has a plan")
+    if not enforce_budgets:
+        rationale.append(f"no plan meets every budget; kept the closest: {_describe(best_res[0])}")
+        return to_plan(analysis, target, best_res[0], rationale, accuracy=best_res[1], configs=best_res[2])
+    raise BudgetError(f"no plan meets the budgets of {target.name}; closest: {_describe(best_res[0])}")
+
+
 def build(inputs: BuildInputs, target: Target, out_dir: str | Path, *, plan: Plan | None = None,
           backend: str | None = None, precision: str | None = None, max_accuracy_drop: float | None = None,
+          min_snr_db: float | None = None, objective: str = "latency", sensitivity: dict | None = None,
           validate_artifact: bool = True, profile: bool = True, progress: Progress | None = None) -> Artifact:
     """Build one optimized artifact for ``target`` in ``out_dir`` (replaced atomically) and return its manifest.
+
+    With the latency objective (the default) the plan is the fastest within the accuracy budget, and the build
+    controls accuracy: it measures the built artifact against the original (exact numerics of its backend where this
+    host is not of the target's class), and while the artifact misses the budget it re-plans under a tighter noise
+    cap (the most damaging layers go back up) and rebuilds, at most :data:`MAX_CONTROL_ROUNDS` times, the last one
+    in a faithful float format.  The manifest lists the rounds.
 
     Args:
         inputs: the model, its analysis, and optional calibration and evaluation data.
         target: the target to build for.
         out_dir: the destination directory; it receives the artifact's files, its manifest, ``plan.json`` and,
             when passes ran, ``passes.json``.
-        plan: a saved plan to replay (checked with :func:`check_replay`); None plans with :func:`plan_for`.
+        plan: a saved plan to replay (checked with :func:`check_replay`; no accuracy control); None plans here.
         backend: restrict planning to this backend.
-        precision: force this whole-model recipe when planning.
-        max_accuracy_drop: the largest accuracy loss allowed, used in planning and checked on the built artifact.
+        precision: force this whole-model recipe when planning (no accuracy control).
+        max_accuracy_drop: the accuracy budget (top-1 drop with labels, else disagreement); None: the default.
+        min_snr_db: an output SNR floor instead (models without class scores).
+        objective: ``latency`` (fastest within the budget) or ``fidelity`` (most faithful that meets the target's
+            budgets; ``max_accuracy_drop`` is then checked on the artifact, as before).
+        sensitivity: per-layer sensitivity already measured (shared by a fleet; extended in place).
         validate_artifact: measure the artifact's accuracy on the evaluation data.
         profile: time the artifact on this host where its runtime runs here.
         progress: called with one status line per stage.
@@ -291,47 +583,112 @@ def build(inputs: BuildInputs, target: Target, out_dir: str | Path, *, plan: Pla
 
     Raises:
         PlanError: ``plan`` does not match the model or target.
-        EdgeoptError: the validated artifact loses more than ``max_accuracy_drop``, or planning or
+        EdgeoptError: the validated artifact misses the accuracy budget after accuracy control, or planning or
             conversion fails (e.g. :class:`~edgeopt.errors.BudgetError`).
     """
+    from .accuracy import measured_value, tightened_cap, within
     from .backends.base import build_artifact, write_manifest
     from .io import atomic_dir
+    from .planner import summarize
+    from .types import ControlStep
 
     say = progress or (lambda _msg: None)
     out_dir = Path(out_dir)
+    pl = None
+    if objective not in ("latency", "fidelity"):
+        raise EdgeoptError(f"unknown objective '{objective}'; valid: latency, fidelity")
     if plan is None:
         say(f"{target.name}: planning")
-        plan = plan_for(inputs, target, backend=backend, precision=precision, max_accuracy_drop=max_accuracy_drop,
-                        progress=say)
+        if objective == "latency" and precision is None:
+            pl = Planning(inputs, target, backend=backend, max_accuracy_drop=max_accuracy_drop, min_snr_db=min_snr_db,
+                          sensitivity=sensitivity if sensitivity is not None else {}, progress=say)
+            plan = plan_latency(pl)
+        else:
+            plan = plan_for(inputs, target, backend=backend, precision=precision, max_accuracy_drop=max_accuracy_drop,
+                            objective="fidelity", sensitivity=sensitivity, progress=say)
     else:
         check_replay(plan, inputs, target)
-    say(f"{target.name}: passes")
-    model, notes = structural_passes(inputs.model, plan, inputs.calib)
+    control = pl is not None and validate_artifact and inputs.evaluation is not None and plan.accuracy is not None
+    budget = plan.accuracy.budget if plan.accuracy is not None else None
+    steps: list[ControlStep] = []
     with atomic_dir(out_dir) as tmp:
-        say(f"{target.name}: converting with {plan.backend}")
-        artifact_dir = tmp / "artifact"
-        artifact = build_artifact(model, plan, artifact_dir, inputs.calib)
-        accuracy, measured, how = {}, None, ""
-        on_target = host_is(target, plan.unit)
-        runner = open_here(artifact_dir) if validate_artifact or profile else None
+        runner = None
         try:
-            if validate_artifact:
-                say(f"{target.name}: validating")
-                accuracy, how = check_numerics(artifact_dir, runner, inputs, on_target)
+            for rnd in range(1, MAX_CONTROL_ROUNDS + 1):
+                say(f"{target.name}: passes" + (f" (accuracy control round {rnd})" if rnd > 1 else ""))
+                model, notes = structural_passes(inputs.model, plan, inputs.calib)
+                say(f"{target.name}: converting with {plan.backend}")
+                artifact_dir = tmp / f"artifact-{rnd}"
+                artifact = build_artifact(model, plan, artifact_dir, inputs.calib)
+                on_target = host_is(target, plan.unit)
+                runner = open_here(artifact_dir) if validate_artifact or profile else None
+                accuracy, how = {}, ""
+                if validate_artifact:
+                    say(f"{target.name}: validating")
+                    accuracy, how = check_numerics(artifact_dir, runner, inputs, on_target,
+                                                   reference=pl.reference if pl is not None else None)
+                value = measured_value(budget, accuracy) if budget is not None and accuracy else None
+                ok = within(budget, value) if budget is not None else None
+                noise = plan.accuracy.predicted_noise if plan.accuracy is not None else None
+                if not control or ok is not False:
+                    action = "kept" if ok else ("kept (fidelity not measured)" if ok is None else "kept")
+                    if steps or (control and ok):
+                        steps.append(ControlStep(iteration=rnd, summary=summarize(plan.layers), predicted_noise=noise,
+                                                 measured=accuracy, within_budget=ok, action=action))
+                    break
+                faithful_now = all(_faithful(lp.precision) and lp.sparsity == "none" for lp in plan.layers)
+                if faithful_now or rnd == MAX_CONTROL_ROUNDS:
+                    steps.append(ControlStep(iteration=rnd, summary=summarize(plan.layers), predicted_noise=noise,
+                                             measured=accuracy, within_budget=False, action="kept: nothing left to revert"))
+                    break
+                if pl.error_model is not None and "top1_agreement" in accuracy and noise:
+                    pl.error_model.fit(noise, 1.0 - accuracy["top1_agreement"])
+                last = rnd == MAX_CONTROL_ROUNDS - 1
+                new_plan = None
+                if not last and noise:
+                    cap = tightened_cap(budget, value, noise)
+                    new_plan = plan_latency(pl, noise_cap=cap)
+                    if [(lp.precision, lp.sparsity) for lp in new_plan.layers] == [(lp.precision, lp.sparsity)
+                                                                                   for lp in plan.layers]:
+                        new_plan = None
+                    action = f"over budget: re-planned under noise cap {cap:.3g}"
+                if new_plan is None:
+                    new_plan = plan_latency(pl, float_only=True)
+                    action = "over budget: fell back to the fastest faithful float format"
+                steps.append(ControlStep(iteration=rnd, summary=summarize(plan.layers), predicted_noise=noise,
+                                         measured=accuracy, within_budget=False, action=action))
+                say(f"{target.name}: {action}")
+                runner.close() if runner is not None else None
+                runner = None
+                import shutil
+
+                shutil.rmtree(artifact_dir, ignore_errors=True)
+                plan = new_plan.model_copy(update={"rationale": [*new_plan.rationale, *(
+                    f"accuracy control round {s.iteration}: {s.summary}: {_fmt_metrics(s.measured)}; {s.action}"
+                    for s in steps)]})
             measured = measure(runner, inputs) if profile and runner is not None else None
         finally:
             if runner is not None:
                 runner.close()
+        fidelity = _fidelity_note(inputs, accuracy, how, budget, validate_artifact)
         # keep what the backend validated itself (Core ML: its ONNX equivalent), add what ran here
-        update = {"accuracy": {**artifact.accuracy, **accuracy}, "measured_latency_ms": measured,
-                  "numerics": {**artifact.numerics, **({"validated_with": how} if how else {})}}
+        update = {"accuracy": {**artifact.accuracy, **accuracy}, "measured_latency_ms": measured, "plan": plan,
+                  "numerics": {**artifact.numerics, **({"validated_with": how} if how else {})},
+                  "fidelity": fidelity, "accuracy_control": steps}
         if measured is not None:
             update["measured_on"], update["measured_on_target"] = host_description(), on_target
         artifact = artifact.model_copy(update=update)
-        drop = -accuracy.get("accuracy_delta", 1.0 - accuracy.get("top1_agreement", 1.0))
-        if max_accuracy_drop is not None and accuracy and drop > max_accuracy_drop:
-            raise EdgeoptError(f"{target.name}: the built artifact loses {drop:.4f} accuracy, more than --max-accuracy-drop "
-                               f"{max_accuracy_drop}; plan with a smaller drop or more calibration data")
+        if budget is not None and accuracy and within(budget, measured_value(budget, accuracy)) is False:
+            if not all(_faithful(lp.precision) and lp.sparsity == "none" for lp in plan.layers):
+                raise EdgeoptError(f"{target.name}: the built artifact misses the accuracy budget "
+                                   f"({budget.describe()}): {_fmt_metrics(accuracy)}; plan with a larger budget or "
+                                   f"more calibration data")
+        if objective == "fidelity" or precision is not None or plan.accuracy is None:
+            drop = -accuracy.get("accuracy_delta", 1.0 - accuracy.get("top1_agreement", 1.0))
+            if max_accuracy_drop is not None and accuracy and drop > max_accuracy_drop:
+                raise EdgeoptError(f"{target.name}: the built artifact loses {drop:.4f} accuracy, more than "
+                                   f"--max-accuracy-drop {max_accuracy_drop}; plan with a smaller drop or more "
+                                   f"calibration data")
         write_manifest(artifact, artifact_dir)
         for p in list(artifact_dir.iterdir()):
             p.rename(tmp / p.name)
@@ -343,40 +700,77 @@ def build(inputs: BuildInputs, target: Target, out_dir: str | Path, *, plan: Pla
     return artifact
 
 
+def _faithful(precision: str) -> bool:
+    from .technique import get
+
+    return get(precision).presumed_faithful
+
+
+def _fmt_metrics(m: dict[str, float]) -> str:
+    keys = ("accuracy_delta", "top1_agreement", "snr_db")
+    shown = [f"{k} {m[k]:.4f}" for k in keys if k in m]
+    return ", ".join(shown) or "not measured"
+
+
+def _fidelity_note(inputs: BuildInputs, accuracy: dict, how: str, budget, validated: bool) -> str:
+    """What the manifest says about the artifact's measured fidelity, or why it was not measured."""
+    from .accuracy import measured_value, within
+
+    if not validated:
+        return "not measured: validation was turned off"
+    if inputs.evaluation is None:
+        return "not measured: no evaluation data (give --eval, or --calib which is then used)"
+    if not accuracy:
+        return ("not measured: the artifact's runtime does not run on this host and its backend has no exact "
+                "reference numerics here")
+    n = min(len(inputs.evaluation), EVAL_LIMIT)
+    verdict = ""
+    if budget is not None:
+        ok = within(budget, measured_value(budget, accuracy))
+        verdict = f"; {'meets' if ok else 'misses' if ok is False else 'cannot be checked against'} {budget.describe()}"
+    return f"measured on {n} evaluation sample(s) with {how}: {_fmt_metrics(accuracy)}{verdict}"
+
+
 def plan_for(inputs: BuildInputs, target: Target, *, backend: str | None = None, precision: str | None = None,
-             max_accuracy_drop: float | None = None, sensitivity: dict | None = None, measure_latency: bool = False,
+             max_accuracy_drop: float | None = None, min_snr_db: float | None = None, objective: str = "latency",
+             sensitivity: dict | None = None, measure_latency: bool = False,
              progress: Progress | None = None) -> Plan:
-    """The planner's choice: per-layer search on measured sensitivity when calibration data exists
-    (and no precision is forced), else the whole-model recipe search.  ``measure_latency`` profiles
-    uniform builds on this machine (it must be the target device) and plans on measured layer times.
+    """The planner's choice for a model on a target.
+
+    ``objective="latency"`` (the default): the fastest plan within the accuracy budget (:func:`plan_latency`).
+    ``objective="fidelity"``: the most faithful plan that meets the target's budgets: the per-layer search on
+    measured sensitivity when calibration data exists, trading up to ``max_accuracy_drop`` predicted top-1
+    flips for latency, else the whole-model recipe search.  A forced ``precision`` skips both searches.
+    ``measure_latency`` profiles uniform builds on this machine (it must be the target device) and plans on
+    measured layer times.
 
     Args:
         inputs: the model, its analysis and optional calibration data.
         target: the target to plan for.
         backend: restrict the search to this backend.
         precision: force this whole-model recipe (skips the per-layer search).
-        max_accuracy_drop: the largest predicted top-1 drop the per-layer search may trade for latency.
-        sensitivity: per-layer sensitivity already measured; None measures it on the calibration data.
+        max_accuracy_drop: the accuracy budget (see :func:`build`).
+        min_snr_db: an output SNR floor instead.
+        objective: ``latency`` or ``fidelity``.
+        sensitivity: per-layer sensitivity already measured (extended in place); None measures what is needed.
         measure_latency: profile layer latency for the first candidate backend option on this machine.
         progress: called with status lines while measuring.
 
     Returns:
-        The plan from :func:`~edgeopt.planner.search_plan` or :func:`~edgeopt.planner.make_plan`.
+        The plan.
 
     Raises:
-        EdgeoptError: ``max_accuracy_drop`` is given without calibration data, or the planner finds
-            no plan (e.g. :class:`~edgeopt.errors.BudgetError`).
+        EdgeoptError: ``max_accuracy_drop`` is given without calibration data, the objective is unknown, or the
+            planner finds no plan (e.g. :class:`~edgeopt.errors.BudgetError`).
+        UnsupportedOpError: no backend option runs the model's ops (checked before anything is measured).
     """
     from .planner import make_plan, search_plan
 
-    if precision is not None or inputs.calib is None:
-        if max_accuracy_drop is not None and inputs.calib is None:
-            raise EdgeoptError("--max-accuracy-drop needs calibration data (--calib) to measure layer sensitivity")
-        return make_plan(inputs.analysis, target, backend=backend, precision=precision)
-    if sensitivity is None:
-        from .sensitivity import measure
-
-        sensitivity = measure(inputs.model, inputs.calib, progress=progress)
+    if objective not in ("latency", "fidelity"):
+        raise EdgeoptError(f"unknown objective '{objective}'; valid: latency, fidelity")
+    if max_accuracy_drop is not None and inputs.calib is None and precision is None:
+        raise EdgeoptError("--max-accuracy-drop needs calibration data (--calib) to measure layer sensitivity")
+    _runnable(inputs.analysis, target, backend)  # op pre-flight before anything expensive
     measured = None
     if measure_latency:
         from . import latency_table
@@ -386,6 +780,16 @@ def plan_for(inputs: BuildInputs, target: Target, *, backend: str | None = None,
         if progress:
             progress(f"profiling layer latency on this machine ({option.label})")
         measured = latency_table.measure(inputs, target, option)
+    if precision is None and objective == "latency":
+        pl = Planning(inputs, target, backend=backend, max_accuracy_drop=max_accuracy_drop, min_snr_db=min_snr_db,
+                      sensitivity=sensitivity if sensitivity is not None else {}, progress=progress, measured=measured)
+        return plan_latency(pl)
+    if precision is not None or inputs.calib is None:
+        return make_plan(inputs.analysis, target, backend=backend, precision=precision)
+    if sensitivity is None:
+        from .sensitivity import measure
+
+        sensitivity = measure(inputs.model, inputs.calib, progress=progress)
     return search_plan(inputs.analysis, target, sensitivity, backend=backend, max_accuracy_drop=max_accuracy_drop,
                        measured=measured)
 
@@ -397,7 +801,8 @@ class FleetResult:
 
 
 def fleet(inputs: BuildInputs, targets: list[Target], out_dir: str | Path, *, jobs: int = 2,
-          max_accuracy_drop: float | None = None, progress: Progress | None = None) -> FleetResult:
+          max_accuracy_drop: float | None = None, min_snr_db: float | None = None, objective: str = "latency",
+          progress: Progress | None = None) -> FleetResult:
     """Build every target into ``out_dir/<target>/`` in parallel, sharing calibration data and
     sensitivity; write ``fleet.json`` and ``report.html``.  The directory is replaced atomically.
 
@@ -408,7 +813,9 @@ def fleet(inputs: BuildInputs, targets: list[Target], out_dir: str | Path, *, jo
         targets: the targets to build.
         out_dir: the destination directory.
         jobs: targets built at once (at least 1).
-        max_accuracy_drop: passed to :func:`plan_for` for every target (the built artifacts are not checked against it).
+        max_accuracy_drop: the accuracy budget of every target (see :func:`build`).
+        min_snr_db: an output SNR floor instead.
+        objective: ``latency`` or ``fidelity`` (see :func:`build`).
         progress: called with status lines.
 
     Returns:
@@ -420,19 +827,23 @@ def fleet(inputs: BuildInputs, targets: list[Target], out_dir: str | Path, *, jo
     from .report import FleetEntry, fleet_html
 
     say = progress or (lambda _msg: None)
-    sensitivity = None
+    sensitivity: dict = {}
     if inputs.calib is not None:
+        from . import technique
         from .sensitivity import measure
 
+        # what any target's backend options can use, measured once before the targets build in parallel
+        wanted = sorted({t for tg in targets for o in tg.backends for t in [*o.precisions, *(s.pattern for s in o.sparsity)]
+                         if t != technique.REFERENCE and technique.get(t).simulate is not None})
         say("measuring layer sensitivity (shared by all targets)")
-        sensitivity = measure(inputs.model, inputs.calib, progress=say)
+        sensitivity = measure(inputs.model, inputs.calib, options=wanted, progress=say)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
 
         def one(target: Target) -> FleetEntry:
             try:
-                plan = plan_for(inputs, target, max_accuracy_drop=max_accuracy_drop, sensitivity=sensitivity)
-                art = build(inputs, target, tmp / target.name, plan=plan, progress=say)
+                art = build(inputs, target, tmp / target.name, max_accuracy_drop=max_accuracy_drop, min_snr_db=min_snr_db,
+                            objective=objective, sensitivity=dict(sensitivity), progress=say)
                 return FleetEntry(target=target.name, ok=True, artifact=art)
             except EdgeoptError as e:
                 say(f"{target.name}: failed: {e}")

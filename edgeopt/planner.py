@@ -320,7 +320,7 @@ def make_plan(analysis: ModelAnalysis, target: Target, *, backend: str | None = 
 
 
 def _to_plan(analysis: ModelAnalysis, target: Target, ev: Evaluation, rationale: list[str]) -> Plan:
-    return Plan(
+    return Plan(objective="fidelity",
         edgeopt_version=__version__, model_sha256=analysis.sha256, target=target.name,
         target_sha256=target_sha256(target), target_definition=target, backend=ev.option.backend, unit=ev.option.unit,
         backend_options=dict(ev.option.options), input_shapes=dict(analysis.inputs), layers=ev.layers,
@@ -459,7 +459,9 @@ def search_plan(analysis: ModelAnalysis, target: Target, sens: dict, *, backend:
 
         ev = assemble(current)
         moves = 0
-        while True:
+        visited = {tuple(sorted((k, v[0]) for k, v in current.items()))}
+        cap = 4 * sum(len(v) for v in cands.values()) + 10
+        while moves < cap:
             want_budget = not ev.fits
             want_speed = ev.fits and max_accuracy_drop is not None
             if not (want_budget or want_speed):
@@ -493,6 +495,10 @@ def search_plan(analysis: ModelAnalysis, target: Target, sens: dict, *, backend:
             if best_move is None:
                 break
             name, cand = best_move
+            state = tuple(sorted((k, cand[0] if k == name else v[0]) for k, v in current.items()))
+            if state in visited:
+                break  # a state seen before: the search would cycle
+            visited.add(state)
             current[name], noise[name], flips[name] = cand, cand[1], cand[2]
             new_ev = assemble(current)
             if want_speed and new_ev.latency_ms > ev.latency_ms * (1 - MIN_SPEED_GAIN / 2):
@@ -545,3 +551,219 @@ def _local_penalty(ev: Evaluation, d_lat: float, d_wb: int, target: Target) -> f
                               d_wb if target.budgets.weights_in_ram else 0)
         total += max(0.0, pred / c.budget - 1.0)
     return total
+
+
+# --------------------------------------------------------------------------- latency objective
+
+
+#: a polishing move must gain at least this fraction of the model's predicted latency
+MIN_POLISH_GAIN = 0.01
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The outcome of :func:`optimize_option`: the evaluation, its total predicted noise, and how the search went."""
+
+    evaluation: Evaluation
+    noise: float
+    start: str
+    moves: int
+    evaluations: int
+    stopped: str  # why the search ended: converged, iteration cap, time budget
+
+
+def _candidate_table(analysis: ModelAnalysis, target: Target, option: BackendOption, sens: dict, measured=None):
+    """Per weighted layer: candidates as (choice, noise, local ms, weight bytes), sorted by noise."""
+    table: dict[str, list[tuple[Choice, float, float, int]]] = {}
+    unit = unit_of(target, option)
+    by_name = {ly.name: ly for ly in analysis.layers}
+    cands = layer_choices(analysis, option, sens)
+    for name, options_ in cands.items():
+        rows = []
+        for c, noise, _flips in options_:
+            if option.requires_full_integer and c.precision != "int8":
+                continue
+            ms, wb, _ = _choice_cost(by_name[name], c, option, unit, measured=measured)
+            rows.append((c, float(noise), float(ms), int(wb)))
+        if rows:
+            table[name] = sorted(rows, key=lambda r: (r[1], r[2], r[3]))
+    return table
+
+
+def optimize_option(analysis: ModelAnalysis, target: Target, option: BackendOption, sens: dict, noise_cap: float, *,
+                    measured=None, time_budget_s: float = 60.0, max_evaluations: int | None = None) -> SearchResult | None:
+    """The fastest per-layer plan on one backend option whose predicted total noise stays within ``noise_cap``.
+
+    From several starts (every layer at its fastest candidate; each uniform precision; every layer at its
+    least-noisy candidate) it first backs off: while the total noise exceeds the cap, the move with the most noise
+    removed per millisecond added (each move lowers one layer's noise, so this phase cannot revisit a state).  It
+    then polishes: moves that lower the whole plan's predicted latency by at least :data:`MIN_POLISH_GAIN` within
+    the cap, each state visited once, under an evaluation cap and a time budget (the best plan so far is kept).
+    Among the starts' results the fastest that meets the budgets wins (then the smallest).
+
+    Args:
+        analysis: the model.
+        target: the target and its budgets.
+        option: the backend option.
+        sens: measured per-layer sensitivity (see :func:`layer_choices`).
+        noise_cap: the largest total predicted noise (sum of per-layer noise) allowed.
+        measured: a latency table for this option, or None.
+        time_budget_s: wall time after which the search stops with the best plan so far.
+        max_evaluations: whole-plan evaluations allowed in polishing (default ``4 * layers + 100``).
+
+    Returns:
+        The best result, or None when no weighted layer has a candidate (then the caller uses recipes).
+    """
+    import heapq
+    import time
+
+    table = _candidate_table(analysis, target, option, sens, measured)
+    if not table:
+        return None
+    deadline = time.monotonic() + time_budget_s
+    limit = max_evaluations if max_evaluations is not None else 4 * len(table) + 100
+    counter = {"evaluations": 0}
+
+    def assemble(state: dict[str, int]) -> Evaluation:
+        counter["evaluations"] += 1
+        chosen = {}
+        for k, i in state.items():
+            c, n, _, _ = table[k][i]
+            sp = f" + {c.sparsity} {c.ratio:.0%}" if c.sparsity != "none" else ""
+            chosen[k] = Choice(c.precision, c.sparsity, c.ratio, f"{c.precision}{sp}: output noise {n:.1e} when alone")
+        return evaluate(analysis, target, option, "per-layer", choices=_fill(analysis, option, chosen), measured=measured)
+
+    starts: dict[str, dict[str, int]] = {
+        "fastest": {k: min(range(len(v)), key=lambda i, v=v: (v[i][2], v[i][3], v[i][1])) for k, v in table.items()},
+        "least noisy": {k: 0 for k in table},
+    }
+    for p in option.precisions:
+        uni = {}
+        for k, v in table.items():
+            idx = [i for i, r in enumerate(v) if r[0].precision == p and r[0].sparsity == "none"]
+            uni[k] = idx[0] if idx else 0
+        if uni != starts["least noisy"]:
+            starts[f"uniform {p}"] = uni
+
+    results: list[SearchResult] = []
+    seen_starts: set[tuple] = set()
+    for label, state in starts.items():
+        key0 = tuple(sorted(state.items()))
+        if key0 in seen_starts:
+            continue
+        seen_starts.add(key0)
+        state = dict(state)
+        moves = 0
+        total = sum(table[k][i][1] for k, i in state.items())
+        # back off: every move strictly lowers one layer's noise -> at most sum(len(candidates)) moves
+        heap: list[tuple[float, str, int]] = []
+
+        def push(k: str, state=state, heap=heap) -> None:
+            cur = table[k][state[k]]
+            best = None
+            for j, cand in enumerate(table[k]):
+                if cand[1] >= cur[1]:
+                    continue
+                d_noise = cur[1] - cand[1]
+                d_ms = max(cand[2] - cur[2], 1e-9)
+                score = d_noise / d_ms
+                if best is None or score > best[0]:
+                    best = (score, j)
+            if best is not None:
+                heapq.heappush(heap, (-best[0], k, best[1]))
+
+        for k in state:
+            push(k)
+        while total > noise_cap and heap:
+            _, k, j = heapq.heappop(heap)
+            cur = table[k][state[k]]
+            if table[k][j][1] >= cur[1]:
+                continue  # stale entry
+            total += table[k][j][1] - cur[1]
+            state[k] = j
+            moves += 1
+            push(k)
+        if total > noise_cap * (1 + 1e-9):
+            continue  # even the least-noisy candidates exceed the cap
+        ev = assemble(state)
+        # polish: faster plans within the cap, each state once
+        visited = {tuple(sorted(state.items()))}
+        stopped = "converged"
+        tried: set[tuple[str, int, tuple]] = set()
+        while True:
+            if time.monotonic() > deadline:
+                stopped = "time budget"
+                break
+            if counter["evaluations"] >= limit:
+                stopped = "iteration cap"
+                break
+            lat_now = {lp.name: lp.predicted_ms for lp in ev.layers}
+            key_now = tuple(sorted(state.items()))
+            ranked = []
+            for k, i in state.items():
+                cur = table[k][i]
+                for j, cand in enumerate(table[k]):
+                    if j == i or total - cur[1] + cand[1] > noise_cap:
+                        continue
+                    gain = lat_now[k] - cand[2]
+                    if gain <= MIN_POLISH_GAIN * ev.latency_ms or (k, j, key_now) in tried:
+                        continue
+                    ranked.append((gain / max(cand[1] - cur[1], 1e-12), k, j))
+            ranked.sort(reverse=True)
+            improved = False
+            for _, k, j in ranked[:8]:  # the best few by local gain per noise; whole-plan effects decide
+                tried.add((k, j, key_now))
+                trial = {**state, k: j}
+                tkey = tuple(sorted(trial.items()))
+                if tkey in visited:
+                    continue
+                visited.add(tkey)
+                tev = assemble(trial)
+                if tev.latency_ms < ev.latency_ms * (1 - MIN_POLISH_GAIN) and (tev.fits or not ev.fits):
+                    total += table[k][j][1] - table[k][state[k]][1]
+                    state, ev = trial, tev
+                    moves += 1
+                    improved = True
+                    break
+            if not improved:
+                break
+        results.append(SearchResult(ev, total, label, moves, counter["evaluations"], stopped))
+    if not results:
+        # nothing meets the cap: the least-noisy plan, reported as such
+        state = {k: 0 for k in table}
+        ev = assemble(state)
+        return SearchResult(ev, sum(table[k][0][1] for k in table), "least noisy (over the noise cap)", 0,
+                            counter["evaluations"], "cap unreachable")
+    return min(results, key=lambda r: (not r.evaluation.fits, r.evaluation.overshoot if not r.evaluation.fits else 0,
+                                       round(r.evaluation.latency_ms, 9), r.evaluation.storage, r.noise))
+
+
+def summarize(layers: Iterable[LayerPlan]) -> str:
+    """A plan's precisions and pruning in a few words, e.g. ``int8 47, fp32 6; channel 3``."""
+    from collections import Counter
+
+    layers = list(layers)
+    prec = Counter(lp.precision for lp in layers)
+    sp = Counter(lp.sparsity for lp in layers if lp.sparsity != "none")
+    out = ", ".join(f"{p} {n}" for p, n in prec.most_common())
+    return out + ("; " + ", ".join(f"{s} {n}" for s, n in sp.most_common()) if sp else "")
+
+
+def fastest_recipe(analysis: ModelAnalysis, target: Target, option: BackendOption, allowed: Iterable[str]) -> Evaluation | None:
+    """The fastest whole-model recipe among ``allowed`` precisions that the option runs (fits first, then latency,
+    then storage), or None when the option runs none of them."""
+    evs = [evaluate(analysis, target, option, p) for p in allowed if p in option.precisions]
+    if not evs:
+        return None
+    return min(evs, key=lambda e: (not e.fits, e.overshoot if not e.fits else 0, round(e.latency_ms, 9), e.storage,
+                                   fidelity_order().index(e.recipe)))
+
+
+def to_plan(analysis: ModelAnalysis, target: Target, ev: Evaluation, rationale: list[str], *, objective: str = "latency",
+            accuracy=None, configs: dict | None = None) -> Plan:
+    """A :class:`Plan` from an evaluation (see :func:`evaluate`) with its rationale, accuracy prediction and the
+    pass settings chosen for the model (only those of techniques the plan uses are kept)."""
+    plan = _to_plan(analysis, target, ev, rationale)
+    used = {lp.precision for lp in ev.layers} | {lp.sparsity for lp in ev.layers}
+    configs = {k: v for k, v in (configs or {}).items() if k in used}
+    return plan.model_copy(update={"objective": objective, "accuracy": accuracy, "technique_configs": configs})

@@ -143,6 +143,13 @@ def plan_summary(plan: Plan, out: Console, *, layers: bool = True) -> None:
     pruned = [f"{lp.name} {lp.sparsity} {lp.sparsity_ratio:.0%}" for lp in plan.layers if lp.sparsity != "none"]
     out.print("  precisions: " + ", ".join(f"{k} x{v}" for k, v in counts.items())
               + (f"; pruned: {', '.join(pruned)}" if pruned else ""))
+    if plan.accuracy is not None:
+        a = plan.accuracy
+        pred = ""
+        if a.predicted is not None:
+            pred = f", predicted {a.budget.metric.replace('_', ' ')} {a.predicted:.4f}"
+        out.print(f"  accuracy budget: {a.budget.describe()}; predicted output noise {a.predicted_noise:.3g} "
+                  f"(cap {a.noise_cap:.3g}){pred}")
     for r in plan.rationale:
         out.print(f"  - {r}")
     if not layers:

@@ -114,6 +114,7 @@ class Technique:
     metadata_bytes: Callable[[float, float], float] = _no_metadata  # (weights, output channels) -> scales/zero points
     ops: frozenset[str] | None = None  # op types it applies to (None: every layer); weight-only formats name theirs
     profiled: bool = False  # edgeopt.latency_table profiles a uniform build of it on this host
+    presumed_faithful: bool = False  # chosen without data to measure it (fp16: 11-bit mantissa, fp32 range of a net)
     # -- sparsity
     ratio: float = 0.0  # fraction removed when planned (2:4: 0.5)
     removes_channels: bool = False  # whole output channels go: the layer, its outputs and metadata shrink
@@ -126,6 +127,11 @@ class Technique:
     @property
     def weight_only(self) -> bool:
         return self.kind == "precision" and self.activation_bits is None
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether a build needs calibration data (static activation ranges) to write it."""
+        return self.kind == "precision" and self.activation_bits is not None and self.activation_bits <= 8
 
     def applies_to(self, op_type: str) -> bool:
         return self.ops is None or op_type in self.ops

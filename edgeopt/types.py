@@ -349,6 +349,30 @@ class BudgetCheck(_Frozen):
         return self.predicted <= self.budget
 
 
+class AccuracyBudget(_Frozen):
+    """How much fidelity a plan may give up, in the metric the data allows: top-1 accuracy drop with labels,
+    top-1 disagreement with the original on classification outputs without labels, else an output SNR floor."""
+
+    metric: Literal["accuracy_drop", "top1_disagreement", "snr_db"]
+    limit: float = Field(description="largest drop / disagreement, or smallest SNR in dB")
+    source: str = Field(description="where the limit comes from: 'default' or the option that set it")
+
+    def describe(self) -> str:
+        what = {"accuracy_drop": f"top-1 accuracy drop <= {self.limit:g}",
+                "top1_disagreement": f"top-1 agreement with the original >= {1 - self.limit:g}",
+                "snr_db": f"output SNR >= {self.limit:g} dB"}[self.metric]
+        return f"{what} ({self.source})"
+
+
+class AccuracyPrediction(_Frozen):
+    """What the planner expects the plan to cost in fidelity, from per-layer noise (see :mod:`edgeopt.accuracy`)."""
+
+    budget: AccuracyBudget
+    predicted_noise: float = Field(description="predicted output noise power / signal power (sum over layers)")
+    noise_cap: float = Field(description="the largest predicted noise the budget allows")
+    predicted: float | None = Field(default=None, description="predicted value of the budget's metric")
+
+
 class Plan(_Frozen):
     """The hand-off between planning and building: everything build needs to replay."""
 
@@ -369,6 +393,12 @@ class Plan(_Frozen):
     predicted_arena_bytes: int
     budgets: list[BudgetCheck]
     rationale: list[str] = Field(description="plan-level decisions, in order, in words")
+    objective: Literal["latency", "fidelity"] = Field(
+        default="latency", description="latency: fastest within the accuracy budget; fidelity: most faithful that fits")
+    accuracy: AccuracyPrediction | None = Field(default=None, description="the accuracy budget and predicted cost")
+    technique_configs: dict[str, dict[str, str | int | float | bool]] = Field(
+        default_factory=dict, description="pass settings chosen for this model by measurement, per technique "
+                                          "(e.g. int8 calibration method); the backend's own rules win over them")
 
     def layer(self, name: str) -> LayerPlan:
         for lp in self.layers:
@@ -378,6 +408,17 @@ class Plan(_Frozen):
 
 
 # --------------------------------------------------------------------------- artifacts and profiles
+
+
+class ControlStep(_Frozen):
+    """One round of accuracy control: a plan built, its fidelity measured, and the decision taken."""
+
+    iteration: int
+    summary: str = Field(description="the plan's precisions, e.g. 'int8 47, fp32 6'")
+    predicted_noise: float | None = None
+    measured: dict[str, float] = Field(default_factory=dict)
+    within_budget: bool | None = None
+    action: str
 
 
 class Artifact(_Frozen):
@@ -398,6 +439,9 @@ class Artifact(_Frozen):
     accuracy: dict[str, float] = Field(default_factory=dict, description="metric -> value (baseline_, delta_)")
     numerics: dict[str, str] = Field(
         default_factory=dict, description="how it computes and how it was checked (int8 scheme and why, validation reference)")
+    fidelity: str = Field(default="", description="whether accuracy was measured on the artifact, how, or why not")
+    accuracy_control: list[ControlStep] = Field(
+        default_factory=list, description="each build measured against the accuracy budget and what was done next")
     created_utc: str
 
 

@@ -357,5 +357,16 @@ class CoreMLBackend(Backend):
         record = json.loads((artifact_dir / RECORD).read_text())
         return CoreMLRunner(artifact_dir / artifact.primary, record)
 
+    def reference(self, artifact: Artifact, artifact_dir: Path) -> Runner | None:
+        """The program's ONNX equivalent (its MIL ops exported back to ONNX, fp16 rounding kept), in onnxruntime;
+        None where a MIL op has no ONNX export (the artifact then says its fidelity was not measured)."""
+        try:
+            runner = OnnxEquivalentRunner(Path(artifact_dir))
+        except Exception:  # an op the exporter lacks: no stand-in, reported as not measured  # noqa: BLE001
+            return None
+        runner.description = ("the Core ML program's ONNX equivalent (its MIL ops exported back to ONNX, fp16 "
+                              "rounding kept, run in onnxruntime): Core ML prediction needs macOS")
+        return runner
+
 
 BACKEND = CoreMLBackend()

@@ -67,7 +67,8 @@ def apply_precisions(model: onnx.ModelProto, plan: Plan, calib: CalibrationData 
     scheme = int8_scheme_for(plan)
     layout = {"weight_bits": 8} if scheme is None else {"weight_bits": scheme.weight_bits,
                                                          "activation_type": scheme.activation_type}
-    ctx = ApplyContext(calib=calib, configs={"int8": {**layout, **(int8_config or {})}},
+    chosen = dict(plan.technique_configs.get("int8", {}))
+    ctx = ApplyContext(calib=calib, configs={"int8": {**layout, **chosen, **(int8_config or {})}},
                        backend_options=plan.backend_options)
     notes: list[str] = []
     for t in sorted((get(p) for p in by_precision), key=lambda t: t.apply_order):
@@ -142,6 +143,7 @@ class OnnxRuntimeBackend(Backend):
     sdk_modules = SDK_MODULES
     sdk_label = SDK_LABEL
     runtime_dist = "onnxruntime"
+    uses_int8_pass = True
     threaded = True
 
     def convert(self, model: onnx.ModelProto, plan: Plan, out_dir: Path,

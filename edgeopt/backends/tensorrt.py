@@ -202,6 +202,9 @@ class TensorRtBackend(Backend):
     sdk_modules = SDK_MODULES
     sdk_label = SDK_LABEL
     runtime_dist = "tensorrt"
+    uses_int8_pass = True
+    #: TensorRT's explicit quantization: symmetric int8 activations, float biases
+    int8_config = {"activation_symmetric": True, "activation_type": "int8", "quantize_bias": False}
     convert_requires_sdk = False  # the ONNX and the build step are written anywhere; the engine where TensorRT is
 
     def convert(self, model: onnx.ModelProto, plan: Plan, out_dir: Path,
@@ -214,8 +217,7 @@ class TensorRtBackend(Backend):
         # fp16/bf16 come from builder flags on the float graph, so only int8 layers are rewritten.
         int8_plan = plan.model_copy(update={"layers": [lp if lp.precision == "int8" else lp.model_copy(update={"precision": "fp32"})
                                                        for lp in plan.layers]})
-        model, notes = apply_precisions(model, int8_plan, calib,
-                                        int8_config={"activation_symmetric": True, "activation_type": "int8", "quantize_bias": False})
+        model, notes = apply_precisions(model, int8_plan, calib, int8_config=dict(self.int8_config))
         out_dir = Path(out_dir)
         onnx.save(model, str(out_dir / "model.onnx"))
         has_qdq = any(n.op_type == "QuantizeLinear" for n in model.graph.node)
@@ -239,14 +241,60 @@ class TensorRtBackend(Backend):
         return TrtRunner(engine)
 
     def reference(self, artifact: Artifact, artifact_dir: Path) -> Runner | None:
-        """The QDQ ONNX the engine is built from, run as written in onnxruntime (exact fake-quant numerics)."""
+        """The QDQ ONNX the engine is built from, run as written in onnxruntime (exact fake-quant numerics), with
+        the 16-bit float formats the builder flags allow emulated (see :func:`emulate_float_flags`)."""
         from importlib.util import find_spec
 
         if find_spec("onnxruntime") is None:
             return None
+        import tempfile
+
+        import onnx
+
         from .onnxruntime import OrtRunner
 
-        return OrtRunner(Path(artifact_dir) / "model.onnx", optimize=False)
+        model = emulate_float_flags(onnx.load(str(Path(artifact_dir) / "model.onnx")), artifact.plan)
+        with tempfile.TemporaryDirectory(prefix="edgeopt-trt-ref-") as d:
+            path = Path(d) / "reference.onnx"
+            onnx.save(model, str(path))
+            runner = OrtRunner(path, optimize=False)
+        runner.description = ("exact reference numerics: the QDQ graph the engine is built from run as written in "
+                              "onnxruntime, fp16/bf16 layers with their weights and outputs rounded to that format")
+        return runner
+
+
+def emulate_float_flags(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
+    """The float graph as the engine computes it where the builder may pick 16-bit kernels: with the fp16 (or bf16)
+    flag set, TensorRT may run any non-int8 layer in that format, so every weighted layer and every layer the plan
+    puts in it stores its float weights in it and rounds its output through it.  (Accumulation inside a kernel is
+    not emulated: TensorRT accumulates fp16 convolutions and GEMMs in fp32.)"""
+    import ml_dtypes
+    from onnx import TensorProto, numpy_helper
+
+    from ..techniques import round_output
+
+    precisions = {lp.precision for lp in plan.layers}
+    fmt = "fp16" if "fp16" in precisions else "bf16" if "bf16" in precisions else None
+    if fmt is None:
+        return model
+    to = TensorProto.FLOAT16 if fmt == "fp16" else TensorProto.BFLOAT16
+    dtype = np.float16 if fmt == "fp16" else ml_dtypes.bfloat16
+    int8 = {lp.name for lp in plan.layers if lp.precision == "int8"}
+    planned = {lp.name for lp in plan.layers}
+    inits = {t.name: t for t in model.graph.initializer}
+    quantized = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    for node in list(model.graph.node):
+        if node.name not in planned or node.name in int8 or node.op_type not in ("Conv", "Gemm", "MatMul", "ConvTranspose"):
+            continue
+        if any(i in quantized for i in node.input):
+            continue  # a Q/DQ island: int8 kernels
+        for name in node.input[1:]:
+            t = inits.get(name)
+            if t is not None and t.data_type == TensorProto.FLOAT:
+                v = numpy_helper.to_array(t)
+                t.CopyFrom(numpy_helper.from_array(v.astype(dtype).astype(np.float32), name))
+        round_output(model, node, to)
+    return model
 
 
 BACKEND = TensorRtBackend()

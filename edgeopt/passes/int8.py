@@ -515,7 +515,8 @@ def activation_ranges(model: onnx.ModelProto, config: Config, calib: Calibration
                 reader.set_range(start, start + 1)
                 cal.collect_data(reader)
             data = cal.compute_data()
-    return {k: (float(np.asarray(v.range_value[0])), float(np.asarray(v.range_value[1]))) for k, v in data.items()}
+    return {k: (float(np.asarray(v.range_value[0]).reshape(-1)[0]), float(np.asarray(v.range_value[1]).reshape(-1)[0]))
+            for k, v in data.items()}
 
 
 def activation_qparams(lo: float, hi: float, config: Config) -> tuple[np.ndarray, np.ndarray]:

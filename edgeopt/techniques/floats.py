@@ -53,9 +53,10 @@ def _apply_bf16(model: onnx.ModelProto, layers: list[str], ctx: ApplyContext) ->
 
 TECHNIQUES = [
     Technique(name="fp32", kind="precision", description="float32 weights and activations: the reference",
-              fidelity=0, weight_bits=32, activation_bits=32, float_bits=32, profiled=True, apply=_identity),
+              fidelity=0, weight_bits=32, activation_bits=32, float_bits=32, profiled=True, presumed_faithful=True,
+              apply=_identity),
     Technique(name="fp16", kind="precision", description="float16 weights and activations",
-              fidelity=10, weight_bits=16, activation_bits=16, float_bits=16,
+              fidelity=10, weight_bits=16, activation_bits=16, float_bits=16, presumed_faithful=True,
               simulate=_simulate_fp16, apply=_apply_fp16, apply_order=30),
     Technique(name="bf16", kind="precision", description="bfloat16 weights and activations (fp32 range, 8-bit mantissa)",
               fidelity=20, weight_bits=16, activation_bits=16, float_bits=16,
