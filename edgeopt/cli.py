@@ -212,11 +212,46 @@ def _inputs(args: argparse.Namespace):
 
 
 def _progress():
-    """A rich status line for long work (stderr), and the callback that updates it."""
-    from rich.console import Console
+    """A rich progress display for long work (stderr) and the callback that updates it.
 
-    status = Console(stderr=True).status("working")
-    return status, lambda msg: status.update(str(msg))
+    Status lines of the form ``"<stage> i/n: <detail>"`` (sensitivity, fleet targets) drive a bar with the elapsed
+    time and an ETA; other lines show with a spinner and the elapsed time.
+    """
+    import re
+
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        SpinnerColumn,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True),
+                        transient=True)
+    state: dict = {"task": None, "stage": None}
+    counter = re.compile(r"^(?P<stage>[^:]*?)\s*(?P<i>\d+)/(?P<n>\d+)")
+
+    def say(msg) -> None:
+        msg = str(msg)
+        m = counter.match(msg)
+        stage = m.group("stage") if m else msg.split(":")[0]
+        if state["task"] is None or stage != state["stage"]:
+            if state["task"] is not None:
+                progress.remove_task(state["task"])
+            state["task"] = progress.add_task(msg[:90], total=int(m.group("n")) if m else None)
+            state["stage"] = stage
+        if m:
+            progress.update(state["task"], description=msg[:90], completed=int(m.group("i")) - 1,
+                            total=int(m.group("n")))
+        else:
+            progress.update(state["task"], description=msg[:90])
+
+    return progress, say
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:

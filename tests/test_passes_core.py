@@ -8,7 +8,7 @@ from onnx import TensorProto, helper
 
 from edgeopt.calibration import CalibrationError, as_calibration
 from edgeopt.datasets import default_model_path, digits
-from edgeopt.fidelity import compare_outputs, run
+from edgeopt.fidelity import SNR_CEILING_DB, compare_outputs, run
 from edgeopt.passes import PassConfig, PassError, make_config, run_pass
 from edgeopt.passes.fp16 import _to_bf16_bits
 from edgeopt.zoo import ppocr_cls_path
@@ -130,7 +130,7 @@ def test_calibration_forms(tmp_path):
 def test_fidelity_metrics():
     ref = [np.array([[1.0, 0.0], [0.0, 2.0]])]
     same = compare_outputs(ref, ref, labels=np.array([0, 1]))
-    assert same.snr_db == float("inf") and same.cosine == 1.0 and same.top1_agreement == 1.0 and same.accuracy_delta == 0.0
+    assert same.snr_db == SNR_CEILING_DB and same.cosine == 1.0 and same.top1_agreement == 1.0 and same.accuracy_delta == 0.0
     noisy = compare_outputs(ref, [ref[0] + 0.1], labels=np.array([0, 0]))
     # signal 5, noise 4 * 0.01 -> 10 log10(125) dB
     assert noisy.snr_db == pytest.approx(10 * np.log10(125), abs=1e-3)

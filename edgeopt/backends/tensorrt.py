@@ -203,8 +203,10 @@ class TensorRtBackend(Backend):
     sdk_label = SDK_LABEL
     runtime_dist = "tensorrt"
     uses_int8_pass = True
-    #: TensorRT's explicit quantization: symmetric int8 activations, float biases
-    int8_config = {"activation_symmetric": True, "activation_type": "int8", "quantize_bias": False}
+    #: TensorRT's explicit quantization: symmetric int8 activations, float biases, Q/DQ on layer inputs only (the
+    #: builder fuses Conv/GEMM with their activation and quantizes the fused output with the next input's scale)
+    int8_config = {"activation_symmetric": True, "activation_type": "int8", "quantize_bias": False,
+                   "exclude_output_quantization": ["Conv", "ConvTranspose", "Gemm", "MatMul"]}
     convert_requires_sdk = False  # the ONNX and the build step are written anywhere; the engine where TensorRT is
 
     def convert(self, model: onnx.ModelProto, plan: Plan, out_dir: Path,
@@ -258,8 +260,10 @@ class TensorRtBackend(Backend):
             path = Path(d) / "reference.onnx"
             onnx.save(model, str(path))
             runner = OrtRunner(path, optimize=False)
-        runner.description = ("exact reference numerics: the QDQ graph the engine is built from run as written in "
-                              "onnxruntime, fp16/bf16 layers with their weights and outputs rounded to that format")
+        floats = sorted({lp.precision for lp in artifact.plan.layers} & {"fp16", "bf16"})
+        runner.description = ("exact reference numerics: the graph the engine is built from run as written in onnxruntime"
+                              + (f", {'/'.join(floats)} layers with their weights and outputs rounded to that format"
+                                 if floats else ""))
         return runner
 
 

@@ -86,6 +86,9 @@ class Config(PassConfig):
     cross_layer_equalization: bool = Field(default=False, description="equalize Conv->[Relu]->Conv weight ranges first")
     relu6_to_relu: bool = Field(default=False, description="with cross_layer_equalization: Clip(0,6) between two convs becomes Relu"
                                                            " (not exact: changes the float model for activations > 6)")
+    exclude_output_quantization: list[str] = Field(
+        default_factory=list, description="op types whose outputs get no Q/DQ (the next layer's input quantizes them): "
+                                          "TensorRT's placement, which fuses Conv+activation before quantizing")
     calib_samples: int = Field(default=128, ge=1, description="calibration samples read")
     op_types: list[str] | None = Field(default=None, description="op types to quantize; None: onnxruntime's defaults")
 
@@ -465,6 +468,8 @@ def quantizer_options(config: Config) -> dict:
         extra["CalibTensorRangeSymmetric"] = True
     if config.calibration == "percentile":
         extra["CalibPercentile"] = config.percentile
+    if config.exclude_output_quantization:
+        extra["OpTypesToExcludeOutputQuantization"] = list(config.exclude_output_quantization)
     return extra
 
 

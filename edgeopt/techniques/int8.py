@@ -44,7 +44,18 @@ def _simulate(ctx: SimContext, layer: str) -> onnx.ModelProto:
         tag = f"{layer}/sim_in"
         node.input[0] = f"{tag}/dq"
         insert_before(m, node, qdq_nodes(m, x, f"{tag}/dq", *p.activation_qparams(*ranges[x], cfg), tag))
-    if y in ranges:
+    # onnxruntime's QDQ quantizer removes a Relu/Clip that alone consumes a quantized output (asymmetric ranges):
+    # the output is quantized with the activation's range, whose saturation does the clipping
+    consumers = [n for n in m.graph.node if y in n.input]
+    act = consumers[0] if len(consumers) == 1 else None
+    if node.op_type in cfg.exclude_output_quantization:
+        pass  # the consumer's input Q/DQ quantizes it (measured with that layer)
+    elif (act is not None and act.op_type in ("Relu", "Clip") and not cfg.activation_symmetric
+            and y not in {o.name for o in m.graph.output} and act.output[0] in ranges):
+        y2, tag = act.output[0], f"{layer}/sim_out"
+        act.output[0] = f"{tag}/raw"
+        insert_after(m, act, qdq_nodes(m, f"{tag}/raw", y2, *p.activation_qparams(*ranges[y2], cfg), tag))
+    elif y in ranges:
         tag = f"{layer}/sim_out"
         node.output[0] = f"{tag}/raw"
         insert_after(m, node, qdq_nodes(m, f"{tag}/raw", y, *p.activation_qparams(*ranges[y], cfg), tag))
