@@ -55,11 +55,32 @@ def session(model: onnx.ModelProto | str | os.PathLike, threads: int | None = No
         return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
+def fixed_batch(sess) -> int | None:
+    """The batch size a session's inputs are fixed to (most exported models: 1), or None where it is free."""
+    try:
+        dims = [i.shape[0] for i in sess.get_inputs() if i.shape]
+    except AttributeError:  # a runner, not a session: it batches itself
+        return None
+    fixed = [d for d in dims if isinstance(d, int) and d > 0]
+    return min(fixed) if fixed else None
+
+
+def run_feeds(sess, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """``sess.run`` over samples stacked on axis 0, in slices of the model's fixed batch where it has one."""
+    b = fixed_batch(sess)
+    n = len(next(iter(feeds.values())))
+    if b is None or b >= n:
+        return sess.run(None, feeds)
+    parts = [sess.run(None, {k: v[i:i + b] for k, v in feeds.items()}) for i in range(0, n, b)]
+    return [np.concatenate([p[j] for p in parts], axis=0) for j in range(len(parts[0]))]
+
+
 def run(model, data: CalibrationData, limit: int | None = None) -> list[np.ndarray]:
-    """All outputs of ``model`` over ``data``, concatenated along the sample axis."""
+    """All outputs of ``model`` over ``data``, concatenated along the sample axis (in batches of the model's fixed
+    batch size where it has one)."""
     sess = model if hasattr(model, "run") else session(model)
     outs: list[list[np.ndarray]] = []
-    for feed in data.batches(limit=limit):
+    for feed in data.batches(fixed_batch(sess), limit=limit):
         res = sess.run(None, feed)
         if not outs:
             outs = [[] for _ in res]

@@ -393,7 +393,7 @@ def int8_noise(inputs: BuildInputs, config: dict, samples: int = 16) -> float:
 
     import onnx
 
-    from .fidelity import session
+    from .fidelity import run_feeds, session
     from .passes import PassError
     from .technique import ApplyContext, get
     from .zoo import cache_dir
@@ -417,10 +417,10 @@ def int8_noise(inputs: BuildInputs, config: dict, samples: int = 16) -> float:
     layers = [n.name for n in model.graph.node]  # as a plan's int8 region: activations between layers too
     try:
         q, _ = get("int8").apply(model, layers, ApplyContext(calib=sub, configs={"int8": config}))
-        out = session(q, optimize=False).run(None, feeds)[0].astype(np.float64)
+        out = run_feeds(session(q, optimize=False), feeds)[0].astype(np.float64)
     except (PassError, EdgeoptError):
         return float("inf")
-    ref = session(inputs.model).run(None, feeds)[0].astype(np.float64)
+    ref = run_feeds(session(inputs.model), feeds)[0].astype(np.float64)
     noise = float(np.sum((ref - out) ** 2) / max(np.sum(ref**2), 1e-30))
     from .io import atomic_write_text
 

@@ -35,6 +35,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["WEIGHTED", "NotApplicable", "Sensitivity", "measure", "measured_techniques", "quantizable_layers"]
 
+#: Run every simulated model whole (the reference path the fast one is checked against; see :mod:`edgeopt._suffix`).
+_WHOLE_MODEL = False
+#: The fast path's counters of the last :func:`measure` (runs, fallbacks and why), for tests and benchmarks.
+_last_stats: dict[str, int] = {}
+
 
 def measured_techniques() -> tuple[str, ...]:
     """The techniques sensitivity measures: every registered one with a simulator."""
@@ -64,7 +69,7 @@ def _cache_key(model: onnx.ModelProto, calib: CalibrationData, samples: int,
     for k, v in sorted(calib.feeds().items()):
         h.update(k.encode())
         h.update(np.ascontiguousarray(v).tobytes())
-    h.update(f"v3:{samples}:{json.dumps(configs, sort_keys=True, default=str)}".encode())
+    h.update(f"v4:{samples}:{json.dumps(configs, sort_keys=True, default=str)}".encode())
     return h.hexdigest()[:24]
 
 
@@ -91,7 +96,7 @@ def measure(model: onnx.ModelProto, calib: CalibrationData, options: Iterable[st
     """
     import onnx
 
-    from .fidelity import session
+    from .fidelity import run_feeds, session
     from .passes import PassError
     from .passes._util import Graph
     from .passes.cleanup import Config as CleanupConfig
@@ -117,12 +122,14 @@ def measure(model: onnx.ModelProto, calib: CalibrationData, options: Iterable[st
                 s = Sensitivity.model_validate(row)
                 results[(s.layer, s.option)] = s
     feeds = sub.feeds()
-    ref = session(clean).run(None, feeds)[0]
+    ref = run_feeds(session(clean), feeds)[0]
     g = Graph(clean)
     wanted = set(layers) if layers is not None else None
     targets = [n for n in clean.graph.node if n.op_type in WEIGHTED and len(n.input) > 1 and g.array(n.input[1]) is not None
                and g.array(n.input[0]) is None and (wanted is None or n.name in wanted)]
     todo = [(n, o) for n in targets for o in options if (n.name, o) not in results]
+    _last_stats.clear()
+    fast = None if _WHOLE_MODEL or not todo else _suffix_runner(clean, feeds, [n.name for n in targets])
     for i, (node, option) in enumerate(todo):
         name = node.name
         if progress:
@@ -138,7 +145,10 @@ def measure(model: onnx.ModelProto, calib: CalibrationData, options: Iterable[st
             # into other numerics (MobileNetV2: 2.3x the noise of the int8 pass on that layer) and fuses the rest
             # into this CPU's integer kernels; float graphs run optimized (same numbers, ~3x faster)
             exact = any(n.op_type == "QuantizeLinear" for n in sim.graph.node)
-            out = session(sim, optimize=not exact).run(None, feeds)[0]
+            # only the edited span and what follows it, from the reference's activations (None: run it whole)
+            out = fast.run(sim, name, exact) if fast is not None else None
+            if out is None:
+                out = run_feeds(session(sim, optimize=not exact), feeds)[0]
         except (NotApplicable, PassError, *_ort_errors()) as e:  # cannot apply / cannot run here: a finding, not a crash
             why = str(e).splitlines()[0] if str(e) else ""
             reason = why if isinstance(e, NotApplicable) else f"{type(e).__name__}: {why}"
@@ -147,11 +157,24 @@ def measure(model: onnx.ModelProto, calib: CalibrationData, options: Iterable[st
             continue
         noise, flips = _compare(ref, out)
         results[(name, option)] = Sensitivity(layer=name, option=option, noise=noise, flips=flips)
+    if fast is not None:
+        _last_stats.update(fast.stats)
     if store is not None and todo:
         from .io import atomic_write_text
 
         atomic_write_text(store, json.dumps([s.model_dump() for s in results.values()]))
     return results
+
+
+def _suffix_runner(clean: onnx.ModelProto, feeds: dict[str, np.ndarray], targets: list[str]):
+    """The fast path's runner for this model, or None where it does not apply (every model then runs whole)."""
+    from ._suffix import SuffixRunner, Unsupported
+
+    try:
+        return SuffixRunner(clean, feeds, targets)
+    except Exception as e:  # noqa: BLE001 - the shortcut never changes a result or crashes
+        _last_stats[f"whole model ({e if isinstance(e, Unsupported) else repr(e)})"] = 1
+        return None
 
 
 def _ort_errors() -> tuple[type[Exception], ...]:

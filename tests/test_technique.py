@@ -82,14 +82,17 @@ def test_unknown_technique_names_are_rejected_naming_the_valid_ones():
 @pytest.mark.parametrize("layer", ["/3/Conv", "/7/Conv", "/12/Gemm"])
 def test_int8_simulator_matches_the_int8_pass(inputs, layer):
     """Sensitivity's int8 noise for one layer equals the noise of the int8 pass (percentile calibration, per-channel
-    weights) scoped to that layer, both run as written."""
+    weights) scoped to that layer and the Relu/Clip that alone follows it (a plan puts them in the layer's format, and
+    onnxruntime's quantizer then folds the activation into the output's range), both run as written."""
     clean = onnx.ModelProto()
     clean.CopyFrom(inputs.model)
     cleanup(clean, CleanupConfig(remove_identity=False))
     feeds = inputs.calib.subset(32).feeds()
     ref = session(clean).run(None, feeds)[0]
     sim = technique.get("int8").simulate(SimContext(model=clean, data=inputs.calib, fit=inputs.calib), layer)
-    real = run_pass("int8", clean, {"nodes": [layer], "weight_bits": 8}, inputs.calib, evaluate=False).model
+    node = next(n for n in clean.graph.node if n.name == layer)
+    acts = [n.name for n in clean.graph.node if node.output[0] in n.input and n.op_type in ("Relu", "Clip")]
+    real = run_pass("int8", clean, {"nodes": [layer, *acts], "weight_bits": 8}, inputs.calib, evaluate=False).model
     n_sim = _compare(ref, session(sim, optimize=False).run(None, feeds)[0])[0]
     n_real = _compare(ref, session(real, optimize=False).run(None, feeds)[0])[0]
     assert n_real > 0 and abs(n_sim / n_real - 1) < 0.05, (n_sim, n_real)

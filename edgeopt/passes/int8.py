@@ -276,7 +276,7 @@ def _channel_means(model: onnx.ModelProto, tensors: list[str], calib: Calibratio
     sess = session(expose_outputs(model, tensors), optimize=False)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    for feed in calib.batches(batch_size=16, limit=limit):
+    for feed in calib.batches(batch_size=min(calib.batch_size, 16), limit=limit):
         for t, v in zip(tensors, sess.run(tensors, feed)):
             v = np.asarray(v, np.float64)
             v2 = np.moveaxis(v, 1, -1).reshape(-1, v.shape[1]) if v.ndim > 2 else v.reshape(-1, v.shape[-1])
