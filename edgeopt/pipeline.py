@@ -337,7 +337,15 @@ class Planning:
             best = min(noise, key=noise.get)
             shown = ", ".join(f"{_calib_label(json.loads(k))} {v:.3g}" for k, v in noise.items())
             note = f"int8 calibration for this model, by measured whole-model output noise: {shown}; chose {_calib_label(json.loads(best))}"
-            self.int8_choices[key] = (json.loads(best), note)
+            chosen = json.loads(best)
+            from .techniques.int8 import refine_ranges
+
+            overrides, why = refine_ranges(self.inputs.model, self.inputs.calib, {**layout, **chosen},
+                                           progress=self.progress)
+            if overrides:
+                chosen["range_overrides"] = {k: [float(lo), float(hi)] for k, (lo, hi) in sorted(overrides.items())}
+            note += f"; {why}" if why else ""
+            self.int8_choices[key] = (chosen, note)
         chosen, note = self.int8_choices[key]
         return {**layout, **chosen}, chosen, note
 

@@ -6,7 +6,7 @@ file or a hand-edited plan is an error instead of a silently ignored key.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ByteSize, ConfigDict, Field, field_validator, model_validator
 
@@ -396,7 +396,7 @@ class Plan(_Frozen):
     objective: Literal["latency", "fidelity"] = Field(
         default="latency", description="latency: fastest within the accuracy budget; fidelity: most faithful that fits")
     accuracy: AccuracyPrediction | None = Field(default=None, description="the accuracy budget and predicted cost")
-    technique_configs: dict[str, dict[str, str | int | float | bool]] = Field(
+    technique_configs: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="pass settings chosen for this model by measurement, per technique "
                                           "(e.g. int8 calibration method); the backend's own rules win over them")
 

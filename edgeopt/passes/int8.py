@@ -86,6 +86,9 @@ class Config(PassConfig):
     cross_layer_equalization: bool = Field(default=False, description="equalize Conv->[Relu]->Conv weight ranges first")
     relu6_to_relu: bool = Field(default=False, description="with cross_layer_equalization: Clip(0,6) between two convs becomes Relu"
                                                            " (not exact: changes the float model for activations > 6)")
+    range_overrides: dict[str, tuple[float, float]] = Field(
+        default_factory=dict, description="activation tensor -> (min, max) replacing the calibrated range (chosen per "
+                                          "tensor by measurement: edgeopt.techniques.int8.refine_ranges)")
     exclude_output_quantization: list[str] = Field(
         default_factory=list, description="op types whose outputs get no Q/DQ (the next layer's input quantizes them): "
                                           "TensorRT's placement, which fuses Conv+activation before quantizing")
@@ -470,6 +473,9 @@ def quantizer_options(config: Config) -> dict:
         extra["CalibPercentile"] = config.percentile
     if config.exclude_output_quantization:
         extra["OpTypesToExcludeOutputQuantization"] = list(config.exclude_output_quantization)
+    if config.range_overrides:
+        extra["TensorQuantOverrides"] = {t: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
+                                         for t, (lo, hi) in config.range_overrides.items()}
     return extra
 
 
@@ -520,8 +526,10 @@ def activation_ranges(model: onnx.ModelProto, config: Config, calib: Calibration
                 reader.set_range(start, start + 1)
                 cal.collect_data(reader)
             data = cal.compute_data()
-    return {k: (float(np.asarray(v.range_value[0]).reshape(-1)[0]), float(np.asarray(v.range_value[1]).reshape(-1)[0]))
-            for k, v in data.items()}
+    ranges = {k: (float(np.asarray(v.range_value[0]).reshape(-1)[0]), float(np.asarray(v.range_value[1]).reshape(-1)[0]))
+              for k, v in data.items()}
+    ranges.update({k: (float(lo), float(hi)) for k, (lo, hi) in config.range_overrides.items() if k in ranges})
+    return ranges
 
 
 def activation_qparams(lo: float, hi: float, config: Config) -> tuple[np.ndarray, np.ndarray]:
