@@ -7,6 +7,7 @@ replaces the destination only when the whole build succeeded.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -544,6 +545,8 @@ def plan_latency(pl: Planning, *, noise_cap: float | None = None, float_only: bo
             rationale.append(f"{option.label}: from the '{res.start}' start, {res.moves} move(s), {res.evaluations} "
                              f"evaluation(s), stopped: {res.stopped}; {summarize(ev.layers)}; predicted noise {noise:.3g} "
                              f"(cap {cap:.3g}); {_describe(ev)}")
+        if all(lp.precision == technique.REFERENCE and lp.sparsity == "none" for lp in ev.layers):
+            rationale.append(f"{option.label}: kept {technique.REFERENCE}: {_why_reference(analysis, target, option, sens, cap)}")
         acc = AccuracyPrediction(budget=pl.budget, predicted_noise=noise, noise_cap=cap,
                                  predicted=round(model.predict(noise), 6) if noise > 0 else None)
         if ev.fits and noise <= cap * (1 + 1e-9):
@@ -556,6 +559,27 @@ def plan_latency(pl: Planning, *, noise_cap: float | None = None, float_only: bo
         rationale.append(f"no plan meets every budget; kept the closest: {_describe(best_res[0])}")
         return to_plan(analysis, target, best_res[0], rationale, accuracy=best_res[1], configs=best_res[2])
     raise BudgetError(f"no plan meets the budgets of {target.name}; closest: {_describe(best_res[0])}")
+
+
+def _why_reference(analysis, target: Target, option, sens: dict, cap: float) -> str:
+    """Why a plan stayed in the reference format, from the measurements: no faster candidate, or the least noisy
+    faster one already exceeds the noise cap alone, or the faster choices did not pay in the whole plan."""
+    from .planner import _candidate_table
+
+    table = _candidate_table(analysis, target, option, sens)
+    faster = []
+    for name, rows in table.items():
+        ref = next((r for r in rows if r[0].precision == "fp32" and r[0].sparsity == "none"), None)
+        if ref is not None:
+            faster += [(r[1], name, r[0]) for r in rows if r[2] < ref[2] * 0.99]
+    if not faster:
+        return "no other format or pruning is predicted faster for any layer on this target"
+    n, name, c = min(faster, key=lambda f: f[0])
+    what = c.precision + (f" + {c.sparsity}" if c.sparsity != "none" else "")
+    if n > cap:
+        return (f"the least noisy faster choice ({name} in {what}) alone costs output noise {n:.3g}, over the "
+                f"budget's cap {cap:.3g}")
+    return "the faster choices within the noise cap do not pay once format conversions between layers are counted"
 
 
 def build(inputs: BuildInputs, target: Target, out_dir: str | Path, *, plan: Plan | None = None,
@@ -669,12 +693,20 @@ def build(inputs: BuildInputs, target: Target, out_dir: str | Path, *, plan: Pla
                 say(f"{target.name}: {action}")
                 runner.close() if runner is not None else None
                 runner = None
-                import shutil
-
                 shutil.rmtree(artifact_dir, ignore_errors=True)
                 plan = new_plan.model_copy(update={"rationale": [*new_plan.rationale, *(
                     f"accuracy control round {s.iteration}: {s.summary}: {_fmt_metrics(s.measured)}; {s.action}"
                     for s in steps)]})
+            if (control and profile and on_target and runner is not None and budget is not None
+                    and within(budget, measured_value(budget, accuracy))):
+                best = _faster_alternative(pl, plan, runner, tmp, target, say)
+                if best is not None:
+                    runner.close()
+                    shutil.rmtree(artifact_dir, ignore_errors=True)
+                    plan, artifact_dir, artifact, runner, accuracy, how, notes, step = best
+                    steps.append(step.model_copy(update={"iteration": len(steps) + 1}))
+                    plan = plan.model_copy(update={"rationale": [*plan.rationale, f"measured on this host (the "
+                                                                 f"target's class): {step.action}"]})
             measured = measure(runner, inputs) if profile and runner is not None else None
         finally:
             if runner is not None:
@@ -707,6 +739,81 @@ def build(inputs: BuildInputs, target: Target, out_dir: str | Path, *, plan: Pla
             (tmp / "passes.json").write_text(json.dumps(notes, indent=2) + "\n")
     say(f"{target.name}: done")
     return artifact
+
+
+def _alternative_plans(pl: Planning, plan: Plan) -> list[tuple[str, Plan]]:
+    """Whole-model alternatives to a controlled plan worth measuring on the target: its fastest faithful float
+    format, and uniform int8 with the plan's int8 settings where the option runs int8."""
+    from .backends.base import _option_for
+    from .planner import evaluate, to_plan
+
+    out = [("faithful float", plan_latency(pl, float_only=True))]
+    option = _option_for(plan)
+    if "int8" in option.precisions and pl.inputs.calib is not None and not option.requires_full_integer:
+        _, chosen, _ = pl.int8_settings(option)
+        ev = evaluate(pl.inputs.analysis, pl.target, option, "int8")
+        if ev.fits:
+            out.append(("uniform int8", to_plan(pl.inputs.analysis, pl.target, ev, [f"uniform int8 on {option.label}"],
+                                                accuracy=plan.accuracy, configs={"int8": chosen} if chosen else {})))
+    layers = [(lp.precision, lp.sparsity) for lp in plan.layers]
+    return [(k, p) for k, p in out if [(lp.precision, lp.sparsity) for lp in p.layers] != layers
+            and p.backend == plan.backend and p.unit == plan.unit]
+
+
+def _faster_alternative(pl: Planning, plan: Plan, runner, tmp: Path, target: Target, say):
+    """On a host of the target's class, build the whole-model alternatives (:func:`_alternative_plans`), keep those
+    that meet the accuracy budget as measured, and time them interleaved with the controlled plan's artifact
+    (batch 1, same feed).  Returns the fastest alternative when it beats the plan by more than 3%, as
+    (plan, artifact dir, artifact, runner, accuracy, how, notes, control step), else None."""
+    from .accuracy import measured_value, within
+    from .backends.base import build_artifact
+    from .planner import summarize
+    from .profiling import time_runs
+    from .types import ControlStep
+
+    inputs = pl.inputs
+    feed = next(inputs.evaluation.batches(1))
+    budget = plan.accuracy.budget
+    contenders = {"plan": runner}
+    built: dict[str, tuple] = {}
+    try:
+        for i, (label, alt) in enumerate(_alternative_plans(pl, plan)):
+            say(f"{target.name}: measuring an alternative ({label})")
+            model, notes = structural_passes(inputs.model, alt, inputs.calib)
+            d = tmp / f"alternative-{i}"
+            art = build_artifact(model, alt, d, inputs.calib)
+            r = open_here(d)
+            if r is None:
+                continue
+            acc, how = check_numerics(d, r, inputs, True, reference=pl.reference)
+            if not within(budget, measured_value(budget, acc)):
+                r.close()
+                shutil.rmtree(d, ignore_errors=True)
+                continue
+            contenders[label] = r
+            built[label] = (alt, d, art, r, acc, how, notes)
+        if len(contenders) == 1:
+            return None
+        for r in contenders.values():
+            time_runs(lambda r=r: r.run(feed), warmup=5, repeats=0)
+        samples: dict[str, list[float]] = {k: [] for k in contenders}
+        for _ in range(5):
+            for k, r in contenders.items():
+                samples[k] += time_runs(lambda r=r: r.run(feed), repeats=10)
+        ms = {k: float(np.median(v)) for k, v in samples.items()}
+        best = min(ms, key=ms.get)
+        shown = ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items())
+        if best == "plan" or ms[best] > ms["plan"] * 0.97:
+            return None
+        alt, d, art, r, acc, how, notes = built.pop(best)
+        step = ControlStep(iteration=0, summary=summarize(alt.layers), predicted_noise=None,
+                           measured={**acc, "latency_ms": ms[best]}, within_budget=True,
+                           action=f"{best} meets the budget and runs faster than the per-layer plan ({shown}): kept it")
+        return alt, d, art, r, acc, how, notes, step
+    finally:
+        for _, d, _, r, _, _, _ in built.values():
+            r.close()
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _faithful(precision: str) -> bool:

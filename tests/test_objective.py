@@ -262,3 +262,59 @@ def test_planning_state_is_reused(digits):
     pl = Planning(digits, load_target("x86-cpu"))
     plan_latency(pl)
     assert pl.budget is not None and pl.sensitivity and pl.reference is not None
+
+
+def test_an_untouched_plan_says_why(digits):
+    plan = plan_for(digits, load_target("x86-cpu"), max_accuracy_drop=0.0, backend="onnxruntime")
+    if all(lp.precision == "fp32" and lp.sparsity == "none" for lp in plan.layers):
+        assert any("kept fp32:" in r for r in plan.rationale), plan.rationale
+
+
+def test_range_overrides_reach_the_calibrator_and_the_quantizer(digits):
+    from edgeopt.passes.int8 import Config, activation_ranges, quantizer_options
+
+    base = activation_ranges(digits.model, Config(weight_bits=8), digits.calib)
+    t = next(iter(base))
+    cfg = Config(weight_bits=8, range_overrides={t: (-1.0, 7.0)})
+    assert activation_ranges(digits.model, cfg, digits.calib)[t] == (-1.0, 7.0)
+    assert quantizer_options(cfg)["TensorQuantOverrides"][t][0]["rmax"] == 7.0
+
+
+def test_refine_ranges_keeps_min_max_only_where_it_lowers_noise(digits):
+    from edgeopt.techniques.int8 import refine_ranges
+
+    overrides, note = refine_ranges(digits.model, digits.calib, {"calibration": "percentile", "percentile": 99.0,
+                                                                 "weight_bits": 8})
+    assert note.startswith("int8 ranges")
+    for lo, hi in overrides.values():
+        assert hi > lo
+
+
+def test_fixed_batch_model_builds_with_calibration(digits, tmp_path):
+    """Exports without dynamic axes (batch fixed to 1) plan and build with calibration data on the build path."""
+    import onnx
+
+    m = onnx.load(str(digits.path))
+    for vi in [*m.graph.input, *m.graph.output]:
+        vi.type.tensor_type.shape.dim[0].ClearField("dim_param")
+        vi.type.tensor_type.shape.dim[0].dim_value = 1
+    path = tmp_path / "fixed.onnx"
+    onnx.save(m, str(path))
+    fixed = BuildInputs.prepare(path, calib=digits.calib.feeds(), eval_data=digits.evaluation.feeds(),
+                                labels=digits.evaluation.labels)
+    art = build(fixed, load_target("gpu-server"), tmp_path / "out", profile=False)
+    assert art.fidelity.startswith("measured")
+
+
+def test_cli_build_prints_fidelity_and_objective(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "edgeopt.cli", "build", "default", "--target", "gpu-server", "-o",
+                          str(tmp_path / "o")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "accuracy budget: top-1 accuracy drop <= 0.01 (default)" in out.stdout
+    assert "fidelity: measured" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "edgeopt.cli", "build", "default", "--target", "gpu-server", "-o",
+                          str(tmp_path / "p"), "--objective", "speed"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
