@@ -104,7 +104,7 @@ def fleet_html(model_name: str, entries: list[FleetEntry]) -> str:
     rows = []
     for e in entries:
         if not e.ok or e.artifact is None:
-            rows.append(f"<tr><td>{esc(e.target)}</td><td colspan='7' class='err'>{esc(e.error)}</td></tr>")
+            rows.append(f"<tr><td>{esc(e.target)}</td><td colspan='9' class='err'>{esc(e.error)}</td></tr>")
             continue
         a = e.artifact
         acc = a.accuracy
@@ -117,9 +117,12 @@ def fleet_html(model_name: str, entries: list[FleetEntry]) -> str:
         precisions: dict[str, int] = {}
         for lp in a.plan.layers:
             precisions[lp.precision] = precisions.get(lp.precision, 0) + 1
+        budget = a.plan.accuracy.budget.describe() if a.plan.accuracy is not None else "-"
+        control = "; ".join(f"{s.iteration}. {s.summary}: {s.action}" for s in a.accuracy_control) or "-"
         rows.append(f"<tr><td>{esc(e.target)}</td><td>{esc(a.backend)}/{esc(a.plan.unit)}</td><td>{a.predicted_latency_ms:.3f}</td>"
                     f"<td>{measured}</td><td>{fmt_bytes(a.size_bytes)}</td><td>{fmt_bytes(a.plan.predicted_ram_bytes)}</td>"
-                    f"<td>{esc(quality)}</td><td>{esc(', '.join(f'{k} x{v}' for k, v in precisions.items()))}</td></tr>")
+                    f"<td>{esc(quality)}</td><td>{esc(', '.join(f'{k} x{v}' for k, v in precisions.items()))}</td>"
+                    f"<td>{esc(budget)}</td><td title='{esc(a.fidelity)}'>{esc(control)}</td></tr>")
     details = []
     for e in entries:
         if e.artifact is None:
@@ -143,5 +146,6 @@ def fleet_html(model_name: str, entries: list[FleetEntry]) -> str:
             "device class; hollow: predicted from the target's compute model. Quality: accuracy against labels, else top-1 "
             "agreement with the original model, measured in the artifact's own runtime (Core ML: its ONNX equivalent). "
             "Green: on the Pareto front.</p><h2>Targets</h2><table><tr><th>target</th><th>backend</th>"
-            "<th>predicted ms</th><th>measured ms (this host)</th><th>size</th><th>RAM</th><th>accuracy (delta)</th><th>precisions</th></tr>"
+            "<th>predicted ms</th><th>measured ms (this host)</th><th>size</th><th>RAM</th><th>accuracy (delta)</th><th>precisions</th>"
+            "<th>accuracy budget</th><th>accuracy control (hover: how fidelity was measured)</th></tr>"
             f"{''.join(rows)}</table><h2>Plans</h2>{''.join(details)}</body></html>")
