@@ -760,6 +760,19 @@ def _alternative_plans(pl: Planning, plan: Plan) -> list[tuple[str, Plan]]:
             and p.backend == plan.backend and p.unit == plan.unit]
 
 
+def _interleaved(runners: dict, feed: dict[str, np.ndarray], rounds: int = 5, repeats: int = 10) -> dict[str, float]:
+    """Median ms of each runner on ``feed``, timed in alternating rounds so machine noise hits all alike."""
+    from .profiling import time_runs
+
+    for r in runners.values():
+        time_runs(lambda r=r: r.run(feed), warmup=5, repeats=0)
+    samples: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(rounds):
+        for k, r in runners.items():
+            samples[k] += time_runs(lambda r=r: r.run(feed), repeats=repeats)
+    return {k: float(np.median(v)) for k, v in samples.items()}
+
+
 def _faster_alternative(pl: Planning, plan: Plan, runner, tmp: Path, target: Target, say):
     """On a host of the target's class, build the whole-model alternatives (:func:`_alternative_plans`), keep those
     that meet the accuracy budget as measured, and time them interleaved with the controlled plan's artifact
@@ -768,7 +781,6 @@ def _faster_alternative(pl: Planning, plan: Plan, runner, tmp: Path, target: Tar
     from .accuracy import measured_value, within
     from .backends.base import build_artifact
     from .planner import summarize
-    from .profiling import time_runs
     from .types import ControlStep
 
     inputs = pl.inputs
@@ -794,13 +806,7 @@ def _faster_alternative(pl: Planning, plan: Plan, runner, tmp: Path, target: Tar
             built[label] = (alt, d, art, r, acc, how, notes)
         if len(contenders) == 1:
             return None
-        for r in contenders.values():
-            time_runs(lambda r=r: r.run(feed), warmup=5, repeats=0)
-        samples: dict[str, list[float]] = {k: [] for k in contenders}
-        for _ in range(5):
-            for k, r in contenders.items():
-                samples[k] += time_runs(lambda r=r: r.run(feed), repeats=10)
-        ms = {k: float(np.median(v)) for k, v in samples.items()}
+        ms = _interleaved(contenders, feed)
         best = min(ms, key=ms.get)
         shown = ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items())
         if best == "plan" or ms[best] > ms["plan"] * 0.97:

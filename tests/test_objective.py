@@ -318,3 +318,31 @@ def test_cli_build_prints_fidelity_and_objective(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "edgeopt.cli", "build", "default", "--target", "gpu-server", "-o",
                           str(tmp_path / "p"), "--objective", "speed"], capture_output=True, text=True)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_a_measured_faster_alternative_is_shipped(digits, tmp_path, monkeypatch):
+    """On a host of the target's class, a whole-model alternative that meets the budget and times faster than the
+    per-layer plan replaces it, and the manifest says so (timings faked: the decision, not the machine, is tested)."""
+    import edgeopt.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "host_is", lambda target, unit=None: True)
+    monkeypatch.setattr(pipeline, "_interleaved",
+                        lambda runners, feed: {k: (2.0 if k == "plan" else 1.0) for k in runners})
+    art = build(digits, load_target("x86-cpu"), tmp_path / "alt", backend="onnxruntime")
+    last = art.accuracy_control[-1]
+    assert "runs faster than the per-layer plan" in last.action and last.within_budget
+    assert last.measured["latency_ms"] == 1.0
+    assert any("measured on this host" in r for r in art.plan.rationale)
+    assert (tmp_path / "alt" / "manifest.json").is_file() and not list((tmp_path / "alt").glob("alternative-*"))
+    # the plan it ships is an alternative's: faithful float or uniform int8
+    assert len({lp.precision for lp in art.plan.layers if lp.op_type in ("Conv", "Gemm")}) == 1
+
+
+def test_a_slower_alternative_is_not_shipped(digits, tmp_path, monkeypatch):
+    import edgeopt.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "host_is", lambda target, unit=None: True)
+    monkeypatch.setattr(pipeline, "_interleaved",
+                        lambda runners, feed: {k: (1.0 if k == "plan" else 2.0) for k in runners})
+    art = build(digits, load_target("x86-cpu"), tmp_path / "alt", backend="onnxruntime")
+    assert not any("runs faster" in s.action for s in art.accuracy_control)
