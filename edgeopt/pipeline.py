@@ -533,7 +533,11 @@ def plan_latency(pl: Planning, *, noise_cap: float | None = None, float_only: bo
         sens = pl.measure_sensitivity(techs, sim_int8 or None)
         chosen_configs = {"int8": chosen} if chosen else {}
         measured = pl.measured if pl.measured is not None and getattr(pl.measured, "option", None) == option.label else None
-        res = optimize_option(analysis, target, option, sens, cap, measured=measured)
+        res = None
+        for variant in _float_variants(option):
+            r = optimize_option(analysis, target, variant, sens, cap, measured=measured)
+            if r is not None and (res is None or _better(r, res, cap)):
+                res = r
         if res is None:
             ev = fastest_recipe(analysis, target, option, faithful)
             if ev is None:
@@ -559,6 +563,27 @@ def plan_latency(pl: Planning, *, noise_cap: float | None = None, float_only: bo
         rationale.append(f"no plan meets every budget; kept the closest: {_describe(best_res[0])}")
         return to_plan(analysis, target, best_res[0], rationale, accuracy=best_res[1], configs=best_res[2])
     raise BudgetError(f"no plan meets the budgets of {target.name}; closest: {_describe(best_res[0])}")
+
+
+def _float_variants(option) -> list:
+    """The option itself, or, for a runtime that computes all float layers in one format, one copy per float format
+    it runs (each offering that format and the non-float ones), searched apart."""
+    from . import backends, technique
+
+    floats = [p for p in option.precisions if (technique.get(p).activation_bits or 0) >= 16]
+    if not backends.get(option.backend).BACKEND.uniform_float or len(floats) < 2:
+        return [option]
+    return [option.model_copy(update={"precisions": [p for p in option.precisions if p == f or p not in floats]})
+            for f in floats]
+
+
+def _better(a, b, cap: float) -> bool:
+    """Whether search result ``a`` beats ``b``: within the noise cap and the budgets, then faster, then smaller."""
+    def key(r):
+        return (not (r.evaluation.fits and r.noise <= cap * (1 + 1e-9)), round(r.evaluation.latency_ms, 9),
+                r.evaluation.storage)
+
+    return key(a) < key(b)
 
 
 def _why_reference(analysis, target: Target, option, sens: dict, cap: float) -> str:

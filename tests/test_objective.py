@@ -346,3 +346,28 @@ def test_a_slower_alternative_is_not_shipped(digits, tmp_path, monkeypatch):
                         lambda runners, feed: {k: (1.0 if k == "plan" else 2.0) for k in runners})
     art = build(digits, load_target("x86-cpu"), tmp_path / "alt", backend="onnxruntime")
     assert not any("runs faster" in s.action for s in art.accuracy_control)
+
+
+def test_one_float_format_where_the_runtime_runs_one(wide):
+    """OpenVINO computes every float layer in one inference precision: the search never mixes fp32 and bf16 there."""
+    from edgeopt.pipeline import _float_variants
+
+    target = load_target("x86-cpu")
+    option = next(o for o in target.backends if o.backend == "openvino")
+    assert "bf16" in option.precisions
+    names = [ly.name for ly in wide.layers if ly.quantizable]
+    sens = {}
+    for i, n in enumerate(names):  # bf16 cheap on half the layers, int8 too noisy everywhere
+        sens[(n, "bf16")] = Sensitivity(layer=n, option="bf16", noise=1e-6 if i % 2 else 1.0, flips=0.0)
+        sens[(n, "int8")] = Sensitivity(layer=n, option="int8", noise=1.0, flips=0.0)
+    variants = _float_variants(option)
+    assert len(variants) == 2
+    for v in variants:
+        res = optimize_option(wide, target, v, sens, noise_cap=1e-3)
+        floats = {lp.precision for lp in res.evaluation.layers} & {"fp32", "bf16", "fp16"}
+        assert len(floats) == 1, floats
+
+
+def test_openvino_plans_build(digits, tmp_path):
+    art = build(digits, load_target("x86-cpu"), tmp_path / "ov", backend="openvino", profile=False)
+    assert len({lp.precision for lp in art.plan.layers} & {"fp32", "bf16", "fp16"}) <= 1

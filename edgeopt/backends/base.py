@@ -109,6 +109,8 @@ class Backend(ABC):
     #: pruning patterns it honours (all pruning is applied to the ONNX graph before convert; a format may store it
     #: compactly or run it faster, which the target's ``sparsity`` entries say)
     sparsity: frozenset[str] | None = None
+    #: whether the runtime computes every float layer of a model in one format (OpenVINO's inference precision)
+    uniform_float: bool = False
     #: whether int8 layers are written by edgeopt's int8 pass (so ``Plan.technique_configs["int8"]`` applies)
     uses_int8_pass: bool = False
     #: int8 pass settings the backend's format requires (they win over the plan's ``technique_configs``)

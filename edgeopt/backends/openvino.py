@@ -91,6 +91,7 @@ class OpenVinoBackend(Backend):
     sdk_modules = SDK_MODULES
     sdk_label = SDK_LABEL
     runtime_dist = "openvino"
+    uniform_float = True  # INFERENCE_PRECISION_HINT applies to the whole model
     threaded = True
 
     def convert(self, model: onnx.ModelProto, plan: Plan, out_dir: Path,
