@@ -218,6 +218,7 @@ def _progress():
     time and an ETA; other lines show with a spinner and the elapsed time.
     """
     import re
+    import threading
 
     from rich.console import Console
     from rich.progress import (
@@ -235,9 +236,13 @@ def _progress():
                         transient=True)
     state: dict = {"task": None, "stage": None}
     counter = re.compile(r"^(?P<stage>[^:]*?)\s*(?P<i>\d+)/(?P<n>\d+)")
+    lock = threading.Lock()  # a fleet reports from several threads
 
     def say(msg) -> None:
-        msg = str(msg)
+        with lock:
+            _say(str(msg))
+
+    def _say(msg: str) -> None:
         m = counter.match(msg)
         stage = m.group("stage") if m else msg.split(":")[0]
         if state["task"] is None or stage != state["stage"]:

@@ -371,3 +371,19 @@ def test_one_float_format_where_the_runtime_runs_one(wide):
 def test_openvino_plans_build(digits, tmp_path):
     art = build(digits, load_target("x86-cpu"), tmp_path / "ov", backend="openvino", profile=False)
     assert len({lp.precision for lp in art.plan.layers} & {"fp32", "bf16", "fp16"}) <= 1
+
+
+def test_progress_display_takes_status_lines_from_several_threads():
+    """A fleet reports from its worker threads: the CLI's progress callback must not race (it once lost a task)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edgeopt.cli import _progress
+
+    progress, say = _progress()
+
+    def worker(k: int) -> None:
+        for i in range(1, 200):
+            say(f"sensitivity {i}/199: layer{k}" if i % 3 else f"target{k}: converting")
+
+    with progress, ThreadPoolExecutor(4) as pool:
+        list(pool.map(worker, range(4)))
