@@ -350,18 +350,24 @@ class Planning:
         chosen, note = self.int8_choices[key]
         return {**layout, **chosen}, chosen, note
 
-    def measure_sensitivity(self, techniques: list[str], int8_config: dict | None = None) -> dict:
+    def measure_sensitivity(self, techniques: list[str], int8_config: dict | None = None,
+                            sparsity_layers: list[str] | None = None) -> dict:
         """Measure the techniques not yet measured (on-disk cache shared with other runs); int8 under
-        ``int8_config`` (the only technique whose simulation depends on chosen settings).
+        ``int8_config`` (the only technique whose simulation depends on chosen settings); pruning patterns only on
+        ``sparsity_layers`` where given (pruning pays on the layers that cost time; each trial refits weights).
 
         Returns:
             ``(layer, technique) -> Sensitivity`` for the requested techniques.
         """
+        from . import technique
         from .sensitivity import measure
 
         out: dict = {}
-        groups = [([t for t in techniques if t != "int8"], None), (["int8"] if "int8" in techniques else [], int8_config)]
-        for techs, cfg in groups:
+        sparse = [t for t in techniques if technique.get(t).kind == "sparsity"]
+        groups = [([t for t in techniques if t != "int8" and t not in sparse], None, None),
+                  (sparse, None, sparsity_layers),
+                  (["int8"] if "int8" in techniques else [], int8_config, None)]
+        for techs, cfg, layers in groups:
             if not techs:
                 continue
             key = ("configs", json.dumps(cfg or {}, sort_keys=True))
@@ -370,7 +376,7 @@ class Planning:
             missing = [t for t in techs if t not in have]
             if missing and self.inputs.calib is not None:
                 store.update(measure(self.inputs.model, self.inputs.calib, options=missing, progress=self.progress,
-                                     configs={"int8": cfg} if cfg else None))
+                                     configs={"int8": cfg} if cfg else None, layers=layers))
             out.update({k: v for k, v in store.items() if k[0] != "configs" and k[1] in techs})
         return out
 
@@ -535,7 +541,8 @@ def plan_latency(pl: Planning, *, noise_cap: float | None = None, float_only: bo
         # layers are ranked without the chosen bias correction (it re-runs the model per layer; it lowers every
         # layer's noise a little, so the ranking stays and the prediction errs on the safe side)
         sim_int8 = {k: v for k, v in sim_int8.items() if k != "bias_correction"}
-        sens = pl.measure_sensitivity(techs, sim_int8 or None)
+        heavy = costly_layers(analysis, target, option)
+        sens = pl.measure_sensitivity(techs, sim_int8 or None, sparsity_layers=heavy)
         chosen_configs = {"int8": chosen} if chosen else {}
         measured = pl.measured if pl.measured is not None and getattr(pl.measured, "option", None) == option.label else None
         res = None
@@ -568,6 +575,32 @@ def plan_latency(pl: Planning, *, noise_cap: float | None = None, float_only: bo
         rationale.append(f"no plan meets every budget; kept the closest: {_describe(best_res[0])}")
         return to_plan(analysis, target, best_res[0], rationale, accuracy=best_res[1], configs=best_res[2])
     raise BudgetError(f"no plan meets the budgets of {target.name}; closest: {_describe(best_res[0])}")
+
+
+#: pruning is tried on the costliest layers that together take this share of the predicted time ...
+PRUNE_SHARE = 0.8
+#: ... and at most this many of them
+PRUNE_LAYERS = 24
+
+
+def costly_layers(analysis, target: Target, option) -> list[str]:
+    """The weighted layers worth trying pruning on: the costliest in the option's float format (predicted) that
+    together take :data:`PRUNE_SHARE` of the time, at most :data:`PRUNE_LAYERS`."""
+    from .planner import _float_precision, evaluate
+    from .technique import WEIGHTED
+
+    fp = _float_precision(option)
+    ev = evaluate(analysis, target, option, fp if fp in option.precisions else option.precisions[0])
+    weighted = {ly.name for ly in analysis.layers if ly.quantizable and ly.op_type in WEIGHTED}
+    rows = sorted(((lp.predicted_ms, lp.name) for lp in ev.layers if lp.name in weighted), reverse=True)
+    total = sum(ms for ms, _ in rows) or 1.0
+    out, acc = [], 0.0
+    for ms, name in rows:
+        if acc >= PRUNE_SHARE * total or len(out) >= PRUNE_LAYERS:
+            break
+        out.append(name)
+        acc += ms
+    return out
 
 
 def _float_variants(option) -> list:

@@ -137,17 +137,30 @@ BEST_METHODS = {
 }
 
 
-def ort_best(pre: Path, feeds: Sequence[Feed], dst: Path, method: str, reduce_range: bool) -> Path:
+def ort_best(pre: Path, feeds: Sequence[Feed], dst: Path, method: str, reduce_range: bool, src: Path | None = None) -> Path:
     """``quantize_static`` on the pre-processed model: QDQ, per-channel weights, uint8 activations / int8 weights,
     ``reduce_range`` on x86 CPUs without VNNI (as onnxruntime's docs advise), the given calibrate method."""
+    import onnxruntime as ort
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     name, extra = BEST_METHODS[method]
-    with contextlib.redirect_stdout(sys.stderr):
-        quantize_static(str(pre), str(dst), _reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
-                        reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=getattr(CalibrationMethod, name),
-                        extra_options={**extra, **({} if name == "MinMax" else {"CalibMaxIntermediateOutputs": 16})})
+
+    def quantize(src: Path) -> None:
+        with contextlib.redirect_stdout(sys.stderr):
+            quantize_static(str(src), str(dst), _reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
+                            reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=getattr(CalibrationMethod, name),
+                            extra_options={**extra, **({} if name == "MinMax" else {"CalibMaxIntermediateOutputs": 16})})
+
+    quantize(pre)
+    try:
+        ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+    except Exception:  # pre-processing's optimizer can fuse nodes the quantized model cannot load (PP-OCR: "ConvBn");
+        # a user then pre-processes without it, as quant_pre_process's own option allows
+        plain = dst.with_name(dst.stem + "_pre_noopt.onnx")
+        quant_pre_process(str(src or pre), str(plain), skip_optimization=True, skip_symbolic_shape=True)
+        quantize(plain)
     return dst
 
 

@@ -347,7 +347,8 @@ def build_peers(case: Case, work: Path, budget: dict[str, float], methods: list[
                 candidates[m] = Variant(f"ort best ({m})", error=f"quant_pre_process: {pre_err}")
                 continue
             say(f"{case.name}: ort best {m}")
-            p, s, err = peers.timed(lambda m=m: peers.ort_best(pre, feeds, work / f"ort_best_{m}.onnx", m, reduce_range))
+            p, s, err = peers.timed(lambda m=m: peers.ort_best(pre, feeds, work / f"ort_best_{m}.onnx", m, reduce_range,
+                                                                   src))
             candidates[m] = Variant(f"ort best ({m})", p, peers.file_size(p) if p else None, s + pre_s, err,
                                     note=f"per-channel, reduce_range={reduce_range}")
     add("nncf", lambda: peers.nncf_onnx(src, feeds, work / "nncf.onnx"))

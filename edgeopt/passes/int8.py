@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import tempfile
@@ -490,6 +491,10 @@ def _calibration_data(calib: CalibrationData, config: Config):
     return data, _chunk_reader(data, bs)
 
 
+#: activation ranges already computed in this process (see :func:`activation_ranges`)
+_RANGES: dict[str, dict[str, tuple[float, float]]] = {}
+
+
 def activation_ranges(model: onnx.ModelProto, config: Config, calib: CalibrationData) -> dict[str, tuple[float, float]]:
     """The activation ranges ``quantize_static`` computes for ``model`` under ``config``: the same onnxruntime
     calibrator, method, settings and batching, for the inputs and outputs of the op types it quantizes.
@@ -502,12 +507,27 @@ def activation_ranges(model: onnx.ModelProto, config: Config, calib: Calibration
     Returns:
         Tensor name -> (low, high) activation range.
     """
+    import hashlib
+
     import onnx
     from onnxruntime.quantization.calibrate import create_calibrator
 
     extra = quantizer_options(config)
     calib_extra = {_CALIB_KEYS[k]: v for k, v in extra.items() if k in _CALIB_KEYS}
-    _, reader = _calibration_data(calib, config)
+    data_used, reader = _calibration_data(calib, config)
+    # planning asks for the same ranges several times (settings choice, per-tensor refinement, sensitivity): memoized
+    # per (model, data, calibrator settings) in this process
+    h = hashlib.sha256(model.SerializeToString())
+    for k, v in sorted(data_used.feeds().items()):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(v).tobytes())
+    h.update(json.dumps([config.calibration, calib_extra, config.op_types, config.calib_samples], sort_keys=True,
+                        default=str).encode())
+    key = h.hexdigest()
+    if key in _RANGES:
+        cached = dict(_RANGES[key])
+        cached.update({k: (float(lo), float(hi)) for k, (lo, hi) in config.range_overrides.items() if k in cached})
+        return cached
     ops = sorted(set(config.op_types) if config.op_types else default_op_types())
     large = model.ByteSize() > 1_800_000_000
     with tempfile.TemporaryDirectory(prefix="edgeopt-calib-") as d:
@@ -528,6 +548,9 @@ def activation_ranges(model: onnx.ModelProto, config: Config, calib: Calibration
             data = cal.compute_data()
     ranges = {k: (float(np.asarray(v.range_value[0]).reshape(-1)[0]), float(np.asarray(v.range_value[1]).reshape(-1)[0]))
               for k, v in data.items()}
+    if len(_RANGES) >= 16:
+        _RANGES.pop(next(iter(_RANGES)))
+    _RANGES[key] = dict(ranges)
     ranges.update({k: (float(lo), float(hi)) for k, (lo, hi) in config.range_overrides.items() if k in ranges})
     return ranges
 

@@ -74,13 +74,18 @@ def _apply(model: onnx.ModelProto, layers: list[str], ctx: ApplyContext) -> tupl
     return res.model, res.report.summary()
 
 
+#: tensors :func:`refine_ranges` tries at most (those whose calibrated range clips the most)
+REFINE_MAX = 32
+
+
 def refine_ranges(model: onnx.ModelProto, calib, config: dict, samples: int = 32, widen: float = 1.25,
                   progress=None) -> tuple[dict[str, tuple[float, float]], str]:
     """Per activation tensor, the calibrated range or the full observed (min/max) one, whichever gives the lower model
     output noise when that tensor alone is quantized: percentile clipping helps most tensors, but clipping the rare
     large activations of a few (MobileNetV2's first ReLU6: 2e-2 of output noise alone) costs more than the coarser
-    step.  Only tensors whose min/max range is at least ``widen`` times the calibrated one are tried; each trial runs
-    from that tensor on (:mod:`edgeopt._suffix`).
+    step.  Only tensors whose min/max range is at least ``widen`` times the calibrated one are tried, the
+    :data:`REFINE_MAX` that clip most; each trial runs from that tensor on (:mod:`edgeopt._suffix`).  Cached on disk
+    per (model, data, settings).
 
     Args:
         model: the float model (cleaned as sensitivity cleans it).
@@ -93,18 +98,36 @@ def refine_ranges(model: onnx.ModelProto, calib, config: dict, samples: int = 32
     Returns:
         (tensor -> (min, max) overrides where min/max won, a rationale line).
     """
+    import hashlib
+    import json
+
     import onnx
 
     from .._suffix import SuffixRunner
     from ..fidelity import run_feeds, session
+    from ..io import atomic_write_text
     from ..passes import int8 as p
     from ..passes.cleanup import Config as CleanupConfig
     from ..passes.cleanup import apply as cleanup
     from ..passes.int8 import Config
+    from ..zoo import cache_dir
 
     cfg = Config(**{"weight_bits": SENSITIVITY_WEIGHT_BITS, **config})
     if cfg.calibration == "minmax" or cfg.activation_symmetric:
         return {}, ""
+    h = hashlib.sha256(model.SerializeToString())
+    for k, v in sorted(calib.feeds().items()):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(v).tobytes())
+    h.update(json.dumps({"v": 1, "samples": samples, "widen": widen, "max": REFINE_MAX, **cfg.model_dump()},
+                        sort_keys=True, default=str).encode())
+    store = cache_dir() / "int8ranges" / f"{h.hexdigest()[:24]}.json"
+    if store.is_file():
+        try:
+            saved = json.loads(store.read_text())
+            return {k: (float(lo), float(hi)) for k, (lo, hi) in saved["overrides"].items()}, str(saved["note"])
+        except (ValueError, KeyError, TypeError):
+            pass
     clean = onnx.ModelProto()
     clean.CopyFrom(model)
     cleanup(clean, CleanupConfig(remove_identity=False))
@@ -112,9 +135,10 @@ def refine_ranges(model: onnx.ModelProto, calib, config: dict, samples: int = 32
     full = p.activation_ranges(clean, cfg.model_copy(update={"calibration": "minmax"}), calib)
     producer = {o: n for n in clean.graph.node for o in n.output}
     outputs = {o.name for o in clean.graph.output}
-    cands = [t for t, (lo, hi) in calibrated.items()
-             if t in full and t in producer and t not in outputs and hi > lo
-             and (full[t][1] - full[t][0]) >= widen * (hi - lo)]
+    ratio = {t: (full[t][1] - full[t][0]) / (hi - lo) for t, (lo, hi) in calibrated.items()
+             if t in full and t in producer and t not in outputs and hi > lo}
+    wide = sorted((t for t, r in ratio.items() if r >= widen), key=lambda t: -ratio[t])
+    cands = wide[:REFINE_MAX]
     if not cands:
         return {}, "int8 ranges: no tensor's min/max range is much wider than its calibrated one"
     sub = calib.subset(min(samples, len(calib)))
@@ -147,8 +171,9 @@ def refine_ranges(model: onnx.ModelProto, calib, config: dict, samples: int = 32
         if b < a:
             overrides[t] = full[t]
             gained += a - b
-    note = (f"int8 ranges: {len(overrides)} of {len(cands)} tensor(s) whose min/max range is >= {widen:g}x the "
-            f"calibrated one keep it (alone, their output noise drops by {gained:.3g} in total)")
+    note = (f"int8 ranges: {len(overrides)} of {len(cands)} tensor(s) tried (of {len(wide)} whose min/max range is >= "
+            f"{widen:g}x the calibrated one) keep it (alone, their output noise drops by {gained:.3g} in total)")
+    atomic_write_text(store, json.dumps({"overrides": overrides, "note": note}))
     return overrides, note
 
 
