@@ -387,3 +387,31 @@ def test_progress_display_takes_status_lines_from_several_threads():
 
     with progress, ThreadPoolExecutor(4) as pool:
         list(pool.map(worker, range(4)))
+
+
+def test_quiet_stdout_mutes_only_the_thread_inside(capsys):
+    """onnxruntime's quantizer prints; a fleet quantizes in several threads.  Muting must not swap the process's
+    stdout (redirect_stdout did, and a fleet's own report then vanished)."""
+    import threading
+
+    from edgeopt._quiet import quiet_stdout
+
+    inside, go = threading.Event(), threading.Event()
+
+    def chatty() -> None:
+        with quiet_stdout():
+            inside.set()
+            go.wait(5)
+            print("muted chatter")
+
+    threads = [threading.Thread(target=chatty) for _ in range(3)]
+    for t in threads:
+        t.start()
+    inside.wait(5)
+    print("visible while others are muted")
+    go.set()
+    for t in threads:
+        t.join()
+    print("visible after")
+    out = capsys.readouterr().out
+    assert "visible while others are muted" in out and "visible after" in out and "muted chatter" not in out

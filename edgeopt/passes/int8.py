@@ -40,8 +40,6 @@ with 8-bit weights and worth 4 points of agreement with 7-bit ones, so it follow
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import os
@@ -51,6 +49,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from pydantic import Field
 
+from .._quiet import quiet_stdout
 from . import PassConfig, PassError, PassOutcome
 from ._util import Graph
 from .cleanup import STEPS, normalize
@@ -538,7 +537,7 @@ def activation_ranges(model: onnx.ModelProto, config: Config, calib: Calibration
             onnx.save(copy, src, save_as_external_data=True, location="float.data")
         else:
             onnx.save(model, src)
-        with contextlib.redirect_stdout(io.StringIO()):
+        with quiet_stdout():
             cal = create_calibrator(src, ops, augmented_model_path=os.path.join(d, "augmented.onnx"),
                                     calibrate_method=calibration_method(config), use_external_data_format=large,
                                     extra_options=calib_extra)
@@ -607,7 +606,7 @@ def quantize(model: onnx.ModelProto, nodes: list[str], config: Config, calib: Ca
                 onnx.save(model, src, save_as_external_data=True, location="float.data")
             else:
                 onnx.save(model, src)
-            with contextlib.redirect_stdout(io.StringIO()):
+            with quiet_stdout():
                 quantize_static(src, dst, reader, quant_format=QuantFormat.QDQ, per_channel=config.per_channel,
                                 activation_type=QuantType.QUInt8 if config.activation_type == "uint8" else QuantType.QInt8,
                                 weight_type=QuantType.QInt8, nodes_to_quantize=nodes, calibrate_method=method,

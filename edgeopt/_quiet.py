@@ -1,0 +1,48 @@
+"""Silencing chatty libraries (onnxruntime's quantizer prints to stdout) per thread.
+
+``contextlib.redirect_stdout`` swaps the process-wide ``sys.stdout``: two threads of a fleet doing it at once can
+leave the main thread writing into a discarded buffer (the CLI's own output then vanishes).  :func:`quiet_stdout`
+installs, once, a proxy that drops writes from threads inside the context and passes the others through.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+from collections.abc import Iterator
+
+_local = threading.local()
+_install = threading.Lock()
+
+
+class _ThreadMutedStream:
+    """Forwards to the wrapped stream unless the writing thread is muted."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, s: str) -> int:
+        if getattr(_local, "depth", 0):
+            return len(s)
+        return self._stream.write(s)
+
+    def flush(self) -> None:
+        if not getattr(_local, "depth", 0):
+            self._stream.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """Drop what this thread prints to stdout inside the block; other threads print as usual."""
+    with _install:
+        if not isinstance(sys.stdout, _ThreadMutedStream):
+            sys.stdout = _ThreadMutedStream(sys.stdout)
+    _local.depth = getattr(_local, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _local.depth -= 1
