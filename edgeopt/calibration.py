@@ -176,3 +176,26 @@ def as_calibration(data: Any, model: onnx.ModelProto, labels: np.ndarray | None 
     if labels is not None and len(labels) != len(cd):
         raise CalibrationError(f"{len(labels)} labels for {len(cd)} calibration samples")
     return cd
+
+
+def fingerprint(model: onnx.ModelProto | bytes | str, data: CalibrationData, settings: object) -> str:
+    """A key for results computed from a model, its data and some settings (sensitivity, int8 choices, ranges).
+
+    Args:
+        model: the model, its serialized bytes, or an identifying string (e.g. its sha256).
+        data: the data the result was computed on (every sample and input name count).
+        settings: anything JSON can write (sorted keys; ``str`` for the rest) that changes the result.
+
+    Returns:
+        A hex sha256.
+    """
+    import hashlib
+    import json
+
+    blob = model if isinstance(model, bytes) else model.encode() if isinstance(model, str) else model.SerializeToString()
+    h = hashlib.sha256(blob)
+    for k, v in sorted(data.feeds().items()):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(v).tobytes())
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return h.hexdigest()

@@ -406,22 +406,16 @@ def int8_noise(inputs: BuildInputs, config: dict, samples: int = 16) -> float:
     Returns:
         The relative noise power of the first output (inf when the graph cannot be quantized or run).
     """
-    import hashlib
-
     import onnx
 
+    from .calibration import fingerprint
     from .fidelity import run_feeds, session
     from .passes import PassError
     from .technique import ApplyContext, get
     from .zoo import cache_dir
 
     calib = inputs.calib
-    h = hashlib.sha256(inputs.analysis.sha256.encode())
-    for k, v in sorted(calib.feeds().items()):
-        h.update(k.encode())
-        h.update(np.ascontiguousarray(v).tobytes())
-    h.update(json.dumps({"v": 2, "samples": samples, **config}, sort_keys=True).encode())
-    store = cache_dir() / "int8choice" / f"{h.hexdigest()[:24]}.json"
+    store = cache_dir() / "int8choice" / f"{fingerprint(inputs.analysis.sha256, calib, {'v': 2, 'samples': samples, **config})[:24]}.json"
     if store.is_file():
         try:
             return float(json.loads(store.read_text())["noise"])

@@ -16,7 +16,6 @@ calibration hash, settings and technique, so a fleet measures each once.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -65,12 +64,9 @@ def _compare(ref: np.ndarray, out: np.ndarray) -> tuple[float, float | None]:
 
 def _cache_key(model: onnx.ModelProto, calib: CalibrationData, samples: int,
                configs: Mapping[str, Mapping[str, Any]]) -> str:
-    h = hashlib.sha256(model.SerializeToString())
-    for k, v in sorted(calib.feeds().items()):
-        h.update(k.encode())
-        h.update(np.ascontiguousarray(v).tobytes())
-    h.update(f"v4:{samples}:{json.dumps(configs, sort_keys=True, default=str)}".encode())
-    return h.hexdigest()[:24]
+    from .calibration import fingerprint
+
+    return fingerprint(model, calib, {"v": 5, "samples": samples, "configs": configs})[:24]
 
 
 def measure(model: onnx.ModelProto, calib: CalibrationData, options: Iterable[str] | None = None,

@@ -40,7 +40,6 @@ with 8-bit weights and worth 4 points of agreement with 7-bit ones, so it follow
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -506,23 +505,17 @@ def activation_ranges(model: onnx.ModelProto, config: Config, calib: Calibration
     Returns:
         Tensor name -> (low, high) activation range.
     """
-    import hashlib
-
     import onnx
     from onnxruntime.quantization.calibrate import create_calibrator
+
+    from ..calibration import fingerprint
 
     extra = quantizer_options(config)
     calib_extra = {_CALIB_KEYS[k]: v for k, v in extra.items() if k in _CALIB_KEYS}
     data_used, reader = _calibration_data(calib, config)
     # planning asks for the same ranges several times (settings choice, per-tensor refinement, sensitivity): memoized
     # per (model, data, calibrator settings) in this process
-    h = hashlib.sha256(model.SerializeToString())
-    for k, v in sorted(data_used.feeds().items()):
-        h.update(k.encode())
-        h.update(np.ascontiguousarray(v).tobytes())
-    h.update(json.dumps([config.calibration, calib_extra, config.op_types, config.calib_samples], sort_keys=True,
-                        default=str).encode())
-    key = h.hexdigest()
+    key = fingerprint(model, data_used, [config.calibration, calib_extra, config.op_types, config.calib_samples])
     if key in _RANGES:
         cached = dict(_RANGES[key])
         cached.update({k: (float(lo), float(hi)) for k, (lo, hi) in config.range_overrides.items() if k in cached})

@@ -98,12 +98,12 @@ def refine_ranges(model: onnx.ModelProto, calib, config: dict, samples: int = 32
     Returns:
         (tensor -> (min, max) overrides where min/max won, a rationale line).
     """
-    import hashlib
     import json
 
     import onnx
 
     from .._suffix import SuffixRunner
+    from ..calibration import fingerprint
     from ..fidelity import run_feeds, session
     from ..io import atomic_write_text
     from ..passes import int8 as p
@@ -115,13 +115,8 @@ def refine_ranges(model: onnx.ModelProto, calib, config: dict, samples: int = 32
     cfg = Config(**{"weight_bits": SENSITIVITY_WEIGHT_BITS, **config})
     if cfg.calibration == "minmax" or cfg.activation_symmetric:
         return {}, ""
-    h = hashlib.sha256(model.SerializeToString())
-    for k, v in sorted(calib.feeds().items()):
-        h.update(k.encode())
-        h.update(np.ascontiguousarray(v).tobytes())
-    h.update(json.dumps({"v": 1, "samples": samples, "widen": widen, "max": REFINE_MAX, **cfg.model_dump()},
-                        sort_keys=True, default=str).encode())
-    store = cache_dir() / "int8ranges" / f"{h.hexdigest()[:24]}.json"
+    key = fingerprint(model, calib, {"v": 1, "samples": samples, "widen": widen, "max": REFINE_MAX, **cfg.model_dump()})
+    store = cache_dir() / "int8ranges" / f"{key[:24]}.json"
     if store.is_file():
         try:
             saved = json.loads(store.read_text())
