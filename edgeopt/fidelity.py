@@ -89,6 +89,13 @@ def run(model, data: CalibrationData, limit: int | None = None) -> list[np.ndarr
     return [np.concatenate(o, axis=0) for o in outs]
 
 
+def relative_noise(ref: np.ndarray, out: np.ndarray) -> float:
+    """Noise power over signal power, ``|ref - out|^2 / |ref|^2`` in float64 (what sensitivity and the int8
+    settings choice rank by; additive across layers to first order)."""
+    r = np.asarray(ref, np.float64)
+    return float(np.sum((r - np.asarray(out, np.float64)) ** 2) / max(np.sum(r**2), 1e-30))
+
+
 def compare_outputs(ref: list[np.ndarray], out: list[np.ndarray], labels: np.ndarray | None = None) -> Fidelity:
     r = np.concatenate([x.astype(np.float64).ravel() for x in ref])
     o = np.concatenate([x.astype(np.float64).ravel() for x in out])

@@ -319,17 +319,15 @@ class Planning:
             (settings sensitivity simulates with, the chosen calibration settings for the plan, a rationale line).
         """
         from . import backends
+        from .backends.base import int8_layout
         from .hostinfo import int8_scheme
 
         backend = backends.get(option.backend).BACKEND
         if "int8" not in option.precisions or self.inputs.calib is None or not backend.uses_int8_pass:
             return {}, {}, ""
         unit = self.target.compute_units[option.unit]
-        layout: dict = {"weight_bits": 8}
-        if unit.arch:
-            sch = int8_scheme(option.backend, unit.arch, unit.isa)
-            layout = {"weight_bits": sch.weight_bits, "activation_type": sch.activation_type}
-        layout.update(backend.int8_config)
+        layout = {**int8_layout(int8_scheme(option.backend, unit.arch, unit.isa) if unit.arch else None),
+                  **backend.int8_config}
         key = json.dumps(layout, sort_keys=True)
         if key not in self.int8_choices:
             if self.progress:
@@ -409,7 +407,7 @@ def int8_noise(inputs: BuildInputs, config: dict, samples: int = 16) -> float:
     import onnx
 
     from .calibration import fingerprint
-    from .fidelity import run_feeds, session
+    from .fidelity import relative_noise, run_feeds, session
     from .passes import PassError
     from .technique import ApplyContext, get
     from .zoo import cache_dir
@@ -428,11 +426,10 @@ def int8_noise(inputs: BuildInputs, config: dict, samples: int = 16) -> float:
     layers = [n.name for n in model.graph.node]  # as a plan's int8 region: activations between layers too
     try:
         q, _ = get("int8").apply(model, layers, ApplyContext(calib=sub, configs={"int8": config}))
-        out = run_feeds(session(q, optimize=False), feeds)[0].astype(np.float64)
+        out = run_feeds(session(q, optimize=False), feeds)[0]
     except (PassError, EdgeoptError):
         return float("inf")
-    ref = run_feeds(session(inputs.model), feeds)[0].astype(np.float64)
-    noise = float(np.sum((ref - out) ** 2) / max(np.sum(ref**2), 1e-30))
+    noise = relative_noise(run_feeds(session(inputs.model), feeds)[0], out)
     from .io import atomic_write_text
 
     atomic_write_text(store, json.dumps({"noise": noise, "config": config}))
@@ -721,7 +718,7 @@ def build(inputs: BuildInputs, target: Target, out_dir: str | Path, *, plan: Pla
                 ok = within(budget, value) if budget is not None else None
                 noise = plan.accuracy.predicted_noise if plan.accuracy is not None else None
                 if not control or ok is not False:
-                    action = "kept" if ok else ("kept (fidelity not measured)" if ok is None else "kept")
+                    action = "kept (fidelity not measured)" if ok is None else "kept"
                     if steps or (control and ok):
                         steps.append(ControlStep(iteration=rnd, summary=summarize(plan.layers), predicted_noise=noise,
                                                  measured=accuracy, within_budget=ok, action=action))

@@ -57,7 +57,9 @@ class Sensitivity(BaseModel):
 
 
 def _compare(ref: np.ndarray, out: np.ndarray) -> tuple[float, float | None]:
-    noise = float(np.sum((ref.astype(np.float64) - out) ** 2) / max(np.sum(ref.astype(np.float64) ** 2), 1e-30))
+    from .fidelity import relative_noise
+
+    noise = relative_noise(ref, out)
     flips = float(np.mean(ref.argmax(1) != out.argmax(1))) if ref.ndim == 2 and ref.shape[1] > 1 else None
     return noise, flips
 

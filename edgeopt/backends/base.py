@@ -277,6 +277,22 @@ def int8_scheme_for(plan: Plan):
     return int8_scheme(plan.backend, unit.arch, unit.isa) if unit.arch else None
 
 
+def int8_layout(scheme) -> dict:
+    """The int8 pass settings an int8 scheme fixes (from :func:`int8_scheme_for` or
+    :func:`edgeopt.hostinfo.int8_scheme`): weight bits and activation type; full-range weights where there is no
+    scheme (GPUs, NPUs, MCUs).
+
+    Args:
+        scheme: the scheme, or None.
+
+    Returns:
+        ``{"weight_bits": ..., "activation_type": ...}`` (only ``weight_bits`` without a scheme).
+    """
+    if scheme is None:
+        return {"weight_bits": 8}
+    return {"weight_bits": scheme.weight_bits, "activation_type": scheme.activation_type}
+
+
 def int8_numerics(plan: Plan, scheme) -> dict[str, str]:
     """Manifest lines for a plan's int8 layout (empty when no layer is int8).
 

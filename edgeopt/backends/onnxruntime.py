@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import EdgeoptError
 from ..types import Artifact, BackendOption, ModelAnalysis, OpTiming, Plan
 from . import _ops
-from .base import Backend, Runner, int8_numerics, int8_scheme_for, make_artifact, tool_versions
+from .base import Backend, Runner, int8_layout, int8_numerics, int8_scheme_for, make_artifact, tool_versions
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -64,9 +64,7 @@ def apply_precisions(model: onnx.ModelProto, plan: Plan, calib: CalibrationData 
     by_precision: dict[str, list[str]] = {}
     for lp in plan.layers:
         by_precision.setdefault(lp.precision, []).append(lp.name)
-    scheme = int8_scheme_for(plan)
-    layout = {"weight_bits": 8} if scheme is None else {"weight_bits": scheme.weight_bits,
-                                                         "activation_type": scheme.activation_type}
+    layout = int8_layout(int8_scheme_for(plan))
     chosen = dict(plan.technique_configs.get("int8", {}))
     ctx = ApplyContext(calib=calib, configs={"int8": {**layout, **chosen, **(int8_config or {})}},
                        backend_options=plan.backend_options)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from ..technique import ApplyContext, SimContext, Technique
 from . import insert_after, insert_before, layer_copy, qdq_nodes
 
@@ -104,7 +102,7 @@ def refine_ranges(model: onnx.ModelProto, calib, config: dict, samples: int = 32
 
     from .._suffix import SuffixRunner
     from ..calibration import fingerprint
-    from ..fidelity import run_feeds, session
+    from ..fidelity import relative_noise, run_feeds, session
     from ..io import atomic_write_text
     from ..passes import int8 as p
     from ..passes.cleanup import Config as CleanupConfig
@@ -138,7 +136,7 @@ def refine_ranges(model: onnx.ModelProto, calib, config: dict, samples: int = 32
         return {}, "int8 ranges: no tensor's min/max range is much wider than its calibrated one"
     sub = calib.subset(min(samples, len(calib)))
     feeds = sub.feeds()
-    ref = run_feeds(session(clean, optimize=False), feeds)[0].astype(np.float64)
+    ref = run_feeds(session(clean, optimize=False), feeds)[0]
     try:
         fast = SuffixRunner(clean, feeds, [producer[t].name for t in cands])
     except Exception:  # noqa: BLE001 - the whole model then runs each trial
@@ -155,7 +153,7 @@ def refine_ranges(model: onnx.ModelProto, calib, config: dict, samples: int = 32
         out = fast.run(m, node.name, True) if fast is not None else None
         if out is None:
             out = run_feeds(session(m, optimize=False), feeds)[0]
-        return float(np.sum((ref - out) ** 2) / max(np.sum(ref**2), 1e-30))
+        return relative_noise(ref, out)
 
     overrides: dict[str, tuple[float, float]] = {}
     gained = 0.0
