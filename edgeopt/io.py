@@ -6,6 +6,8 @@ import contextlib
 import os
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,28 +26,175 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+#: how a work folder of a build into ``OUT`` is named (beside it): ``.OUT.edgeopt-XXXXXXXX``
+_WORK = ".{name}.edgeopt-"
+#: a work folder without its lock file is left alone this long (its creator may be between mkdir and lock)
+_UNLOCKED_GRACE_S = 600.0
+_TEMPDIR_LOCK = threading.Lock()
+_TEMPDIR_DEPTH = 0
+_TEMPDIR_SAVED: str | None = None
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, a symlink (not what it points at) or a directory tree; missing is fine."""
+    with contextlib.suppress(FileNotFoundError):
+        if path.is_symlink() or not path.is_dir():
+            path.unlink()
+        else:
+            shutil.rmtree(path)
+
+
+@contextlib.contextmanager
+def _flock(path: Path, *, shared_fd: int | None = None) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` (a directory: its own fd) for the block (no-op without fcntl)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no advisory locks, one build at a time is the user's job
+        yield
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _try_lock(path: Path) -> int | None:
+    """An fd holding an exclusive lock on ``path``, or None when another live process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        return None
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def recover(dest: str | Path) -> list[str]:
+    """Tidy what crashed earlier writes into ``dest`` left beside it; call with the parent's lock held.
+
+    * a work folder (``.DEST.edgeopt-*``) whose owner is gone (its lock is free) is removed;
+    * ``.DEST.old`` alone (a crash between the two renames of the swap) becomes ``DEST`` again: the previous
+      result is restored; beside an existing ``DEST`` (a crash before it was removed) it is removed, whatever
+      it is (folder, file or symlink).
+
+    Returns:
+        What was done, one line each (empty when there was nothing to do).
+    """
+    dest = Path(dest)
+    done = []
+    prefix = _WORK.format(name=dest.name)
+    for work in sorted(dest.parent.glob(f"{glob_escape(prefix)}*")):
+        if work.is_symlink() or not work.is_dir():
+            continue
+        lock = work / "lock"
+        if lock.exists():
+            fd = _try_lock(lock)
+            if fd is None:
+                continue  # a live build
+            try:
+                shutil.rmtree(work, ignore_errors=True)
+            finally:
+                os.close(fd)
+        else:
+            try:
+                age = time.time() - work.stat().st_mtime
+            except OSError:
+                continue
+            if age < _UNLOCKED_GRACE_S:
+                continue
+            shutil.rmtree(work, ignore_errors=True)
+        done.append(f"removed {work.name}, left by an interrupted build")
+    old = dest.with_name(f".{dest.name}.old")
+    if os.path.lexists(old):
+        if not os.path.lexists(dest) and old.is_dir() and not old.is_symlink():
+            os.replace(old, dest)
+            done.append(f"restored {dest.name} from {old.name}, left by a build interrupted while replacing it")
+        else:
+            _remove(old)
+            done.append(f"removed {old.name}, left by an interrupted build")
+    return done
+
+
+def glob_escape(text: str) -> str:
+    import glob
+
+    return glob.escape(text)
+
+
+@contextlib.contextmanager
+def _scratch_tempdir(folder: Path) -> Iterator[None]:
+    """Point :mod:`tempfile` (ours and third-party quantizers' temporary files) at ``folder`` for the block; the
+    outermost caller wins (nested builds of a fleet share the fleet's), and the old setting comes back after."""
+    global _TEMPDIR_DEPTH, _TEMPDIR_SAVED
+    with _TEMPDIR_LOCK:
+        if _TEMPDIR_DEPTH == 0:
+            _TEMPDIR_SAVED = tempfile.tempdir
+            tempfile.tempdir = str(folder)
+        _TEMPDIR_DEPTH += 1
+    try:
+        yield
+    finally:
+        with _TEMPDIR_LOCK:
+            _TEMPDIR_DEPTH -= 1
+            if _TEMPDIR_DEPTH == 0:
+                tempfile.tempdir = _TEMPDIR_SAVED
+
+
 @contextlib.contextmanager
 def atomic_dir(dest: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary directory beside ``dest``; on success it replaces ``dest``, on error it is removed."""
+    """Yield a fresh directory to fill; on success it replaces ``dest``, on error it is removed.
+
+    The directory lives in a work folder beside ``dest`` (``.DEST.edgeopt-XXXXXXXX/out``), with the build's
+    temporary files (``tmp/``: :mod:`tempfile` points there for the block, so a killed build leaves nothing in
+    the system's temp folder) and a lock file held while the build lives.  The next write into ``dest`` removes
+    work folders whose builds died (:func:`recover`).  Replacing ``dest`` (two renames through ``.DEST.old``)
+    happens under an exclusive lock on the parent folder, so concurrent builds into one ``dest`` each land whole,
+    one after the other; a crash between the renames is undone by the next write.
+
+    Raises:
+        FileExistsError: ``dest`` exists and ``overwrite`` is False.
+    """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    with _flock(dest.parent):
+        recover(dest)
+    work = Path(tempfile.mkdtemp(prefix=_WORK.format(name=dest.name), dir=dest.parent))
+    lock_fd = None
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if dest.exists():
-        if not overwrite:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise FileExistsError(dest)
-        old = dest.with_name(f".{dest.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dest)
+        # locked before it gets its name: a work folder with a "lock" whose lock is free is a dead build's
+        pending = work / "lock.new"
+        pending.write_text(f"{os.getpid()}\n")
+        lock_fd = _try_lock(pending)
+        os.replace(pending, work / "lock")
+        out, tmp = work / "out", work / "tmp"
+        out.mkdir()
+        tmp.mkdir()
+        with _scratch_tempdir(tmp):
+            yield out
+        with _flock(dest.parent):
+            recover(dest)
+            if os.path.lexists(dest):
+                if not overwrite:
+                    raise FileExistsError(dest)
+                old = dest.with_name(f".{dest.name}.old")
+                os.replace(dest, old)
+                os.replace(out, dest)
+                _remove(old)
+            else:
+                os.replace(out, dest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if lock_fd is not None:
+            os.close(lock_fd)
 
 
 def atomic_write_model(model, path: str | Path) -> None:

@@ -684,21 +684,22 @@ def build(inputs: BuildInputs, target: Target, out_dir: str | Path, *, plan: Pla
     pl = None
     if objective not in ("latency", "fidelity"):
         raise EdgeoptError(f"unknown objective '{objective}'; valid: latency, fidelity")
-    if plan is None:
-        say(f"{target.name}: planning")
-        if objective == "latency" and precision is None:
-            pl = Planning(inputs, target, backend=backend, max_accuracy_drop=max_accuracy_drop, min_snr_db=min_snr_db,
-                          sensitivity=sensitivity if sensitivity is not None else {}, progress=say)
-            plan = plan_latency(pl)
-        else:
-            plan = plan_for(inputs, target, backend=backend, precision=precision, max_accuracy_drop=max_accuracy_drop,
-                            objective="fidelity", sensitivity=sensitivity, progress=say)
-    else:
-        check_replay(plan, inputs, target)
-    control = pl is not None and validate_artifact and inputs.evaluation is not None and plan.accuracy is not None
-    budget = plan.accuracy.budget if plan.accuracy is not None else None
-    steps: list[ControlStep] = []
+    # the work folder (and its temp files) exists from the start: a build killed while planning leaves nothing
     with atomic_dir(out_dir) as tmp:
+        if plan is None:
+            say(f"{target.name}: planning")
+            if objective == "latency" and precision is None:
+                pl = Planning(inputs, target, backend=backend, max_accuracy_drop=max_accuracy_drop, min_snr_db=min_snr_db,
+                              sensitivity=sensitivity if sensitivity is not None else {}, progress=say)
+                plan = plan_latency(pl)
+            else:
+                plan = plan_for(inputs, target, backend=backend, precision=precision, max_accuracy_drop=max_accuracy_drop,
+                                objective="fidelity", sensitivity=sensitivity, progress=say)
+        else:
+            check_replay(plan, inputs, target)
+        control = pl is not None and validate_artifact and inputs.evaluation is not None and plan.accuracy is not None
+        budget = plan.accuracy.budget if plan.accuracy is not None else None
+        steps: list[ControlStep] = []
         runner = None
         try:
             for rnd in range(1, MAX_CONTROL_ROUNDS + 1):
