@@ -98,6 +98,12 @@ def recipe_precisions(analysis: ModelAnalysis, option: BackendOption, recipe: st
     return out
 
 
+def _over(predicted: float, budget: float) -> float:
+    """predicted / budget, guarded: a target validated by :mod:`edgeopt.types` has positive budgets, but one made
+    with ``model_construct`` need not, and a zero budget must read as "far over" rather than ZeroDivisionError."""
+    return predicted / max(budget, 1e-12)
+
+
 @dataclass(frozen=True)
 class Evaluation:
     option: BackendOption
@@ -117,7 +123,7 @@ class Evaluation:
     @property
     def overshoot(self) -> float:
         """The worst ratio predicted/budget (<= 1 means it fits)."""
-        return max(c.predicted / c.budget for c in self.checks)
+        return max(_over(c.predicted, c.budget) for c in self.checks)
 
 
 @dataclass(frozen=True)
@@ -401,7 +407,7 @@ def _fill(analysis: ModelAnalysis, option: BackendOption, weighted: dict[str, Ch
 
 
 def _penalty(ev: Evaluation) -> float:
-    return sum(max(0.0, c.predicted / c.budget - 1.0) for c in ev.checks)
+    return sum(max(0.0, _over(c.predicted, c.budget) - 1.0) for c in ev.checks)
 
 
 #: a move that only buys speed must gain at least this fraction of the model's latency
@@ -482,7 +488,7 @@ def search_plan(analysis: ModelAnalysis, target: Target, sens: dict, *, backend:
                     d_lat = lp[0] - lat_now[name]
                     d_wb = lp[1] - wb_now[name]
                     if want_budget:
-                        gain = sum(max(0.0, c.predicted / c.budget - 1.0) for c in ev.checks) - _local_penalty(ev, d_lat, d_wb, target)
+                        gain = sum(max(0.0, _over(c.predicted, c.budget) - 1.0) for c in ev.checks) - _local_penalty(ev, d_lat, d_wb, target)
                     else:
                         gain = -d_lat
                         if gain < MIN_SPEED_GAIN * ev.latency_ms:
@@ -549,7 +555,7 @@ def _local_penalty(ev: Evaluation, d_lat: float, d_wb: int, target: Target) -> f
     for c in ev.checks:
         pred = c.predicted + (d_lat if c.name == "latency_ms" else d_wb if c.name == "storage" else
                               d_wb if target.budgets.weights_in_ram else 0)
-        total += max(0.0, pred / c.budget - 1.0)
+        total += max(0.0, _over(pred, c.budget) - 1.0)
     return total
 
 

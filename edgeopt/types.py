@@ -6,9 +6,20 @@ file or a hand-edited plan is an error instead of a silently ignored key.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ByteSize, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ByteSize,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 
 from . import technique
 
@@ -33,33 +44,102 @@ class _Frozen(BaseModel):
 
 
 # --------------------------------------------------------------------------- targets
+#
+# Every number in a target is checked where it is declared: finite (no NaN/Inf, which would plan "latency nan ms"),
+# a number rather than true/false (YAML booleans would otherwise read as 1/0), and within a range that means
+# something (rates and sizes positive, efficiencies in (0, 1]), so a target built in Python is held to the same rules
+# as a target file.
+
+#: The largest size a budget may state (1 EiB): bigger numbers are typos, and would overflow the cost model's floats.
+MAX_SIZE_BYTES = 1 << 60
+#: Bounds of a rate (ops/s, bytes/s) and of a time in microseconds or milliseconds a target may state.
+MAX_RATE = 1e21
+MIN_RATE = 1e3
+MAX_TIME = 1e9
 
 
-class Budgets(_Frozen):
+def _not_bool(v: Any) -> Any:
+    if isinstance(v, bool):
+        raise ValueError("must be a number, not true/false")
+    return v
+
+
+_BYTE_SIZE = TypeAdapter(ByteSize)
+
+
+def _size(v: Any) -> Any:
+    what = "a size: bytes, or a number with a unit like 512KiB or 2MB"
+    if isinstance(v, bool):
+        raise ValueError(f"must be {what}, not true/false")
+    if (isinstance(v, int) and v <= 0) or (isinstance(v, float) and not (math.isfinite(v) and v > 0)):
+        raise ValueError(f"must be {what}, more than 0, not {v}")
+    if isinstance(v, float) and not v.is_integer():
+        raise ValueError(f"must be {what}, a whole number of bytes, not {v}")
+    if isinstance(v, str):
+        from pydantic import ValidationError
+
+        try:
+            return _BYTE_SIZE.validate_python(v)
+        except ValidationError:
+            raise ValueError(f"must be {what}, not {v[:40]!r}") from None
+    return v
+
+
+def _size_range(v: ByteSize) -> ByteSize:
+    if not 0 < v <= MAX_SIZE_BYTES:
+        raise ValueError(f"must be between 1 byte and 1EiB, not {str(v)[:40] + ('...' if len(str(v)) > 40 else '')}")
+    return v
+
+
+#: A size in bytes: ``512KiB``, ``2MB`` or an integer, from 1 byte to 1 EiB.
+Size = Annotated[ByteSize, BeforeValidator(_size), AfterValidator(_size_range)]
+#: A finite float (no true/false) with the given bounds.
+Rate = Annotated[float, BeforeValidator(_not_bool), Field(ge=MIN_RATE, le=MAX_RATE, allow_inf_nan=False)]
+Time = Annotated[float, BeforeValidator(_not_bool), Field(ge=0, le=MAX_TIME, allow_inf_nan=False)]
+Fraction = Annotated[float, BeforeValidator(_not_bool), Field(gt=0, le=1, allow_inf_nan=False)]
+
+
+def _scalar(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        raise ValueError("must be finite")
+    if not isinstance(v, (str, int, float, bool)):
+        raise ValueError(f"must be a string, number or true/false, not {type(v).__name__}")
+    return v
+
+
+#: A backend setting's value before the backend's typed settings check it.
+OptionValue = Annotated[str | int | float | bool, BeforeValidator(_scalar)]
+
+
+class _TargetModel(_Frozen):
+    """A part of a target: frozen, no unknown keys, no NaN/Inf anywhere."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+class Budgets(_TargetModel):
     """What the model may use on the device.  Sizes accept ``512KiB``, ``2MB``, or bytes."""
 
-    ram: ByteSize = Field(description="working memory for activations (+ weights if they must be in RAM)")
-    storage: ByteSize = Field(description="room for the model file (flash on an MCU)")
-    latency_ms: float = Field(gt=0, description="one inference, batch 1")
+    ram: Size = Field(description="working memory for activations (+ weights if they must be in RAM)")
+    storage: Size = Field(description="room for the model file (flash on an MCU)")
+    latency_ms: Annotated[float, BeforeValidator(_not_bool)] = Field(gt=0, le=MAX_TIME, description="one inference, batch 1")
     weights_in_ram: bool = Field(
         default=True,
         description="whether weights are loaded into RAM (false on an MCU, where they execute from flash)",
     )
 
 
-class ComputeUnit(_Frozen):
+class ComputeUnit(_TargetModel):
     """A roofline model of one compute unit (CPU cluster, GPU, NPU, DSP)."""
 
     description: str = ""
-    peak_ops_per_s: dict[str, float] = Field(
+    peak_ops_per_s: dict[str, Rate] = Field(
         description="peak arithmetic rate per compute precision (1 MAC = 2 ops)"
     )
-    memory_bandwidth_bytes_per_s: float = Field(gt=0)
-    efficiency: float = Field(
-        default=0.5, gt=0, le=1, description="fraction of peak a well-tuned kernel reaches"
-    )
-    layer_overhead_us: float = Field(default=0.0, ge=0, description="fixed cost per layer (dispatch, launch)")
-    run_overhead_us: float = Field(default=0.0, ge=0, description="fixed cost per inference (session entry, I/O binding)")
+    memory_bandwidth_bytes_per_s: Rate
+    efficiency: Fraction = Field(default=0.5, description="fraction of peak a well-tuned kernel reaches")
+    layer_overhead_us: Time = Field(default=0.0, description="fixed cost per layer (dispatch, launch)")
+    run_overhead_us: Time = Field(default=0.0, description="fixed cost per inference (session entry, I/O binding)")
     arch: Literal["x86_64", "arm64"] | None = Field(default=None, description="CPU architecture (CPU units only)")
     isa: list[str] = Field(default_factory=list, description="ISA features that change kernels (edgeopt.hostinfo.FEATURES)")
 
@@ -92,9 +172,10 @@ class ComputeUnit(_Frozen):
         return v
 
 
-class SparsitySupport(_Frozen):
+class SparsitySupport(_TargetModel):
     pattern: SparsityPattern
-    speedup: float = Field(default=1.0, ge=1.0, description="compute speed-up on layers using it")
+    speedup: Annotated[float, BeforeValidator(_not_bool)] = Field(
+        default=1.0, ge=1.0, le=1000.0, description="compute speed-up on layers using it")
     precisions: list[Precision] | None = Field(default=None, description="None: all the backend's precisions")
     compresses_storage: bool = Field(default=False, description="whether the format stores it compactly")
 
@@ -104,26 +185,32 @@ class SparsitySupport(_Frozen):
 KERNEL_KINDS: tuple[str, ...] = ("conv", "pointwise", "depthwise", "gemm", "convtranspose", "resize", "elementwise")
 
 
-class KernelModel(_Frozen):
+class KernelModel(_TargetModel):
     """Measured time of one kernel kind at one precision on one backend (a line fitted to synthetic layers):
     ``fixed_us + us_per_mmac * MMACs + us_per_mb * MB moved``; the fixed part includes the per-node dispatch."""
 
-    fixed_us: float = Field(ge=0)
-    us_per_mmac: float = Field(ge=0)
-    us_per_mb: float = Field(ge=0)
-    samples: int = Field(default=0, ge=0, description="synthetic layers it was fitted to")
-    max_rel_error: float | None = Field(default=None, ge=0, description="worst relative error of the fit on them")
+    fixed_us: Time
+    us_per_mmac: Time
+    us_per_mb: Time
+    samples: Annotated[int, BeforeValidator(_not_bool)] = Field(
+        default=0, ge=0, le=10**9, description="synthetic layers it was fitted to")
+    max_rel_error: Time | None = Field(default=None, description="worst relative error of the fit on them")
 
 
-class _BackendSettings(_Frozen):
-    threads: int | None = Field(default=None, ge=1, description="intra-op threads the runtime uses")
+#: A count in a backend's settings (no true/false).
+Count = Annotated[int, BeforeValidator(_not_bool)]
+
+
+class _BackendSettings(_TargetModel):
+    threads: Count | None = Field(default=None, ge=1, le=4096, description="intra-op threads the runtime uses")
 
 
 class OnnxRuntimeSettings(_BackendSettings):
     provider: Literal["CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider",
                       "OpenVINOExecutionProvider", "CoreMLExecutionProvider", "DmlExecutionProvider",
                       "QNNExecutionProvider", "XnnpackExecutionProvider"] = "CPUExecutionProvider"
-    channel_multiple: int | None = Field(default=None, ge=1, description="channel counts its fast kernels want (pruning)")
+    channel_multiple: Count | None = Field(default=None, ge=1, le=65536,
+                                           description="channel counts its fast kernels want (pruning)")
 
 
 class OpenVinoSettings(_BackendSettings):
@@ -132,12 +219,12 @@ class OpenVinoSettings(_BackendSettings):
 
 class TfliteSettings(_BackendSettings):
     delegate: Literal["xnnpack", "nnapi", "gpu", "hexagon", "none"] = "xnnpack"
-    calibration_samples: int = Field(default=256, ge=1)
+    calibration_samples: Count = Field(default=256, ge=1, le=10**7)
 
 
 class TflmSettings(_BackendSettings):
     kernels: Literal["reference", "cmsis-nn", "ethos-u"] = "reference"
-    calibration_samples: int = Field(default=256, ge=1)
+    calibration_samples: Count = Field(default=256, ge=1, le=10**7)
 
 
 class CoreMlSettings(_BackendSettings):
@@ -146,7 +233,7 @@ class CoreMlSettings(_BackendSettings):
 
 class TensorRtSettings(_BackendSettings):
     device: Literal["gpu", "dla"] = "gpu"
-    dla_core: int | None = Field(default=None, ge=0)
+    dla_core: Count | None = Field(default=None, ge=0, le=64)
     gpu_fallback: bool = False
 
 
@@ -158,12 +245,12 @@ BACKEND_SETTINGS: dict[str, type[_BackendSettings]] = {
 }
 
 
-class BackendOption(_Frozen):
+class BackendOption(_TargetModel):
     """One way to run models on a target: a backend on one compute unit."""
 
     backend: str = Field(description="a backend: a key of BACKEND_SETTINGS, a module of edgeopt.backends")
     unit: str = Field(description="key into the target's compute units")
-    options: dict[str, str | int | float | bool] = Field(
+    options: dict[str, OptionValue] = Field(
         default_factory=dict, description="backend settings (delegate, execution provider, precision hint...)"
     )
     precisions: list[Precision]
@@ -172,11 +259,11 @@ class BackendOption(_Frozen):
         default=False, description="every layer must be int8 (TFLM, NNAPI/EdgeTPU style accelerators)"
     )
     requires_static_shapes: bool = False
-    efficiency: float | None = Field(default=None, gt=0, le=1, description="overrides the unit's efficiency")
-    efficiency_by_precision: dict[str, float] = Field(
+    efficiency: Fraction | None = Field(default=None, description="overrides the unit's efficiency")
+    efficiency_by_precision: dict[str, Fraction] = Field(
         default_factory=dict, description="efficiency per precision where kernels differ in quality (measured)"
     )
-    overhead_us_by_precision: dict[str, float] = Field(
+    overhead_us_by_precision: dict[str, Time] = Field(
         default_factory=dict, description="extra fixed cost per layer per precision (dequantization, repacking)"
     )
     kernel_models: dict[str, KernelModel] = Field(
@@ -218,6 +305,15 @@ class BackendOption(_Frozen):
         """``options`` as the backend's typed settings (defaults filled in)."""
         return BACKEND_SETTINGS[self.backend].model_validate(self.options)
 
+    @field_validator("efficiency_by_precision", "overhead_us_by_precision")
+    @classmethod
+    def _precision_keys(cls, v: dict[str, float]) -> dict[str, float]:
+        valid = technique.precision_names()
+        bad = sorted(set(v) - set(valid))
+        if bad:
+            raise ValueError(f"unknown precision(s) {bad}; valid: {list(valid)}")
+        return v
+
     @field_validator("kernel_models")
     @classmethod
     def _kernel_keys(cls, v: dict[str, KernelModel]) -> dict[str, KernelModel]:
@@ -248,7 +344,7 @@ class BackendOption(_Frozen):
         return f"{self.backend}/{self.unit}" + (f"({extra})" if extra else "")
 
 
-class Target(_Frozen):
+class Target(_TargetModel):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
     description: str
     device_class: Literal["server-gpu", "edge-gpu", "cpu", "mobile", "microcontroller"]
