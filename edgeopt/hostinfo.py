@@ -237,3 +237,27 @@ def runs_like_host(arch: str | None, features: list[str] | set[str]) -> bool:
     and latency stand for it)."""
     cpu = detect()
     return arch is not None and arch == cpu.arch and kernel_class(arch, features) == cpu.kernel_class
+
+
+def host_stands_for(target, unit: str | None = None) -> bool:
+    """Whether a measurement taken on this host stands for ``target`` (its ``unit``, else any of its units): the only
+    measurements that may calibrate the target's latency predictions.
+
+    * a CPU unit (it declares ``arch``): this host's CPU has the same architecture and kernel class
+      (:func:`runs_like_host`);
+    * an accelerator unit (GPU, NPU, DLA, ANE): its runtime ran here, so this host has one; it stands for a
+      ``server-gpu`` target, and for an ``edge-gpu`` one on an arm64 host (Jetson modules are); never for phones
+      and microcontrollers, whose accelerators a workstation does not have.
+
+    Args:
+        target: the target (:class:`edgeopt.types.Target`; e.g. a plan's ``target_definition``).
+        unit: one of its compute units' names; None: any.
+    """
+    units = [target.compute_units[unit]] if unit in target.compute_units else list(target.compute_units.values())
+    for u in units:
+        if u.arch is not None:
+            if runs_like_host(u.arch, u.isa):
+                return True
+        elif target.device_class == "server-gpu" or (target.device_class == "edge-gpu" and detect().arch == "arm64"):
+            return True
+    return False

@@ -262,7 +262,8 @@ def _load_runner(artifact, artifact_dir: Path, threads: int | None):
     if not backend.threaded:
         return backend.load(artifact, d, threads=threads), backend.default_threads
     backend.require()
-    n = int(threads or backend.artifact_threads(artifact, d) or usable_cpus())
+    # the artifact's own setting is the device's core count: never more threads than this machine has
+    n = int(threads or min(backend.artifact_threads(artifact, d) or usable_cpus(), usable_cpus()))
     return backend.load(artifact, d, threads=n), n
 
 
@@ -286,6 +287,7 @@ def profile_local(artifact_dir: str | Path, *, threads: int | None = None, warmu
 
     from .backends import get
     from .backends.base import MANIFEST, read_verified, sha256_of
+    from .hostinfo import host_stands_for
 
     _check_counts(threads, warmup, repeats)
     artifact_dir = Path(artifact_dir)
@@ -305,7 +307,9 @@ def profile_local(artifact_dir: str | Path, *, threads: int | None = None, warmu
     return Profile(artifact_sha256=sha256_of(artifact_dir / MANIFEST), target=artifact.target, backend=artifact.backend, unit=artifact.plan.unit,
                    device="local", host=host_info(artifact.backend, artifact.plan.unit), threads=n_threads,
                    warmup=warmup, repeats=repeats, latency_ms=percentiles(times), peak_memory_bytes=mem.bytes,
-                   ops=list(ops), predicted_latency_ms=artifact.predicted_latency_ms, created_utc=_now_utc())
+                   ops=list(ops), predicted_latency_ms=artifact.predicted_latency_ms,
+                   on_target_class=host_stands_for(artifact.plan.target_definition, artifact.plan.unit),
+                   created_utc=_now_utc())
 
 
 # --------------------------------------------------------------------------- saving and loading
@@ -384,15 +388,29 @@ def measured_ms(profile: Profile) -> float | None:
     return float(v) if v is not None else None
 
 
+def stands_for_target(profile: Profile) -> bool:
+    """Whether ``profile`` was taken on a machine of its target's class (and may calibrate that target).
+
+    Profiles record it (``on_target_class``); for older ones, a profile taken on a device (ssh, adb, agent) counts,
+    one taken locally does not.
+    """
+    if profile.on_target_class is not None:
+        return profile.on_target_class
+    return profile.device != "local"
+
+
 def calibrate(profiles, target_name: str) -> dict[tuple[str, str, str], Calibration]:
     """Scale factors measured/predicted per (target, backend, unit) from ``target_name``'s profiles.
 
     A factor is the geometric mean, over that key's profiles, of measured median latency
-    over the latency the plan predicted; profiles without a prediction are ignored.
+    over the latency the plan predicted; profiles without a prediction are ignored, and so are profiles taken on a
+    machine not of the target's class (:func:`stands_for_target`): a host's figure never calibrates a device.
     """
     ratios: dict[tuple[str, str, str], list[float]] = {}
     for p in profiles:
         m = measured_ms(p)
+        if not stands_for_target(p):
+            continue
         if p.target != target_name or not p.predicted_latency_ms or p.predicted_latency_ms <= 0 or not m or m <= 0:
             continue
         ratios.setdefault((p.target, p.backend, profile_unit(p)), []).append(math.log(m / p.predicted_latency_ms))
@@ -458,7 +476,10 @@ def render_profile(profile: Profile, out, *, before: Calibration | None = None, 
                       f"{before.backend}/{before.unit}" + (f"; measured p50 / calibrated = {m / cal:.2f}x" if m else ""))
         else:
             out.print("calibrated: no earlier profile of this target/backend/unit")
-        if after:
+        if not stands_for_target(profile):
+            out.print(f"[yellow]this machine is not of {profile.target}'s class[/]: a figure of this host, not of the "
+                      f"device; it does not calibrate {profile.target}'s predictions")
+        elif after:
             out.print(f"calibration now: measured/predicted = {after.factor:.3f} over {after.profiles} profile(s) "
                       f"(spread x{after.spread:.2f})")
     if profile.peak_memory_bytes is not None:

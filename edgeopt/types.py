@@ -563,4 +563,7 @@ class Profile(_Frozen):
     peak_memory_bytes: int | None = None
     ops: list[OpTiming] = Field(default_factory=list)
     predicted_latency_ms: float | None = None
+    on_target_class: bool | None = Field(
+        default=None, description="whether the machine measured is of the artifact's target class (only such profiles "
+                                  "calibrate the target's predictions); None: not recorded (older profiles)")
     created_utc: str

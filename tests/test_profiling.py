@@ -84,10 +84,44 @@ def test_peak_memory_sees_an_allocation():
     assert method == "vmhwm" and int(peak) >= 60 * 2**20
 
 
-def _prof(target, backend, unit, measured, predicted, t="2026-01-01T00:00:00+00:00"):
-    return Profile(artifact_sha256="ab" * 32, target=target, backend=backend, device="local", host={"unit": unit},
+def _prof(target, backend, unit, measured, predicted, t="2026-01-01T00:00:00+00:00", on_target=True, device="local"):
+    return Profile(artifact_sha256="ab" * 32, target=target, backend=backend, device=device, host={"unit": unit},
                    threads=1, warmup=1, repeats=1, latency_ms={"p50": measured, "mean": measured}, ops=[],
-                   predicted_latency_ms=predicted, created_utc=t)
+                   predicted_latency_ms=predicted, on_target_class=on_target, created_utc=t)
+
+
+def test_only_profiles_of_the_target_class_calibrate():
+    """A host's figure never calibrates a device: profiles taken on another class of machine are left out; older
+    profiles without the record count when taken on a device, not when taken locally."""
+    good = _prof("android-mid", "tflite", "cpu", 2.0, 1.0)
+    host = _prof("android-mid", "tflite", "cpu", 0.5, 1.0, on_target=False)
+    legacy_local = _prof("android-mid", "tflite", "cpu", 0.1, 1.0, on_target=None)
+    legacy_device = _prof("android-mid", "tflite", "cpu", 8.0, 1.0, on_target=None, device="adb://R58M")
+    cals = calibrate([good, host, legacy_local, legacy_device], "android-mid")
+    c = cals[("android-mid", "tflite", "cpu")]
+    assert c.profiles == 2 and c.factor == pytest.approx(4.0)
+    assert calibrate([host, legacy_local], "android-mid") == {}
+
+
+def test_local_profile_of_another_class_is_labelled_and_capped(tmp_path):
+    """Profiling an MCU or phone artifact on this host records that the host is not of the target's class, and
+    never runs more threads than this machine has (the artifact's setting is the device's core count)."""
+    from edgeopt.hostinfo import detect, host_stands_for
+    from edgeopt.profiling import profile_local, usable_cpus
+
+    from edgeopt.calibration import as_calibration
+
+    model = onnx.load(str(default_model_path()))
+    xc, _ = digits("calib")
+    plan = make_plan(analyze(default_model_path()), load_target("android-mid"), backend="tflite", precision="fp32")
+    out = tmp_path / "tfl"
+    build_artifact(model, plan, out, as_calibration(xc, model))
+    prof = profile_local(out, warmup=0, repeats=2, op_repeats=0)
+    assert prof.threads <= usable_cpus()
+    assert prof.on_target_class is host_stands_for(plan.target_definition, plan.unit)
+    if detect().arch == "x86_64":
+        assert prof.on_target_class is False
+    assert not host_stands_for(load_target("mcu-cortex-m7"))
 
 
 def test_calibrate_geometric_mean_per_backend_and_unit(tmp_path):

@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import EdgeoptError
 from ..types import Artifact, BackendOption, ModelAnalysis, OpTiming, Plan
 from . import _ops
-from .base import Backend, Runner, int8_layout, int8_numerics, int8_scheme_for, make_artifact, tool_versions
+from .base import Backend, Runner, RuntimeUnavailable, int8_layout, int8_numerics, int8_scheme_for, make_artifact, tool_versions
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -95,7 +95,8 @@ class OrtRunner(Runner):
             so.profile_file_prefix = str(Path(profile_dir) / "ort_profile")
         available = ort.get_available_providers()
         if provider not in available:
-            raise EdgeoptError(f"onnxruntime here has no {provider}; available: {', '.join(available)}")
+            raise RuntimeUnavailable(f"onnxruntime here has no {provider} (the artifact runs on a machine that has it); "
+                                     f"available here: {', '.join(available)}")
         self.session = ort.InferenceSession(str(model_path), so, providers=[provider])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
