@@ -45,7 +45,7 @@ def _remove(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _flock(path: Path, *, shared_fd: int | None = None) -> Iterator[None]:
+def _flock(path: Path) -> Iterator[None]:
     """Hold an exclusive advisory lock on ``path`` (a directory: its own fd) for the block (no-op without fcntl)."""
     try:
         import fcntl
@@ -90,16 +90,33 @@ def recover(dest: str | Path) -> list[str]:
         What was done, one line each (empty when there was nothing to do).
     """
     dest = Path(dest)
-    done = []
-    prefix = _WORK.format(name=dest.name)
-    for work in sorted(dest.parent.glob(f"{glob_escape(prefix)}*")):
+    done = [f"removed {name}, left by an interrupted build"
+            for name in sweep_dead(dest.parent, _WORK.format(name=dest.name))]
+    old = dest.with_name(f".{dest.name}.old")
+    if os.path.lexists(old):
+        if not os.path.lexists(dest) and old.is_dir() and not old.is_symlink():
+            os.replace(old, dest)
+            done.append(f"restored {dest.name} from {old.name}, left by a build interrupted while replacing it")
+        else:
+            _remove(old)
+            done.append(f"removed {old.name}, left by an interrupted build")
+    return done
+
+
+def sweep_dead(folder: Path, prefix: str) -> list[str]:
+    """Remove the work folders ``folder/<prefix>*`` whose owner died (their ``lock`` file is not locked; one without
+    a lock file after a grace period); returns their names.  Live ones (locked by a running process) stay."""
+    import glob
+
+    removed = []
+    for work in sorted(Path(folder).glob(f"{glob.escape(prefix)}*")):
         if work.is_symlink() or not work.is_dir():
             continue
         lock = work / "lock"
         if lock.exists():
             fd = _try_lock(lock)
             if fd is None:
-                continue  # a live build
+                continue  # its owner is alive
             try:
                 shutil.rmtree(work, ignore_errors=True)
             finally:
@@ -112,22 +129,39 @@ def recover(dest: str | Path) -> list[str]:
             if age < _UNLOCKED_GRACE_S:
                 continue
             shutil.rmtree(work, ignore_errors=True)
-        done.append(f"removed {work.name}, left by an interrupted build")
-    old = dest.with_name(f".{dest.name}.old")
-    if os.path.lexists(old):
-        if not os.path.lexists(dest) and old.is_dir() and not old.is_symlink():
-            os.replace(old, dest)
-            done.append(f"restored {dest.name} from {old.name}, left by a build interrupted while replacing it")
-        else:
-            _remove(old)
-            done.append(f"removed {old.name}, left by an interrupted build")
-    return done
+        removed.append(work.name)
+    return removed
 
 
-def glob_escape(text: str) -> str:
-    import glob
+def locked_workdir(prefix: str, parent: Path | str | None = None) -> tuple[Path, int | None]:
+    """A fresh folder ``parent/<prefix>XXXXXXXX`` holding a ``lock`` file this process keeps locked (the returned fd:
+    close it after removing the folder), so :func:`sweep_dead` knows it is alive."""
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    # locked before it gets its name: a work folder with a "lock" whose lock is free is a dead process's
+    pending = work / "lock.new"
+    pending.write_text(f"{os.getpid()}\n")
+    fd = _try_lock(pending)
+    os.replace(pending, work / "lock")
+    return work, fd
 
-    return glob.escape(text)
+
+@contextlib.contextmanager
+def run_scratch() -> Iterator[Path]:
+    """Temporary files of one edgeopt run in ``<system temp>/edgeopt-run-XXXXXXXX/`` (every :mod:`tempfile` user in
+    the process, third-party quantizers included, for the block); folders of runs that were killed are removed
+    first, so a crash never leaves temp files behind for long.  Nested builds keep this folder."""
+    base = Path(tempfile.gettempdir())
+    sweep_dead(base, "edgeopt-run-")
+    work, fd = locked_workdir("edgeopt-run-", base)
+    try:
+        tmp = work / "tmp"
+        tmp.mkdir()
+        with _scratch_tempdir(tmp):
+            yield tmp
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if fd is not None:
+            os.close(fd)
 
 
 @contextlib.contextmanager
@@ -167,14 +201,8 @@ def atomic_dir(dest: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
     dest.parent.mkdir(parents=True, exist_ok=True)
     with _flock(dest.parent):
         recover(dest)
-    work = Path(tempfile.mkdtemp(prefix=_WORK.format(name=dest.name), dir=dest.parent))
-    lock_fd = None
+    work, lock_fd = locked_workdir(_WORK.format(name=dest.name), dest.parent)
     try:
-        # locked before it gets its name: a work folder with a "lock" whose lock is free is a dead build's
-        pending = work / "lock.new"
-        pending.write_text(f"{os.getpid()}\n")
-        lock_fd = _try_lock(pending)
-        os.replace(pending, work / "lock")
         out, tmp = work / "out", work / "tmp"
         out.mkdir()
         tmp.mkdir()

@@ -127,7 +127,8 @@ def test_killed_builds_leave_nothing_the_next_build_keeps(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         read_verified(out)  # the previous artifact (or a complete new one), never a damaged one
-    assert _temp_leftovers(systmp) == [], "a build left temp files in the system temp folder"
+    # only the killed runs' own scratch folders, which the next run removes
+    assert all(n.startswith("edgeopt-run-") for n in _temp_leftovers(systmp)), _temp_leftovers(systmp)
     again = subprocess.run(_build_cmd(out), env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
     read_verified(out)
@@ -153,3 +154,22 @@ def test_build_temp_files_live_in_its_work_folder(tmp_path, monkeypatch):
     assert work, seen
     assert all(Path(p).is_relative_to(tmp_path) and "/.out.edgeopt-" in p for p in work), work
     assert _beside(tmp_path / "out") == []
+
+
+def test_run_scratch_holds_temp_files_and_sweeps_dead_runs(tmp_path, monkeypatch):
+    from edgeopt.io import locked_workdir, run_scratch
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = tmp_path / "edgeopt-run-deadbeef"
+    dead.mkdir()
+    (dead / "lock").write_text("1\n")
+    live, fd = locked_workdir("edgeopt-run-", tmp_path)
+    try:
+        with run_scratch() as scratch:
+            assert tempfile.gettempdir() == str(scratch) and scratch.is_relative_to(tmp_path)
+            with tempfile.TemporaryDirectory() as d:
+                assert Path(d).is_relative_to(scratch)
+            assert not dead.exists() and live.exists()
+        assert not scratch.exists() and tempfile.gettempdir() == str(tmp_path)
+    finally:
+        os.close(fd)
