@@ -6,19 +6,27 @@ Accepted forms (see :func:`as_calibration`):
 * a numpy array (the model's single input) or a dict ``{input_name: array}``,
   samples along axis 0;
 * a folder of ``.npy`` files (single-input models: each file one sample or a
-  batch) or ``.npz`` files (``{input_name: array}`` each);
+  batch) or ``.npz`` files (``{input_name: array}`` each), or one such file;
 * a callable returning an iterable of arrays or dicts (called each time the data is read);
 * a :class:`CalibrationData`.
 
 Labels (for accuracy) ride along optionally.
+
+Files are read defensively (they come from users): regular files only, ``allow_pickle`` never, the ``.npy`` header
+(and each ``.npz`` member's) checked against the file's size and the memory limit (:func:`max_bytes`) before any
+array is allocated, numbers only (no object, string or structured dtypes), and every float sample finite.  Whatever
+is wrong ends in one :class:`CalibrationError` naming the file and the problem.
 """
 
 from __future__ import annotations
 
+import os
+import stat
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,6 +40,298 @@ Feed = dict[str, np.ndarray]
 
 class CalibrationError(EdgeoptError):
     """Calibration data that does not fit the model."""
+
+
+# --------------------------------------------------------------------------- memory limit
+
+#: The environment variable that sets :func:`max_bytes` (bytes, or a size like ``4GiB``).
+MAX_MEMORY_ENV = "EDGEOPT_MAX_MEMORY"
+#: The default ceiling of :func:`max_bytes` when the machine's free memory is larger.
+DEFAULT_MAX_BYTES = 8 << 30
+_max_bytes_override: int | None = None
+
+
+def _available_ram() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _parse_size(text: str, what: str) -> int:
+    from pydantic import ByteSize, TypeAdapter, ValidationError
+
+    try:
+        n = int(TypeAdapter(ByteSize).validate_python(text.strip()))
+    except ValidationError:
+        n = 0
+    if n <= 0:
+        raise EdgeoptError(f"{what}={text[:40]!r} is not a size; give bytes or a size like 4GiB or 512MB")
+    return n
+
+
+def set_max_bytes(n: int | None) -> None:
+    """Set the memory limit for data edgeopt reads (``None``: back to the default); for a ``--max-memory`` option."""
+    global _max_bytes_override
+    if n is not None and n <= 0:
+        raise EdgeoptError(f"the memory limit must be positive, not {n}")
+    _max_bytes_override = n
+
+
+def max_bytes() -> int:
+    """The most bytes of array data edgeopt reads from calibration and label files, in all.
+
+    :func:`set_max_bytes` if called, else ``$EDGEOPT_MAX_MEMORY`` (bytes or a size like ``4GiB``), else half the
+    machine's available memory, at most 8 GiB.
+    """
+    if _max_bytes_override is not None:
+        return _max_bytes_override
+    env = os.environ.get(MAX_MEMORY_ENV)
+    if env:
+        return _parse_size(env, f"${MAX_MEMORY_ENV}")
+    avail = _available_ram()
+    return min(avail // 2, DEFAULT_MAX_BYTES) if avail else DEFAULT_MAX_BYTES
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
+# --------------------------------------------------------------------------- reading files
+
+NPY_MAGIC = b"\x93NUMPY"
+ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
+#: Most members an .npz may hold, and most files a calibration folder may hold.
+MAX_NPZ_MEMBERS = 1024
+MAX_FOLDER_FILES = 100_000
+#: numpy's own limit on an .npy header (a Python literal; bigger ones are refused unparsed)
+MAX_NPY_HEADER = 10_000
+#: dtype kinds calibration data and labels may have: bool, signed/unsigned integers, floats
+NUMERIC_KINDS = "biuf"
+
+
+def _short(e: BaseException, limit: int = 160) -> str:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, OSError) and e.strerror:
+        msg = e.strerror
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
+
+
+#: What reading a broken, hostile or vanished file can raise (numpy's header parser, zipfile, zlib, lzma, the OS).
+def _read_errors() -> tuple[type[BaseException], ...]:
+    import lzma
+    import zipfile
+    import zlib
+
+    return (OSError, ValueError, TypeError, KeyError, IndexError, EOFError, RuntimeError, NotImplementedError,
+            OverflowError, RecursionError, MemoryError, SyntaxError, zipfile.BadZipFile, zlib.error, lzma.LZMAError)
+
+
+def _open_regular(path: Path, where: str) -> IO[bytes]:
+    """``path`` opened for reading if it is a regular file (a FIFO or device must neither block nor stream forever)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise CalibrationError(f"{where}: cannot open: {_short(e)}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CalibrationError(f"{where}: not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class _Budget:
+    """Bytes of array data still allowed to be read (:func:`max_bytes` for one loading of a data set)."""
+
+    def __init__(self, limit: int | None = None):
+        self.limit = max_bytes() if limit is None else limit
+        self.left = self.limit
+
+    def take(self, n: int, where: str, shape: tuple[int, ...]) -> None:
+        if n > self.left:
+            already = self.limit - self.left
+            more = f" (after {_fmt_bytes(already)} already read)" if already else ""
+            raise CalibrationError(
+                f"{where}: the array (shape {list(shape)}) needs {_fmt_bytes(n)}, over the memory limit of "
+                f"{_fmt_bytes(self.limit)}{more}; set ${MAX_MEMORY_ENV} to allow more")
+        self.left -= n
+
+
+def _check_dtype(dtype: np.dtype, where: str) -> None:
+    if dtype.hasobject:
+        raise CalibrationError(f"{where}: holds Python objects (a pickle), which edgeopt never loads; save numeric "
+                               "arrays (np.save of a float/int array)")
+    if dtype.kind not in NUMERIC_KINDS or dtype.subdtype is not None:
+        raise CalibrationError(f"{where}: has dtype {dtype.str if dtype.names is None else 'structured'}; "
+                               "data must be numbers (bool, int, uint or float arrays)")
+
+
+def _read_npy(fp: IO[bytes], where: str, budget: _Budget, available: int | None) -> np.ndarray:
+    """One .npy array from ``fp``: header checked (numeric dtype, declared size within ``available`` bytes of the
+    file and within ``budget``) before the array is allocated; pickles never."""
+    fmt = np.lib.format
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            start = fp.tell()
+            version = fmt.read_magic(fp)
+            if version == (1, 0):
+                shape, fortran, dtype = fmt.read_array_header_1_0(fp, max_header_size=MAX_NPY_HEADER)
+            elif version in ((2, 0), (3, 0)):  # 3.0: the header is UTF-8; its keys and values are ASCII
+                shape, fortran, dtype = fmt.read_array_header_2_0(fp, max_header_size=MAX_NPY_HEADER)
+            else:
+                raise CalibrationError(f"{where}: .npy format version {version} is not supported (1.0-3.0 are)")
+            header = fp.tell() - start
+        except CalibrationError:
+            raise
+        except _read_errors() as e:
+            raise CalibrationError(f"{where}: not a valid .npy file: {_short(e)}") from None
+    _check_dtype(dtype, where)
+    if any(d < 0 for d in shape):
+        raise CalibrationError(f"{where}: header declares a negative dimension {list(shape)}")
+    count = 1
+    for d in shape:
+        count *= d
+    nbytes = count * dtype.itemsize
+    if available is not None and nbytes > available - header:
+        raise CalibrationError(f"{where}: truncated or corrupt: the header declares shape {list(shape)} "
+                               f"({_fmt_bytes(nbytes)}), the file holds {_fmt_bytes(max(available - header, 0))}")
+    if count == 0:
+        raise CalibrationError(f"{where}: holds no data (shape {list(shape)})")
+    budget.take(nbytes, where, tuple(shape))
+    try:
+        buf = bytearray(nbytes)
+        view = memoryview(buf)
+        got = 0
+        while got < nbytes:
+            n = fp.readinto(view[got:])
+            if not n:
+                break
+            got += n
+    except _read_errors() as e:
+        raise CalibrationError(f"{where}: cannot read the array data: {_short(e)}") from None
+    if got < nbytes:
+        raise CalibrationError(f"{where}: truncated: the header declares {_fmt_bytes(nbytes)} of data, the file holds "
+                               f"{_fmt_bytes(got)}")
+    arr = np.frombuffer(buf, dtype=dtype, count=count)
+    return arr.reshape(shape, order="F" if fortran else "C")
+
+
+def _read_npz(fp: IO[bytes], where: str, budget: _Budget) -> dict[str, np.ndarray]:
+    import zipfile
+
+    out: dict[str, np.ndarray] = {}
+    try:
+        with zipfile.ZipFile(fp) as zf:
+            infos = zf.infolist()
+            if len(infos) > MAX_NPZ_MEMBERS:
+                raise CalibrationError(f"{where}: holds {len(infos)} members; an .npz of model inputs holds one "
+                                       f"array per input (at most {MAX_NPZ_MEMBERS})")
+            for info in infos:
+                member = f"{where} member {info.filename[:60]!r}"
+                if info.is_dir():
+                    continue
+                if not info.filename.endswith(".npy"):
+                    raise CalibrationError(f"{member}: not an .npy array (an .npz holds name.npy members)")
+                if info.flag_bits & 0x1:
+                    raise CalibrationError(f"{member}: encrypted")
+                key = info.filename[: -len(".npy")]
+                if key in out:
+                    raise CalibrationError(f"{member}: appears twice")
+                with zf.open(info) as m:  # zipfile stops at the declared size (and checks the CRC): no zip bombs
+                    out[key] = _read_npy(m, member, budget, info.file_size)
+    except CalibrationError:
+        raise
+    except _read_errors() as e:
+        raise CalibrationError(f"{where}: not a valid .npz file: {_short(e)}") from None
+    if not out:
+        raise CalibrationError(f"{where}: an .npz with no arrays")
+    return out
+
+
+def _read_file(path: Path, where: str, budget: _Budget) -> np.ndarray | dict[str, np.ndarray]:
+    with _open_regular(path, where) as fp:
+        try:
+            size = os.fstat(fp.fileno()).st_size
+            magic = fp.read(6)
+            fp.seek(0)
+        except OSError as e:
+            raise CalibrationError(f"{where}: cannot read: {_short(e)}") from None
+        if magic == NPY_MAGIC:
+            return _read_npy(fp, where, budget, size)
+        if magic[:4] in ZIP_MAGICS:
+            return _read_npz(fp, where, budget)
+        what = "an empty file" if size == 0 else "neither .npy nor .npz data"
+        raise CalibrationError(f"{where}: {what} (np.save / np.savez write them)")
+
+
+def load_array_file(path: str | Path) -> np.ndarray | dict[str, np.ndarray]:
+    """An .npy file (an array) or an .npz file (``{name: array}``), read with every check of this module."""
+    p = Path(path)
+    return _read_file(p, f"data file {p}", _Budget())
+
+
+def load_labels(path: str | Path) -> np.ndarray:
+    """Class labels from an .npy file (or an .npz with one array): one integer per sample, as int64."""
+    p = Path(path)
+    where = f"labels file {p}"
+    data = _read_file(p, where, _Budget())
+    if isinstance(data, dict):
+        if len(data) != 1:
+            raise CalibrationError(f"{where}: an .npz with {len(data)} arrays {sorted(data)[:5]}; labels are one array")
+        data = next(iter(data.values()))
+    return check_labels(data, where)
+
+
+def check_labels(labels: Any, where: str = "labels") -> np.ndarray:
+    """``labels`` as an int64 vector: one class index per sample (shape [N] or [N, 1]), integers (or integral,
+    finite floats)."""
+    try:
+        arr = np.asarray(labels)
+    except (ValueError, TypeError) as e:
+        raise CalibrationError(f"{where}: not an array of class indices: {_short(e)}") from None
+    _check_dtype(arr.dtype, where)
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 1:
+        raise CalibrationError(f"{where}: shape {list(arr.shape)}; labels are one class index per sample, shape [N] "
+                               "(one-hot labels: save labels.argmax(1))")
+    if len(arr) == 0:
+        raise CalibrationError(f"{where}: holds no labels")
+    if arr.dtype.kind == "f":
+        bad = np.flatnonzero(~np.isfinite(arr) | (arr != np.round(arr)))
+        if len(bad):
+            raise CalibrationError(f"{where}: label {int(bad[0])} is {arr[bad[0]]}; labels are whole class indices")
+    if arr.dtype.kind in "iuf" and len(arr) and (arr.min() < 0 or arr.max() > 2**31):
+        i = int(np.argmin(arr)) if arr.min() < 0 else int(np.argmax(arr))
+        raise CalibrationError(f"{where}: label {i} is {arr[i]}; class indices are from 0 to 2^31")
+    return arr.astype(np.int64)
+
+
+def _folder_files(folder: Path, where: str) -> list[Path]:
+    try:
+        with os.scandir(folder) as it:
+            names = []
+            for entry in it:
+                if entry.name.endswith((".npy", ".npz")):
+                    names.append(entry.name)
+                    if len(names) > MAX_FOLDER_FILES:
+                        raise CalibrationError(f"{where}: more than {MAX_FOLDER_FILES:,} .npy/.npz files")
+    except OSError as e:
+        raise CalibrationError(f"{where}: cannot list: {_short(e)}") from None
+    return [folder / n for n in sorted(names)]
 
 
 @dataclass
@@ -53,7 +353,17 @@ class CalibrationData:
                     parts.setdefault(k, []).append(np.asarray(v))
             if not parts:
                 raise CalibrationError(f"calibration data {self.description or ''} is empty".replace("  ", " "))
-            self._cache = {k: np.concatenate(v, axis=0) for k, v in parts.items()}
+            self._cache = {}
+            for k, v in parts.items():
+                shapes = {a.shape[1:] for a in v}
+                if len(shapes) > 1 or any(a.ndim == 0 for a in v):
+                    raise CalibrationError(f"calibration data {self.description}: input '{k}' has samples of "
+                                           f"different shapes {sorted(map(list, shapes))[:3]}")
+                self._cache[k] = np.concatenate(v, axis=0)
+            counts = {len(a) for a in self._cache.values()}
+            if len(counts) > 1:
+                raise CalibrationError(f"calibration data {self.description}: inputs have different sample counts "
+                                       f"{ {k: len(a) for k, a in self._cache.items()} }")
         return self._cache
 
     def __len__(self) -> int:
@@ -106,75 +416,153 @@ def model_inputs(model: onnx.ModelProto) -> list[tuple[str, list[int], np.dtype]
     return out
 
 
-def _check(feeds: Feed, model: onnx.ModelProto) -> Feed:
-    inputs = model_inputs(model)
+Inputs = list[tuple[str, list[int], np.dtype]]
+
+
+def _first_bad_sample(arr: np.ndarray) -> int | None:
+    """The index of the first sample holding NaN or Inf (in chunks: no full-size temporary), or None."""
+    step = max(1, (64 << 20) // max(1, arr[0].nbytes if len(arr) else 1))
+    for i in range(0, len(arr), step):
+        ok = np.isfinite(arr[i : i + step]).reshape(min(step, len(arr) - i), -1).all(axis=1)
+        if not ok.all():
+            return i + int(np.argmin(ok))
+    return None
+
+
+def _check_feed(feed: Mapping[str, Any], inputs: Inputs, where: str,
+                seen: dict[str, tuple[tuple[int, ...], str]] | None = None) -> Feed:
+    """One item of calibration data checked against the model: its inputs, numeric dtypes, ranks and fixed dims,
+    at least one sample, every float sample finite (after the cast to the model's dtype), and (with ``seen``) the
+    same per-sample shape as earlier items."""
     names = [n for n, _, _ in inputs]
-    if set(feeds) != set(names):
-        raise CalibrationError(f"calibration data has inputs {sorted(feeds)}, the model takes {names}")
-    out = {}
+    if set(feed) != set(names):
+        raise CalibrationError(f"{where}: has inputs {sorted(map(str, feed))[:8]}, the model takes {names}")
+    out: Feed = {}
     for name, dims, dtype in inputs:
-        arr = np.asarray(feeds[name])
+        what = f"{where} input '{name}'" if len(inputs) > 1 or where.endswith(".npz") else where
+        try:
+            arr = np.asarray(feed[name])
+        except (ValueError, TypeError) as e:
+            raise CalibrationError(f"{what}: not an array: {_short(e)}") from None
+        _check_dtype(arr.dtype, what)
         if arr.ndim != len(dims) or any(d > 0 and d != a for d, a in zip(dims[1:], arr.shape[1:])):
-            raise CalibrationError(f"calibration input '{name}' has shape {list(arr.shape)}, the model expects {dims} (-1: any)")
-        out[name] = arr.astype(dtype, copy=False)
+            raise CalibrationError(f"{what}: shape {list(arr.shape)}, the model expects {dims} (-1: any; "
+                                   "the first dim counts samples)")
+        if arr.shape[0] == 0 or arr.size == 0:
+            raise CalibrationError(f"{what}: holds no samples (shape {list(arr.shape)})")
+        if seen is not None:
+            first = seen.setdefault(name, (arr.shape[1:], where))
+            if first[0] != arr.shape[1:]:
+                raise CalibrationError(f"{what}: samples of shape {list(arr.shape[1:])}, but {first[1]} has "
+                                       f"{list(first[0])}; every sample of an input must have one shape")
+        with np.errstate(over="ignore", invalid="ignore"):
+            try:
+                arr = arr.astype(dtype, copy=False)
+            except (ValueError, TypeError, OverflowError) as e:
+                raise CalibrationError(f"{what}: cannot be read as {np.dtype(dtype)}: {_short(e)}") from None
+        if arr.dtype.kind == "f":
+            bad = _first_bad_sample(arr)
+            if bad is not None:
+                raise CalibrationError(f"{what}: sample {bad} holds NaN or Inf (or a value out of "
+                                       f"{np.dtype(dtype)} range); calibration data must be finite")
+        out[name] = arr
     return out
 
 
-def as_calibration(data: Any, model: onnx.ModelProto, labels: np.ndarray | None = None,
-                   batch_size: int | None = None) -> CalibrationData:
-    """Turn any accepted form of calibration data into :class:`CalibrationData` checked against ``model``."""
+def _calibration_path(path: Path, inputs: Inputs, one: Callable[[Any, str], Feed]) -> tuple[Callable[[], Iterator[Feed]], str]:
+    """A source reading a folder of .npy/.npz files, or one such file, with every check of this module."""
+    try:
+        is_dir = path.is_dir()
+        exists = is_dir or path.exists() or path.is_symlink()
+    except (OSError, ValueError):
+        is_dir, exists = False, False
+    if not exists:
+        raise CalibrationError(f"calibration data {path} does not exist")
+    if is_dir:
+        files = _folder_files(path, f"calibration folder {path}")
+        if not files:
+            raise CalibrationError(f"calibration folder {path} holds no .npy or .npz files")
+    else:
+        files = [path]
+
+    def load() -> Iterator[Feed]:
+        budget = _Budget()
+        seen: dict[str, tuple[tuple[int, ...], str]] = {}
+        for f in files:
+            where = f"calibration file {f}"
+            data = _read_file(f, where, budget)
+            yield _check_feed(data if isinstance(data, dict) else one(data, where), inputs, where, seen)
+
+    return load, str(path)
+
+
+def as_calibration(data: Any, model: onnx.ModelProto, labels: np.ndarray | str | Path | None = None,
+                   batch_size: int | None = None, labels_name: str | None = None) -> CalibrationData:
+    """Turn any accepted form of calibration data into :class:`CalibrationData` checked against ``model``.
+
+    Args:
+        data: an array, a dict of arrays, a folder of .npy/.npz files or one such file, a callable, or
+            :class:`CalibrationData`.
+        model: the model the data feeds.
+        labels: class labels of the samples (an array, or an .npy file).
+        batch_size: samples per batch (the model's fixed batch where it has one).
+        labels_name: where ``labels`` came from, for messages.
+
+    Raises:
+        CalibrationError: data or labels that cannot be read, do not fit the model, or hold NaN/Inf (the message
+            names the file or item, the input and the sample).
+    """
     inputs = model_inputs(model)
     fixed_batch = inputs[0][1][0] if inputs and inputs[0][1] and inputs[0][1][0] > 0 else None
     bs = fixed_batch or batch_size or 32
-    if isinstance(data, CalibrationData):
-        feeds = _check(data.feeds(), model)
-        return CalibrationData(lambda: [feeds], data.labels if labels is None else labels, fixed_batch or data.batch_size, data.description)
+    if isinstance(labels, (str, Path)):
+        labels_name = labels_name or f"labels file {labels}"
+        labels = load_labels(labels)
+    elif labels is not None:
+        labels = check_labels(labels, labels_name or "labels")
 
-    def one(item: Any) -> Feed:
+    def one(item: Any, where: str) -> Feed:
         if isinstance(item, Mapping):
             return dict(item)
         if len(inputs) != 1:
-            raise CalibrationError(f"the model has {len(inputs)} inputs; give calibration samples as dicts {{name: array}}")
-        arr = np.asarray(item)
+            raise CalibrationError(f"{where}: the model has {len(inputs)} inputs {[n for n, _, _ in inputs]}; give "
+                                   "calibration samples as dicts {name: array} (.npz files)")
+        try:
+            arr = np.asarray(item)
+        except (ValueError, TypeError) as e:
+            raise CalibrationError(f"{where}: not an array: {_short(e)}") from None
         if arr.ndim == len(inputs[0][1]) - 1:
             arr = arr[None]
         return {inputs[0][0]: arr}
 
-    if isinstance(data, (str, Path)):
-        folder = Path(data)
-        if not folder.is_dir():
-            raise CalibrationError(f"calibration folder {folder} does not exist")
-        files = sorted([*folder.glob("*.npy"), *folder.glob("*.npz")])
-        if not files:
-            raise CalibrationError(f"calibration folder {folder} holds no .npy or .npz files")
-
-        def load_folder() -> Iterator[Feed]:
-            for f in files:
-                if f.suffix == ".npz":
-                    with np.load(f) as z:
-                        yield {k: z[k] for k in z.files}
-                else:
-                    yield one(np.load(f))
-
-        desc = str(folder)
-        source: Callable[[], Iterable[Feed]] = load_folder
-    elif callable(data):
-        desc = getattr(data, "__name__", "callable")
-
-        def source() -> Iterator[Feed]:
-            for item in data():
-                yield one(item)
+    if isinstance(data, CalibrationData):
+        feeds = _check_feed(data.feeds(), inputs, f"calibration data {data.description}".rstrip())
+        cd = CalibrationData(lambda: [feeds], data.labels if labels is None else labels,
+                             fixed_batch or data.batch_size, data.description)
+        cd._cache = feeds
     else:
-        feed = one(data)
-        desc = "arrays"
+        if isinstance(data, (str, Path)):
+            source, desc = _calibration_path(Path(data), inputs, one)
+        elif callable(data):
+            desc = getattr(data, "__name__", "callable")
 
-        def source() -> Iterator[Feed]:
-            yield feed
+            def source() -> Iterator[Feed]:
+                seen: dict[str, tuple[tuple[int, ...], str]] = {}
+                for i, item in enumerate(data()):
+                    where = f"calibration item {i} of {desc}"
+                    yield _check_feed(one(item, where), inputs, where, seen)
+        else:
+            feed = _check_feed(one(data, "calibration data"), inputs, "calibration data")
+            desc = "arrays"
 
-    cd = CalibrationData(source, labels, bs, desc)
-    cd._cache = _check(cd.feeds(), model)
-    if labels is not None and len(labels) != len(cd):
-        raise CalibrationError(f"{len(labels)} labels for {len(cd)} calibration samples")
+            def source() -> Iterator[Feed]:
+                yield feed
+
+        cd = CalibrationData(source, labels, bs, desc)
+        cd.feeds()
+    if cd.labels is not None and len(cd.labels) != len(cd):
+        raise CalibrationError(f"{labels_name or 'labels'}: {len(cd.labels)} labels for {len(cd)} samples of "
+                               f"calibration data {cd.description}; give one label per sample")
     return cd
 
 

@@ -27,19 +27,25 @@ class BuildInputs:
     evaluation: CalibrationData | None
 
     @classmethod
-    def prepare(cls, path: str | Path, *, calib=None, eval_data=None, labels: np.ndarray | None = None,
+    def prepare(cls, path: str | Path, *, calib=None, eval_data=None, labels: np.ndarray | str | Path | None = None,
                 input_shapes: dict[str, list[int]] | None = None) -> BuildInputs:
-        from .calibration import as_calibration
+        """``labels`` may be an .npy file (read with :func:`edgeopt.calibration.load_labels`: checked, no pickles);
+        ``calib``/``eval_data`` anything :func:`edgeopt.calibration.as_calibration` takes (folders and files too)."""
+        from .calibration import as_calibration, load_labels
         from .graph import analyze, load_model
 
         p = Path(path)
         model = load_model(p, load_external_data=True)
         analysis = analyze(p, input_shapes, model=model)
+        labels_name = None
+        if isinstance(labels, (str, Path)):  # read even when no data uses them: a bad file is an error, not ignored
+            labels_name = f"labels file {labels}"
+            labels = load_labels(labels)
         cal = as_calibration(calib, model) if calib is not None else None
         if eval_data is not None:
-            ev = as_calibration(eval_data, model, labels=labels)
+            ev = as_calibration(eval_data, model, labels=labels, labels_name=labels_name)
         elif cal is not None:
-            ev = cal if labels is None else as_calibration(cal, model, labels=labels)
+            ev = cal if labels is None else as_calibration(cal, model, labels=labels, labels_name=labels_name)
         else:
             ev = None
         return cls(p, model, analysis, cal, ev)
