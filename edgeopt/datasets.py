@@ -20,7 +20,7 @@ Split = Literal["train", "calib", "test", "all"]
 def _digits():
     import numpy as np
 
-    with np.load(DIGITS) as z:
+    with np.load(DIGITS, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
 
 

@@ -497,3 +497,32 @@ def test_terabyte_header_does_not_allocate(tmp_path):
     lines = res.stdout.strip().splitlines()
     assert len(lines) == 2 and "truncated" in lines[0] and "small.npy" in lines[0], lines
     assert ("memory limit" in lines[1] if sparse != small else "truncated" in lines[1]), lines
+
+
+def test_python_api_refuses_non_finite_and_ragged_data(tiny):
+    """The same checks for data given in Python: arrays, dicts, callables and CalibrationData."""
+    import onnx
+
+    from edgeopt.calibration import CalibrationData, CalibrationError, as_calibration, max_bytes, set_max_bytes
+
+    m = onnx.load(str(tiny))
+    with pytest.raises(CalibrationError, match="sample 2 holds NaN"):
+        as_calibration(_with_nan(2), m)
+    with pytest.raises(CalibrationError, match="sample 1 holds NaN"):
+        as_calibration({"x": _with_nan(1, np.inf)}, m)
+    with pytest.raises(CalibrationError, match="item 1 of .*sample 3"):
+        as_calibration(lambda: [_x(), _with_nan(3)], m)
+    with pytest.raises(CalibrationError, match="sample 0"):
+        as_calibration(CalibrationData(lambda: [{"x": _with_nan(0)}], description="mine"), m)
+    with pytest.raises(CalibrationError, match="not an array|shape"):
+        as_calibration([[1.0] * 8, [1.0] * 3], m)
+    with pytest.raises(CalibrationError, match="pickle"):
+        as_calibration(np.array([[None] * 8], dtype=object), m)
+    with pytest.raises(CalibrationError, match="labels: label 1 is 0.5"):
+        as_calibration(_x(n=2), m, labels=np.array([1.0, 0.5]))
+    assert len(as_calibration(_x(), m, labels=np.arange(4))) == 4
+    try:
+        set_max_bytes(1000)
+        assert max_bytes() == 1000
+    finally:
+        set_max_bytes(None)
