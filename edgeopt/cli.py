@@ -120,6 +120,13 @@ def _parser() -> argparse.ArgumentParser:
     ag.add_argument("--token", help="bearer token clients must send (default: $EDGEOPT_AGENT_TOKEN)")
     ag.add_argument("--max-upload-mb", type=float, default=256, help="largest artifact upload accepted (default 256 MiB)")
     ag.add_argument("--profiles-dir", type=Path, help="also save every profile measured here under this directory")
+    ag.add_argument("--timeout", type=float, default=30.0,
+                    help="seconds a connection may take to send a request's headers, and may wait on one read or write "
+                         "(default 30); uploads must also keep up 64 KiB/s after that")
+    ag.add_argument("--max-connections", type=int, default=16,
+                    help="connections served at once (default 16); more wait 5 s for a free worker, then get HTTP 503")
+    ag.add_argument("--tls-cert", type=Path, help="serve HTTPS with this PEM certificate (chain); needs --tls-key")
+    ag.add_argument("--tls-key", type=Path, help="the PEM private key for --tls-cert")
     return ap
 
 
@@ -419,16 +426,17 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 def _cmd_agent(args: argparse.Namespace) -> int:
     import os
 
-    from .agent import serve
+    from .agent import check_token, serve
 
-    token = args.token or os.environ.get("EDGEOPT_AGENT_TOKEN")
-    if not token:
-        raise EdgeoptError("the agent needs a token: --token or $EDGEOPT_AGENT_TOKEN")
-    if len(token) < 8:
-        raise EdgeoptError("the agent's token must be at least 8 characters")
+    token = check_token(args.token or os.environ.get("EDGEOPT_AGENT_TOKEN"))
     if args.max_upload_mb <= 0:
         raise EdgeoptError("--max-upload-mb must be positive")
-    serve(args.host, args.port, token, max_upload_bytes=int(args.max_upload_mb * 2**20), profiles_dir=args.profiles_dir)
+    if not args.timeout > 0:
+        raise EdgeoptError("--timeout must be a positive number of seconds")
+    if args.max_connections < 1:
+        raise EdgeoptError("--max-connections must be at least 1")
+    serve(args.host, args.port, token, max_upload_bytes=int(args.max_upload_mb * 2**20), profiles_dir=args.profiles_dir,
+          timeout=args.timeout, max_workers=args.max_connections, tls_cert=args.tls_cert, tls_key=args.tls_key)
     return 0
 
 

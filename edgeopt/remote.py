@@ -16,8 +16,10 @@ Device strings (``edgeopt profile --device``):
   (``$EDGEOPT_ADB_BENCHMARK``, default ``/data/local/tmp/benchmark_model``), anything
   else through ``python3 -m edgeopt.cli`` in ``adb shell`` (``$EDGEOPT_ADB_PYTHON``;
   e.g. Termux's Python with edgeopt installed);
-* ``http://host:port``: an ``edgeopt agent`` (see :mod:`edgeopt.agent`), with a bearer
-  token (``--token`` or ``$EDGEOPT_AGENT_TOKEN``).  HTTP proxies are bypassed.
+* ``http://host:port`` or ``https://host:port``: an ``edgeopt agent`` (see :mod:`edgeopt.agent`), with a bearer
+  token (``--token`` or ``$EDGEOPT_AGENT_TOKEN``).  HTTP proxies are bypassed.  ``https://`` (an agent started
+  with ``--tls-cert``/``--tls-key``) checks the agent's certificate against ``$EDGEOPT_AGENT_CA`` (a PEM file,
+  e.g. its self-signed certificate) or else the system's trusted CAs.
 
 Each remote profile comes back with its ``device`` set to the device string; it is
 saved on this machine.  ``$EDGEOPT_REMOTE_TIMEOUT`` bounds each remote step (s, default 900).
@@ -41,7 +43,7 @@ from urllib.parse import urlsplit
 from .errors import EdgeoptError
 from .types import Artifact, OpTiming, Profile
 
-VALID_FORMS = "local, ssh://[user@]host[:port], adb:SERIAL, http://host:port"
+VALID_FORMS = "local, ssh://[user@]host[:port], adb:SERIAL, http://host:port, https://host:port"
 ADB_ROOT = "/data/local/tmp/edgeopt"
 ADB_BENCHMARK = "/data/local/tmp/benchmark_model"
 _HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
@@ -416,15 +418,31 @@ def pack_artifact(artifact_dir: Path, artifact: Artifact) -> bytes:
 class AgentDevice(Device):
     url: str
     token: str = field(repr=False)
+    #: PEM file of the CA (or self-signed certificate) an https:// agent's certificate is checked against; None:
+    #: $EDGEOPT_AGENT_CA, else the system's trusted CAs
+    ca_cert: str | None = None
 
     @property
     def spec(self) -> str:  # type: ignore[override]
         return self.url
 
+    def _ssl_context(self):
+        import ssl
+
+        ca = self.ca_cert or os.environ.get("EDGEOPT_AGENT_CA") or None
+        try:
+            return ssl.create_default_context(cafile=ca)
+        except (OSError, ssl.SSLError) as e:
+            raise EdgeoptError(f"cannot read the agent's CA certificate {ca} ($EDGEOPT_AGENT_CA): "
+                               f"{getattr(e, 'strerror', None) or e}") from None
+
     def _open(self, req):
         import urllib.request
 
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        handlers = [urllib.request.ProxyHandler({})]
+        if self.url.startswith("https://"):
+            handlers.append(urllib.request.HTTPSHandler(context=self._ssl_context()))
+        opener = urllib.request.build_opener(*handlers)
         return opener.open(req, timeout=_timeout())
 
     def request(self, path: str, body: bytes | None = None, query: dict | None = None) -> dict:
@@ -433,6 +451,8 @@ class AgentDevice(Device):
         from urllib.parse import urlencode
 
         url = f"{self.url}{path}" + (f"?{urlencode(query)}" if query else "")
+        if any(not 33 <= ord(c) <= 126 for c in self.token):
+            raise EdgeoptError("the agent's token must be printable ASCII without spaces (nothing is stripped)")
         headers = {"Authorization": f"Bearer {self.token}"}
         if body is not None:
             headers["Content-Type"] = "application/gzip"
@@ -449,8 +469,12 @@ class AgentDevice(Device):
                 msg = e.reason
             raise EdgeoptError(f"the agent at {self.url} answered HTTP {e.code}: {msg}") from None
         except (urllib.error.URLError, OSError) as e:
+            import ssl
+
             reason = getattr(e, "reason", e)
-            raise EdgeoptError(f"cannot reach the agent at {self.url}: {reason}") from None
+            hint = (" (give the agent's CA or self-signed certificate in $EDGEOPT_AGENT_CA)"
+                    if isinstance(reason, ssl.SSLCertVerificationError) else "")
+            raise EdgeoptError(f"cannot reach the agent at {self.url}: {reason}{hint}") from None
         except ValueError:
             raise EdgeoptError(f"the agent at {self.url} did not answer JSON") from None
 

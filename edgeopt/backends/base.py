@@ -394,17 +394,84 @@ def write_manifest(artifact: Artifact, out_dir: Path) -> Path:
     return path
 
 
+def artifact_path(artifact_dir: Path, rel: object, what: str = "path") -> Path:
+    """``artifact_dir / rel`` for a path an artifact's manifest (or one of its files) names, after checking that it
+    stays inside the artifact: a relative POSIX path, no ``..``, no absolute path, drive, backslash or NUL, and,
+    once symlinks are resolved, still inside ``artifact_dir``.
+
+    Args:
+        artifact_dir: the artifact's directory.
+        rel: the path as the manifest gives it.
+        what: what the path is, for the error (e.g. ``primary``).
+
+    Returns:
+        The path joined onto ``artifact_dir`` (not resolved).
+
+    Raises:
+        EdgeoptError: the path is not a string, or it could leave the artifact's directory.
+    """
+    from pathlib import PurePosixPath
+
+    def bad(why: str) -> EdgeoptError:
+        return EdgeoptError(f"{artifact_dir}/{MANIFEST}: {what} {str(rel)[:200]!r} {why}; paths in a manifest are "
+                            "relative POSIX paths inside the artifact's directory")
+
+    if not isinstance(rel, str) or not rel:
+        raise bad("is not a relative path")
+    if "\\" in rel or any(ord(c) < 32 for c in rel):
+        raise bad("has a backslash or control character")
+    p = PurePosixPath(rel)
+    if p.is_absolute() or rel.startswith("/"):
+        raise bad("is absolute")
+    if len(rel) >= 2 and rel[1] == ":" and rel[0].isalpha():
+        raise bad("has a drive letter")
+    if ".." in p.parts:
+        raise bad("has a '..' component")
+    if not p.parts or p.parts == (".",):
+        raise bad("names the artifact's directory itself")
+    root = Path(artifact_dir)
+    try:
+        inside = (root / p).resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):  # a symlink loop, a name too long
+        inside = False
+    if not inside:
+        raise bad("resolves outside the artifact's directory (a symlink?)")
+    return root / p
+
+
+def check_manifest_paths(artifact: Artifact, artifact_dir: Path) -> None:
+    """Check ``primary`` and every key of ``files`` with :func:`artifact_path`; ``primary`` must also be one of the
+    files or a directory holding some of them (the manifest's hashes then cover what a runtime loads).
+
+    Args:
+        artifact: the manifest.
+        artifact_dir: the artifact's directory.
+
+    Raises:
+        EdgeoptError: a path could leave the artifact's directory, or ``primary`` is not among the files.
+    """
+    for rel in artifact.files:
+        artifact_path(artifact_dir, rel, "file")
+    artifact_path(artifact_dir, artifact.primary, "primary")
+    prefix = artifact.primary.rstrip("/") + "/"
+    if artifact.primary not in artifact.files and not any(f.startswith(prefix) for f in artifact.files):
+        raise EdgeoptError(f"{artifact_dir}/{MANIFEST}: primary {artifact.primary[:200]!r} is not one of the "
+                           "artifact's files (nor a directory of them)")
+
+
 def read_manifest(artifact_dir: Path) -> Artifact:
-    """Read an artifact's manifest (without checking its files; see :func:`read_verified`).
+    """Read an artifact's manifest (without checking its files' hashes; see :func:`read_verified`).
 
     Args:
         artifact_dir: the artifact's directory.
 
     Returns:
-        The parsed manifest.
+        The parsed manifest; its ``primary`` and ``files`` paths stay inside ``artifact_dir``
+        (see :func:`check_manifest_paths`).
 
     Raises:
-        EdgeoptError: the directory has no ``manifest.json``, or it is not a valid manifest.
+        EdgeoptError: the directory has no ``manifest.json``, it is not a valid manifest, or a path it names
+            could leave the artifact's directory.
     """
     from pydantic import ValidationError
 
@@ -412,9 +479,15 @@ def read_manifest(artifact_dir: Path) -> Artifact:
     if not path.is_file():
         raise EdgeoptError(f"{artifact_dir} is not an edgeopt artifact (no {MANIFEST})")
     try:
-        return Artifact.model_validate_json(path.read_text())
+        artifact = Artifact.model_validate_json(path.read_bytes())
     except ValidationError as e:
-        raise EdgeoptError(f"{path} is not a valid manifest: {e.errors()[0]['msg']}") from e
+        err = e.errors()[0]
+        where = ".".join(map(str, err.get("loc", ()))) or "the file"
+        raise EdgeoptError(f"{path} is not a valid manifest: {where}: {err['msg']}") from None
+    except OSError as e:
+        raise EdgeoptError(f"cannot read {path}: {e.strerror or e}") from None
+    check_manifest_paths(artifact, artifact_dir)
+    return artifact
 
 
 def verify_files(artifact: Artifact, artifact_dir: Path) -> list[str]:
@@ -426,10 +499,13 @@ def verify_files(artifact: Artifact, artifact_dir: Path) -> list[str]:
 
     Returns:
         The manifest's relative paths that are missing or changed (empty: all intact).
+
+    Raises:
+        EdgeoptError: a path in the manifest could leave the artifact's directory (see :func:`artifact_path`).
     """
     bad = []
     for rel, digest in artifact.files.items():
-        p = Path(artifact_dir) / rel
+        p = artifact_path(artifact_dir, rel, "file")
         if not p.is_file() or sha256_of(p) != digest:
             bad.append(rel)
     return bad

@@ -124,13 +124,83 @@ class OpenVinoBackend(Backend):
                              numerics=int8_numerics(plan, int8_scheme_for(plan)))
 
     def load(self, artifact: Artifact, artifact_dir: Path, threads: int | None = None) -> Runner:
+        spec = read_compile_spec(artifact_dir)
+        if not artifact.primary.endswith(".xml"):
+            raise EdgeoptError(f"openvino artifacts load an IR .xml file, not primary {artifact.primary[:200]!r}")
         self.require()
-        spec = json.loads((Path(artifact_dir) / COMPILE_FILE).read_text())
         config = {**spec["config"], **({"INFERENCE_NUM_THREADS": int(threads)} if threads else {})}
         return OpenVinoRunner(Path(artifact_dir) / artifact.primary, spec["device"], config)
 
     def artifact_threads(self, artifact: Artifact, artifact_dir: Path) -> int | None:
-        return json.loads((Path(artifact_dir) / COMPILE_FILE).read_text())["config"].get("INFERENCE_NUM_THREADS")
+        return read_compile_spec(artifact_dir)["config"].get("INFERENCE_NUM_THREADS")
+
+
+#: compile.json's ``config``: the OpenVINO properties an artifact may set (what :meth:`OpenVinoBackend.convert`
+#: writes, plus a few performance hints), each with its valid values (a tuple of choices, or an int range).  Any
+#: other property (CACHE_DIR, a plugin's file paths, ...) is refused: the file comes with the artifact, which may
+#: come from elsewhere (``edgeopt agent``).
+COMPILE_CONFIG: dict[str, tuple] = {
+    "INFERENCE_PRECISION_HINT": ("f32", "bf16", "f16"),
+    "INFERENCE_NUM_THREADS": (None, range(0, 1025)),
+    "PERF_COUNT": ("YES", "NO", True, False),
+    "PERFORMANCE_HINT": ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT"),
+    "EXECUTION_MODE_HINT": ("PERFORMANCE", "ACCURACY"),
+    "NUM_STREAMS": ("AUTO", range(1, 1025)),
+    "ENABLE_CPU_PINNING": ("YES", "NO", True, False),
+    "ENABLE_HYPER_THREADING": ("YES", "NO", True, False),
+}
+COMPILE_KEYS = ("device", "config", "notes")
+_DEVICE = re.compile(r"[A-Z][A-Z0-9_]*(\.[0-9]+)?(:[A-Z][A-Z0-9_.,()]*)?")
+
+
+def _valid_value(value: object, choices: tuple) -> bool:
+    for c in choices:
+        if isinstance(c, range):
+            if isinstance(value, int) and not isinstance(value, bool) and value in c:
+                return True
+        elif value is c or (type(value) is type(c) and value == c):
+            return True
+    return False
+
+
+def _describe(choices: tuple) -> str:
+    return ", ".join(f"{c.start}..{c.stop - 1}" if isinstance(c, range) else json.dumps(c) for c in choices)
+
+
+def read_compile_spec(artifact_dir: Path) -> dict:
+    """An artifact's ``compile.json`` (device and OpenVINO properties), checked against :data:`COMPILE_CONFIG`.
+
+    Raises:
+        EdgeoptError: the file is missing or not JSON, it has keys other than device/config/notes, its device is
+            not an OpenVINO device name, or a property is not allowed or has a value outside its choices.
+    """
+    path = Path(artifact_dir) / COMPILE_FILE
+    try:
+        spec = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise EdgeoptError(f"openvino artifact {artifact_dir} has no {COMPILE_FILE}") from None
+    except (OSError, ValueError) as e:
+        raise EdgeoptError(f"{COMPILE_FILE} is not readable JSON: {str(e)[:200]}") from None
+    if not isinstance(spec, dict):
+        raise EdgeoptError(f"{COMPILE_FILE} must hold a JSON object with keys {', '.join(COMPILE_KEYS)}")
+    unknown = [k for k in spec if k not in COMPILE_KEYS]
+    if unknown:
+        raise EdgeoptError(f"{COMPILE_FILE}: unknown key {str(unknown[0])[:100]!r}; valid keys: {', '.join(COMPILE_KEYS)}")
+    device = spec.get("device", "CPU")
+    if not isinstance(device, str) or len(device) > 64 or not _DEVICE.fullmatch(device):
+        raise EdgeoptError(f"{COMPILE_FILE}: device {str(device)[:100]!r} is not an OpenVINO device name "
+                           "(e.g. CPU, GPU, GPU.1, NPU, AUTO, AUTO:GPU,CPU)")
+    config = spec.get("config", {})
+    if not isinstance(config, dict):
+        raise EdgeoptError(f"{COMPILE_FILE}: config must be a JSON object of OpenVINO properties")
+    for key, value in config.items():
+        if key not in COMPILE_CONFIG:
+            raise EdgeoptError(f"{COMPILE_FILE}: OpenVINO property {str(key)[:100]!r} is not allowed; valid properties: "
+                               f"{', '.join(COMPILE_CONFIG)}")
+        if not _valid_value(value, COMPILE_CONFIG[key]):
+            raise EdgeoptError(f"{COMPILE_FILE}: {key} = {json.dumps(value)[:100]} is not valid; valid values: "
+                               f"{_describe(COMPILE_CONFIG[key])}")
+    return {"device": device, "config": dict(config)}
 
 
 def _nncf_quantize(ov_model, plan: Plan, int8_layers: list[str], calib: CalibrationData):

@@ -66,8 +66,8 @@ _SCRIPT = r'''#!/usr/bin/env python3
 
 Run it on the machine that will serve the engine (engines are specific to the GPU
 and the TensorRT version):  python build_engine.py   (or: edgeopt's tensorrt backend does it
-when TensorRT is installed where the artifact is built).  The equivalent trtexec
-command is in build.json ("trtexec").
+when TensorRT is installed where the artifact is built or loaded, with its own builder
+code; it never runs this file).  The equivalent trtexec command is in build.json ("trtexec").
 """
 import json
 import pathlib
@@ -145,17 +145,121 @@ def build_config(plan: Plan, has_qdq: bool) -> dict:
             "trtexec": " ".join(cmd)}
 
 
-def build_engine(artifact_dir: Path) -> Path:
-    """Run the artifact's build step here; raises the not-installed error where TensorRT is missing."""
-    import subprocess
-    import sys
+#: build.json keys: the ones the engine build reads, checked before anything is built; ``trtexec`` and ``passes`` are
+#: notes for people (never run).  build.json comes with the artifact, which may come from elsewhere (``edgeopt agent``).
+BUILD_KEYS = ("onnx", "engine", "flags", "workspace_bytes", "dla_core", "gpu_fallback", "input_shapes", "trtexec", "passes")
+#: builder flags build_config writes
+BUILD_FLAGS = ("FP16", "BF16", "INT8", "SPARSE_WEIGHTS")
+MAX_WORKSPACE = 1 << 40
 
+
+def read_build_config(artifact_dir: Path) -> dict:
+    """An artifact's ``build.json``, checked key by key (types and ranges) before an engine is built from it.
+
+    Args:
+        artifact_dir: the artifact's directory.
+
+    Returns:
+        The settings the engine build uses: onnx (a file inside the artifact), engine (``model.engine``), flags,
+        workspace_bytes, dla_core, gpu_fallback, input_shapes.
+
+    Raises:
+        EdgeoptError: the file is missing or not JSON, a key is unknown or missing, or a value has the wrong type
+            or is out of range (the message names the key and what is valid).
+    """
+    from .base import artifact_path
+
+    path = Path(artifact_dir) / BUILD_FILE
+    try:
+        cfg = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise EdgeoptError(f"tensorrt artifact {artifact_dir} has no {BUILD_FILE}") from None
+    except (OSError, ValueError) as e:
+        raise EdgeoptError(f"{BUILD_FILE} is not readable JSON: {str(e)[:200]}") from None
+    if not isinstance(cfg, dict):
+        raise EdgeoptError(f"{BUILD_FILE} must hold a JSON object with keys {', '.join(BUILD_KEYS)}")
+    unknown = [k for k in cfg if k not in BUILD_KEYS]
+    if unknown:
+        raise EdgeoptError(f"{BUILD_FILE}: unknown key {str(unknown[0])[:100]!r}; valid keys: {', '.join(BUILD_KEYS)}")
+    missing = [k for k in ("onnx", "flags", "input_shapes") if k not in cfg]
+    if missing:
+        raise EdgeoptError(f"{BUILD_FILE}: missing key {missing[0]!r}")
+
+    def bad(key: str, valid: str) -> EdgeoptError:
+        return EdgeoptError(f"{BUILD_FILE}: {key} = {json.dumps(cfg[key])[:100]} is not valid; {key} must be {valid}")
+
+    def is_int(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    onnx_file = cfg["onnx"]
+    if not isinstance(onnx_file, str) or not onnx_file.endswith(".onnx"):
+        raise bad("onnx", "the relative path of the artifact's .onnx file")
+    artifact_path(artifact_dir, onnx_file, "build.json onnx")
+    if cfg.get("engine", ENGINE) != ENGINE:
+        raise bad("engine", f'"{ENGINE}"')
+    flags = cfg["flags"]
+    if not isinstance(flags, list) or not all(isinstance(f, str) and f in BUILD_FLAGS for f in flags):
+        raise bad("flags", f"a list of {', '.join(BUILD_FLAGS)}")
+    workspace = cfg.get("workspace_bytes", 1 << 30)
+    if not is_int(workspace) or not 1 << 20 <= workspace <= MAX_WORKSPACE:
+        raise bad("workspace_bytes", f"an integer from {1 << 20} to {MAX_WORKSPACE}")
+    dla = cfg.get("dla_core")
+    if dla is not None and (not is_int(dla) or not 0 <= dla <= 15):
+        raise bad("dla_core", "null or an integer from 0 to 15")
+    fallback = cfg.get("gpu_fallback", True)
+    if not isinstance(fallback, bool):
+        raise bad("gpu_fallback", "true or false")
+    shapes = cfg["input_shapes"]
+    if (not isinstance(shapes, dict) or not 0 < len(shapes) <= 256
+            or not all(isinstance(k, str) and 0 < len(k) <= 1024 for k in shapes)
+            or not all(isinstance(v, list) and 0 <= len(v) <= 8 and all(is_int(d) and 0 < d <= 1 << 24 for d in v)
+                       for v in shapes.values())):
+        raise bad("input_shapes", "an object of input name -> shape (at most 8 dimensions of 1..16777216)")
+    return {"onnx": onnx_file, "engine": ENGINE, "flags": list(flags), "workspace_bytes": workspace, "dla_core": dla,
+            "gpu_fallback": fallback, "input_shapes": {k: list(v) for k, v in shapes.items()}}
+
+
+def build_engine(artifact_dir: Path) -> Path:
+    """Build the artifact's engine here with edgeopt's own builder, from its checked ``build.json``
+    (:func:`read_build_config`); the artifact's ``build_engine.py`` is never run (it is there for people building
+    by hand).  Raises the not-installed error where TensorRT is missing."""
+    cfg = read_build_config(artifact_dir)
     BACKEND.require()
-    proc = subprocess.run([sys.executable, str(Path(artifact_dir) / BUILD_SCRIPT)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["engine build failed"])[-1]
-        raise EdgeoptError(last.removeprefix("error: "))
-    return Path(artifact_dir) / ENGINE
+    return _build(Path(artifact_dir), cfg)
+
+
+def _build(artifact_dir: Path, cfg: dict) -> Path:
+    """TensorRT's builder on checked settings (what build_engine.py does, in-process)."""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    major = int(str(trt.__version__).split(".")[0])
+    flags = 0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(artifact_dir / cfg["onnx"])):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EdgeoptError(f"TensorRT could not parse {cfg['onnx']}: {errors[:500]}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(cfg["workspace_bytes"]))
+    for flag in cfg["flags"]:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    if cfg["dla_core"] is not None:
+        config.default_device_type = trt.DeviceType.DLA
+        config.DLA_core = int(cfg["dla_core"])
+        if cfg["gpu_fallback"]:
+            config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+    profile = builder.create_optimization_profile()
+    for name, shape in cfg["input_shapes"].items():
+        profile.set_shape(name, shape, shape, shape)
+    config.add_optimization_profile(profile)
+    engine = builder.build_serialized_network(network, config)
+    if engine is None:
+        raise EdgeoptError("TensorRT failed to build the engine (see its log above)")
+    out = artifact_dir / ENGINE
+    out.write_bytes(bytes(engine))
+    return out
 
 
 class TrtRunner(Runner):
