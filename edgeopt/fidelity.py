@@ -89,33 +89,75 @@ def run(model, data: CalibrationData, limit: int | None = None) -> list[np.ndarr
     return [np.concatenate(o, axis=0) for o in outs]
 
 
+#: the relative noise of a candidate whose outputs are not finite (NaN/Inf): worse than any finite candidate
+NONFINITE_NOISE = 1e30
+#: the max_abs_error reported for a candidate with non-finite outputs (JSON has no NaN/Infinity)
+NONFINITE_ERROR = float(np.finfo(np.float32).max)
+
+
+def check_finite_reference(outputs: list[np.ndarray], what: str = "the original model") -> None:
+    """Refuse reference outputs that are not finite: nothing can be compared with NaN, and a NaN reference would
+    make every candidate look faithful.
+
+    Raises:
+        EdgeoptError: naming the output index and the first sample that is not finite.
+    """
+    from .errors import EdgeoptError
+
+    for i, o in enumerate(outputs):
+        a = np.asarray(o)
+        if a.dtype.kind in "fc" and not np.all(np.isfinite(a)):
+            bad = ~np.isfinite(a.reshape(len(a), -1) if a.ndim else a.reshape(1, 1))
+            sample = int(np.argmax(bad.any(axis=1)))
+            raise EdgeoptError(f"{what} produces NaN/Inf in output {i} for sample {sample} of the given data; "
+                               f"fix the model or the data (nothing can be compared with it)")
+
+
 def relative_noise(ref: np.ndarray, out: np.ndarray) -> float:
     """Noise power over signal power, ``|ref - out|^2 / |ref|^2`` in float64 (what sensitivity and the int8
-    settings choice rank by; additive across layers to first order)."""
+    settings choice rank by; additive across layers to first order).  A candidate with NaN/Inf outputs gets
+    :data:`NONFINITE_NOISE`, so no search ever prefers it."""
     r = np.asarray(ref, np.float64)
-    return float(np.sum((r - np.asarray(out, np.float64)) ** 2) / max(np.sum(r**2), 1e-30))
+    o = np.asarray(out, np.float64)
+    if not np.all(np.isfinite(o)):
+        return NONFINITE_NOISE
+    return float(np.sum((r - o) ** 2) / max(np.sum(r**2), 1e-30))
 
 
 def compare_outputs(ref: list[np.ndarray], out: list[np.ndarray], labels: np.ndarray | None = None) -> Fidelity:
+    """Fidelity of ``out`` against the reference outputs ``ref`` (which must be finite: see
+    :func:`check_finite_reference`).  Candidate samples with NaN/Inf count as the worst case: SNR at the floor,
+    cosine 0, top-1 disagreement, wrong against labels."""
+    check_finite_reference(ref)
     r = np.concatenate([x.astype(np.float64).ravel() for x in ref])
     o = np.concatenate([x.astype(np.float64).ravel() for x in out])
-    noise = float(np.sum((r - o) ** 2))
+    finite = bool(np.all(np.isfinite(o)))
+    noise = float(np.sum((r - o) ** 2)) if finite else float("inf")
     signal = float(np.sum(r**2))
     # identical outputs: a finite ceiling (JSON has no infinity; manifests must round-trip)
-    snr = SNR_CEILING_DB if noise == 0 else min(SNR_CEILING_DB, 10 * np.log10(max(signal, 1e-30) / noise))
+    if not finite:
+        snr = -SNR_CEILING_DB
+    else:
+        snr = SNR_CEILING_DB if noise == 0 else float(np.clip(10 * np.log10(max(signal, 1e-30) / noise),
+                                                              -SNR_CEILING_DB, SNR_CEILING_DB))
     r0 = ref[0].reshape(len(ref[0]), -1).astype(np.float64)
     o0 = out[0].reshape(len(out[0]), -1).astype(np.float64)
+    ok = np.all(np.isfinite(o0), axis=1)  # per sample
+    o0 = np.where(ok[:, None], o0, 0.0)
     denom = np.linalg.norm(r0, axis=1) * np.linalg.norm(o0, axis=1)
-    cos = float(np.mean(np.where(denom > 0, np.sum(r0 * o0, axis=1) / np.maximum(denom, 1e-30), 1.0)))
+    cos_each = np.where(denom > 0, np.sum(r0 * o0, axis=1) / np.maximum(denom, 1e-30), 1.0)
+    cos = float(np.mean(np.where(ok, cos_each, 0.0)))
     top1 = acc = ref_acc = delta = None
     if ref[0].ndim == 2 and ref[0].shape[1] > 1:
-        top1 = float(np.mean(ref[0].argmax(1) == out[0].argmax(1)))
+        picked = out[0].argmax(1)
+        top1 = float(np.mean((ref[0].argmax(1) == picked) & ok))
         if labels is not None:
             ref_acc = float(np.mean(ref[0].argmax(1) == labels[: len(ref[0])]))
-            acc = float(np.mean(out[0].argmax(1) == labels[: len(out[0])]))
+            acc = float(np.mean((picked == labels[: len(out[0])]) & ok))
             delta = acc - ref_acc
+    err = float(np.max(np.abs(r - o))) if len(r) and finite else (NONFINITE_ERROR if len(r) else 0.0)
     return Fidelity(samples=len(ref[0]), snr_db=round(snr, 3), cosine=round(cos, 6),
-                    max_abs_error=float(np.max(np.abs(r - o))) if len(r) else 0.0,
+                    max_abs_error=min(err, NONFINITE_ERROR),
                     top1_agreement=top1, accuracy=acc, reference_accuracy=ref_acc, accuracy_delta=delta)
 
 

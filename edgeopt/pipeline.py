@@ -297,13 +297,14 @@ class Planning:
     def prepare(self) -> None:
         """Compute the reference outputs, the budget and the error model (once; needs data)."""
         from .accuracy import ErrorModel, choose_budget, is_classification
-        from .fidelity import run
+        from .fidelity import check_finite_reference, run
 
         data = self.inputs.evaluation or self.inputs.calib
         if self.budget is not None or data is None:
             return
         if self.reference is None:
             self.reference = run(self.inputs.model, data, EVAL_LIMIT)
+            check_finite_reference(self.reference)
         labels = data.labels is not None
         self.budget = choose_budget(is_classification(self.reference[0]), labels, self.max_accuracy_drop, self.min_snr_db)
         self.error_model = ErrorModel(self.reference[0], data.labels, self.budget)

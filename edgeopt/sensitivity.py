@@ -60,7 +60,10 @@ def _compare(ref: np.ndarray, out: np.ndarray) -> tuple[float, float | None]:
     from .fidelity import relative_noise
 
     noise = relative_noise(ref, out)
-    flips = float(np.mean(ref.argmax(1) != out.argmax(1))) if ref.ndim == 2 and ref.shape[1] > 1 else None
+    if ref.ndim == 2 and ref.shape[1] > 1:  # a sample with NaN/Inf outputs counts as flipped
+        flips = float(np.mean((ref.argmax(1) != out.argmax(1)) | ~np.isfinite(out).all(axis=1)))
+    else:
+        flips = None
     return noise, flips
 
 
@@ -94,7 +97,7 @@ def measure(model: onnx.ModelProto, calib: CalibrationData, options: Iterable[st
     """
     import onnx
 
-    from .fidelity import run_feeds, session
+    from .fidelity import check_finite_reference, run_feeds, session
     from .passes import PassError
     from .passes._util import Graph
     from .passes.cleanup import Config as CleanupConfig
@@ -121,6 +124,7 @@ def measure(model: onnx.ModelProto, calib: CalibrationData, options: Iterable[st
                 results[(s.layer, s.option)] = s
     feeds = sub.feeds()
     ref = run_feeds(session(clean), feeds)[0]
+    check_finite_reference([ref])
     g = Graph(clean)
     wanted = set(layers) if layers is not None else None
     targets = [n for n in clean.graph.node if n.op_type in WEIGHTED and len(n.input) > 1 and g.array(n.input[1]) is not None

@@ -111,7 +111,7 @@ def test_compress_writes_model_and_reports(tmp_path, digits_model):
 def test_build_replay_and_fleet_commands(tmp_path):
     out = tmp_path / "art"
     p = run("build", "default", "--target", "x86-cpu", "--precision", "int8", "-o", out, check_rc=0)
-    assert "measured here" in p.stdout and "accuracy_delta" in p.stdout
+    assert "measured on this host" in p.stdout and "accuracy_delta" in p.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["backend"] == "onnxruntime" and set(manifest["files"]) == {"model.onnx", "session.json"}
     run("build", "default", "--target", "x86-cpu", "--plan", out / "plan.json", "-o", tmp_path / "again", check_rc=0)
