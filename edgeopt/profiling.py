@@ -221,20 +221,28 @@ def make_feeds(artifact, runner, inputs=None, seed: int = 0) -> dict[str, np.nda
     names = list(runner.input_names)
     if inputs is not None:
         if isinstance(inputs, (str, os.PathLike)):
+            from .calibration import load_array_file  # size-checked before allocating, no pickles, one-line errors
+
             p = Path(inputs)
             if not p.is_file():
                 raise EdgeoptError(f"inputs {p} does not exist")
-            if p.suffix == ".npz":
-                with np.load(p) as z:
-                    inputs = {k: z[k] for k in z.files}
+            loaded = load_array_file(p)
+            if isinstance(loaded, dict):
+                inputs = loaded
             elif len(names) == 1:
-                inputs = {names[0]: np.load(p)}
+                inputs = {names[0]: loaded}
             else:
                 raise EdgeoptError(f"the model takes {len(names)} inputs {names}: give them as an .npz")
         missing = [n for n in names if n not in inputs]
         if missing:
             raise EdgeoptError(f"inputs lack {missing}; the model takes {names}")
-        return {n: np.asarray(inputs[n]) for n in names}
+        feeds = {n: np.asarray(inputs[n]) for n in names}
+        for n, a in feeds.items():
+            if a.dtype.kind not in "biuf":
+                raise EdgeoptError(f"input '{n}' has dtype {a.dtype}; give numbers")
+            if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+                raise EdgeoptError(f"input '{n}' holds NaN/Inf; give finite values")
+        return feeds
     rng = np.random.default_rng(seed)
     dtypes = _input_dtypes(runner)
     feeds = {}
