@@ -408,8 +408,10 @@ def _one_line(text: str, limit: int = 500) -> str:
 class AgentHandler(BaseHTTPRequestHandler):
     server: AgentServer
     server_version = "edgeopt-agent"
-    sys_version = ""
     protocol_version = "HTTP/1.1"
+
+    def version_string(self) -> str:
+        return self.server_version  # no Python version disclosed
 
     def setup(self) -> None:
         self.timeout = self.server.conn_timeout
