@@ -81,8 +81,11 @@ class LocalDevice(Device):
         return profile_local(artifact_dir, threads=threads, warmup=warmup, repeats=repeats)
 
 
-def parse_device(spec: str, token: str | None = None) -> Device:
-    """The device a ``--device`` string names; a one-line error listing the valid forms otherwise."""
+def parse_device(spec: str, token: str | None = None, ca_cert: str | None = None) -> Device:
+    """The device a ``--device`` string names; a one-line error listing the valid forms otherwise.
+
+    ``ca_cert``: for ``https://`` agents, the PEM file their certificate is checked against (else
+    ``$EDGEOPT_AGENT_CA``, else the system's trusted CAs)."""
     s = spec.strip()
     bad = EdgeoptError(f"bad device '{spec}'; valid forms: {VALID_FORMS}")
     if s == "local":
@@ -114,7 +117,9 @@ def parse_device(spec: str, token: str | None = None) -> Device:
         if not token:
             raise EdgeoptError(f"device {s} is an edgeopt agent: give its token with --token or $EDGEOPT_AGENT_TOKEN")
         host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
-        return AgentDevice(f"{u.scheme}://{host}:{port or 8765}", token)
+        if ca_cert is not None and u.scheme != "https":
+            raise EdgeoptError(f"--ca-cert applies to https:// agents, not {s}")
+        return AgentDevice(f"{u.scheme}://{host}:{port or 8765}", token, ca_cert=str(ca_cert) if ca_cert else None)
     raise bad
 
 
@@ -399,7 +404,9 @@ class AdbDevice(Device):
         return Profile(artifact_sha256=sha, target=artifact.target, backend=artifact.backend, unit=artifact.plan.unit, device=self.spec,
                        host=self.host(artifact.plan.unit, "benchmark_model"), threads=n, warmup=warmup,
                        repeats=res.runs or repeats, latency_ms=res.latency_ms, peak_memory_bytes=res.peak_memory_bytes,
-                       ops=res.ops, predicted_latency_ms=artifact.predicted_latency_ms, created_utc=_now_utc())
+                       ops=res.ops, predicted_latency_ms=artifact.predicted_latency_ms,
+                       # an Android device stands for a phone target; anything else reached over adb is not its class
+                       on_target_class=artifact.plan.target_definition.device_class == "mobile", created_utc=_now_utc())
 
 
 # --------------------------------------------------------------------------- edgeopt agent (http)

@@ -411,3 +411,13 @@ def test_agent_cli_end_to_end(ort_artifact, tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_parse_device_ca_cert_only_for_https():
+    from edgeopt.errors import EdgeoptError
+    from edgeopt.remote import AgentDevice, parse_device
+
+    d = parse_device("https://lab-board:9000", token="t" * 16, ca_cert="/etc/lab-ca.pem")
+    assert isinstance(d, AgentDevice) and d.ca_cert == "/etc/lab-ca.pem" and d.url == "https://lab-board:9000"
+    with pytest.raises(EdgeoptError, match="applies to https:// agents"):
+        parse_device("http://lab-board:9000", token="t" * 16, ca_cert="/etc/lab-ca.pem")

@@ -366,7 +366,7 @@ def make_artifact(out_dir: Path, primary: str, plan: Plan, backend: str, version
     Raises:
         EdgeoptError: ``primary`` was not written.
     """
-    files = {str(p.relative_to(out_dir)): sha256_of(p) for p in sorted(out_dir.rglob("*"))
+    files = {p.relative_to(out_dir).as_posix(): sha256_of(p) for p in sorted(out_dir.rglob("*"))
              if p.is_file() and p.name != MANIFEST}
     if primary not in files and not (out_dir / primary).is_dir():
         raise EdgeoptError(f"backend {backend} did not write its primary file {primary}")
