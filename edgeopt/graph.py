@@ -12,15 +12,107 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import InputShapeError, ModelLoadError
+from .errors import EdgeoptError, InputShapeError, ModelLoadError
 from .types import LayerInfo, ModelAnalysis, TensorInfo
+from .units import fmt_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
+
+# --------------------------------------------------------------------------- memory limit
+
+#: The environment variable that sets :func:`max_memory` (bytes, or a size like ``4GiB``); ``--max-memory`` wins.
+MAX_MEMORY_ENV = "EDGEOPT_MAX_MEMORY"
+#: The default ceiling of :func:`max_memory` when the machine's free memory is larger.
+DEFAULT_MAX_MEMORY = 8 << 30
+_max_memory_override: int | None = None
+
+
+class MemoryLimitError(EdgeoptError):
+    """Work that would need more memory than the limit (``--max-memory``, ``$EDGEOPT_MAX_MEMORY``)."""
+
+
+def parse_size(text: str, what: str = "--max-memory") -> int:
+    """``"4GiB"`` -> 4294967296, ``"512MB"``, ``"4G"`` (decimal), ``"1000000"``; one-line :class:`EdgeoptError` else."""
+    from pydantic import ByteSize, TypeAdapter, ValidationError
+
+    try:
+        n = int(TypeAdapter(ByteSize).validate_python(str(text).strip()))
+    except (ValidationError, ValueError, OverflowError):
+        n = 0
+    if n <= 0:
+        raise EdgeoptError(f"{what} {str(text)[:40]!r} is not a size; give bytes or a size like 4GiB or 512MB")
+    return n
+
+
+def available_memory() -> int | None:
+    """Memory this process may still take: the kernel's MemAvailable, less where a cgroup (container) limit is lower."""
+    avail: int | None = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, OSError, ValueError):
+            avail = None
+    try:  # cgroup v2: memory.max ("max" when unlimited) less memory.current
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            left = int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+            avail = max(0, left) if avail is None else min(avail, max(0, left))
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def set_max_memory(n: int | None) -> None:
+    """Set the memory limit (``None``: back to ``$EDGEOPT_MAX_MEMORY`` or the default); ``--max-memory`` calls it."""
+    global _max_memory_override
+    if n is not None and n <= 0:
+        raise EdgeoptError(f"the memory limit must be positive, not {n}")
+    _max_memory_override = n
+
+
+@contextmanager
+def memory_limit(n: int | None):
+    """:func:`set_max_memory` for a block (``None`` leaves the limit as it is)."""
+    global _max_memory_override
+    before = _max_memory_override
+    if n is not None:
+        set_max_memory(n)
+    try:
+        yield
+    finally:
+        _max_memory_override = before
+
+
+def max_memory() -> int:
+    """The most memory model loading and analysis may use: :func:`set_max_memory` / ``--max-memory`` if set, else
+    ``$EDGEOPT_MAX_MEMORY``, else half the available memory, at most 8 GiB."""
+    if _max_memory_override is not None:
+        return _max_memory_override
+    env = os.environ.get(MAX_MEMORY_ENV)
+    if env:
+        return parse_size(env, f"${MAX_MEMORY_ENV}")
+    avail = available_memory()
+    return max(1 << 28, min(avail // 2, DEFAULT_MAX_MEMORY)) if avail else DEFAULT_MAX_MEMORY
+
+
+def _limit_hint() -> str:
+    return f"raise the limit with --max-memory or ${MAX_MEMORY_ENV} if the machine has the memory"
+
 
 # --------------------------------------------------------------------------- loading
 
@@ -53,11 +145,22 @@ def _sniff(path: Path) -> str | None:
     return None
 
 
+def _first_line(e: BaseException) -> str:
+    text = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "") or type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def load_model(path: str | Path, *, load_external_data: bool = False) -> onnx.ModelProto:
     """Load an ONNX model, turning every way a file can be wrong into a one-line :class:`ModelLoadError`.
 
-    External data is only checked (files exist and are long enough) unless
-    ``load_external_data`` is set, so a multi-GB model analyses without reading its weights.
+    Everything is checked before anything big is read: opset versions against what the installed onnx and
+    onnxruntime support, every tensor's data type and data size against its dims (initializers, ``Constant``
+    values, sub-graphs), external-data references (numeric, non-negative offsets and lengths inside files beside the
+    model), that every tensor a node reads is defined before it, unique tensor names, graph outputs that exist and
+    graph inputs/outputs of types edgeopt can feed.  Sparse initializers (and ``Constant`` sparse values) are turned
+    dense; duplicate node names get a suffix (onnxruntime refuses them).  External data is only checked unless
+    ``load_external_data`` is set, so a multi-GB model analyses without reading its weights; what is read must fit
+    :func:`max_memory` (:class:`MemoryLimitError` otherwise).
     """
     import onnx
     from google.protobuf.message import DecodeError
@@ -77,39 +180,75 @@ def load_model(path: str | Path, *, load_external_data: bool = False) -> onnx.Mo
         raise ModelLoadError(f"cannot read model file {p}: {e.strerror or e}") from e
     if what:
         raise ModelLoadError(f"{p} is {what}, not an ONNX model; edgeopt takes ONNX input (export to .onnx first)")
+    limit = max_memory()
+    if size > limit:
+        raise MemoryLimitError(f"model file {p} is {fmt_bytes(size)}, more than the memory limit of {fmt_bytes(limit)}; "
+                               f"{_limit_hint()}")
     try:
         model = onnx.load(str(p), load_external_data=False)
     except DecodeError as e:
         raise ModelLoadError(f"{p} is not a valid ONNX model: protobuf parse failed ({e}); the file is truncated, corrupt or not ONNX") from e
     except Exception as e:  # onnx raises several types on junk
-        raise ModelLoadError(f"{p} is not a valid ONNX model: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        raise ModelLoadError(f"{p} is not a valid ONNX model: {_first_line(e)}") from e
     if model.ir_version <= 0 or not model.opset_import or not model.graph.node:
         raise ModelLoadError(f"{p} does not hold an ONNX graph (no IR version, opset or nodes): truncated, corrupt or not ONNX")
-    _check_external_data(model, p)
+    _check_opsets(model, p)
+    _check_graph(model.graph, p, outer=(), where="")
+    external = _check_external_data(model, p)
     try:
         onnx.checker.check_model(str(p), full_check=False)  # by path: resolves external data beside the model
-    except onnx.checker.ValidationError as e:
-        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "invalid")
-        raise ModelLoadError(f"{p} is not a valid ONNX model: {first}") from e
-    if load_external_data and _has_external(model):
-        from onnx.external_data_helper import load_external_data_for_model
-
-        load_external_data_for_model(model, str(p.parent))
+    except Exception as e:  # ValidationError, and whatever else the C++ checker throws on junk
+        raise ModelLoadError(f"{p} is not a valid ONNX model: {_first_line(e)}") from e
+    dense = sum(_sparse_dense_bytes(s) for s in _all_sparse(model.graph))
+    ext_bytes = sum(n for _, _, n in external) if load_external_data else 0
+    need = size + dense + ext_bytes
+    if need > limit:
+        what = [f"{fmt_bytes(ext_bytes)} of external data"] if ext_bytes else []
+        if dense:
+            what.append(f"{fmt_bytes(dense)} of sparse initializers made dense")
+        raise MemoryLimitError(f"loading {p} needs {fmt_bytes(need)} ({', '.join(what) or 'the model file'}), more than the "
+                               f"memory limit of {fmt_bytes(limit)}; {_limit_hint()}")
+    if load_external_data and external:
+        _read_external_data(model, p, external)
+    _densify_sparse(model.graph)
+    _unique_node_names(model.graph)
     return model
 
 
 def _all_tensors(graph: onnx.GraphProto):
-    """Every TensorProto stored in a graph: initializers, Constant values, sub-graphs."""
+    """Every TensorProto stored in a graph: initializers, sparse initializers' parts, attribute tensors, sub-graphs."""
     yield from graph.initializer
+    for s in graph.sparse_initializer:
+        yield s.values
+        yield s.indices
     for node in graph.node:
         for a in node.attribute:
             if a.HasField("t"):
                 yield a.t
             yield from a.tensors
+            if a.HasField("sparse_tensor"):
+                yield a.sparse_tensor.values
+                yield a.sparse_tensor.indices
+            for s in a.sparse_tensors:
+                yield s.values
+                yield s.indices
             if a.HasField("g"):
                 yield from _all_tensors(a.g)
             for g in a.graphs:
                 yield from _all_tensors(g)
+
+
+def _all_sparse(graph: onnx.GraphProto):
+    yield from graph.sparse_initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("sparse_tensor"):
+                yield a.sparse_tensor
+            yield from a.sparse_tensors
+            if a.HasField("g"):
+                yield from _all_sparse(a.g)
+            for g in a.graphs:
+                yield from _all_sparse(g)
 
 
 def _has_external(model: onnx.ModelProto) -> bool:
@@ -118,43 +257,425 @@ def _has_external(model: onnx.ModelProto) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(model.graph))
 
 
-def _check_external_data(model: onnx.ModelProto, path: Path) -> None:
+# ------------------------------------------------------------------ load-time checks
+
+
+def _opset_limits() -> dict[str, int]:
+    """Newest opset per domain that both the installed onnx and (when installed) onnxruntime know."""
+    global _OPSET_LIMITS
+    if _OPSET_LIMITS is None:
+        import onnx
+
+        limits: dict[str, int] = {"": onnx.defs.onnx_opset_version()}
+        for s in onnx.defs.get_all_schemas_with_history():
+            limits[s.domain] = max(limits.get(s.domain, 0), s.since_version)
+        limits[""] = onnx.defs.onnx_opset_version()
+        try:
+            import importlib.util
+
+            if importlib.util.find_spec("onnxruntime") is not None:
+                from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
+
+                ort_max: dict[str, int] = {}
+                for s in ort_c.get_all_operator_schema():
+                    ort_max[s.domain] = max(ort_max.get(s.domain, 0), s.since_version)
+                for d, v in ort_max.items():
+                    limits[d] = min(limits[d], v) if d in limits else v
+        except Exception:  # an onnxruntime that does not import: onnx's limits alone
+            pass
+        _OPSET_LIMITS = limits
+    return _OPSET_LIMITS
+
+
+_OPSET_LIMITS: dict[str, int] | None = None
+#: The oldest ai.onnx opset onnxruntime supports (older ones lack kernels).
+MIN_OPSET = 7
+
+
+def _check_opsets(model: onnx.ModelProto, p: Path) -> None:
+    limits = _opset_limits()
+    seen: set[str] = set()
+    imports = [(o.domain, o.version, "the model") for o in model.opset_import]
+    imports += [(o.domain, o.version, f"function '{f.name}'") for f in model.functions for o in f.opset_import]
+    for domain, version, where in imports:
+        d = "" if domain == "ai.onnx" else domain
+        shown = domain or "ai.onnx"
+        if where == "the model":
+            if d in seen:
+                raise ModelLoadError(f"{p}: the model imports opset domain '{shown}' twice")
+            seen.add(d)
+        if d == "" and version < MIN_OPSET:
+            raise ModelLoadError(f"{p}: {where} uses ai.onnx opset {version}; edgeopt supports opsets {MIN_OPSET} to "
+                                 f"{limits['']} (convert it with onnx.version_converter)")
+        if version < 1:
+            raise ModelLoadError(f"{p}: {where} imports opset domain '{shown}' at version {version}; versions start at 1")
+        top = limits.get(d)
+        if top is not None and version > top:
+            raise ModelLoadError(f"{p}: {where} uses opset {version} of domain '{shown}', newer than the installed "
+                                 f"onnx/onnxruntime support (at most {top})")
+
+
+#: Graph input/output element types edgeopt can feed to and read from onnxruntime (numpy dtypes it converts).
+_IO_DTYPES = frozenset({1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13})  # float uint8 int8 uint16 int16 int32 int64 bool f16 f64 u32 u64
+#: Elements per value of the typed data fields, by data type: (field, values per element); sub-byte types left out.
+_TYPED_FIELDS: dict[int, tuple[str, int]] = {
+    1: ("float_data", 1), 14: ("float_data", 2), 11: ("double_data", 1), 15: ("double_data", 2), 7: ("int64_data", 1),
+    12: ("uint64_data", 1), 13: ("uint64_data", 1), 8: ("string_data", 1),
+    **{dt: ("int32_data", 1) for dt in (2, 3, 4, 5, 6, 9, 10, 16, 17, 18, 19, 20, 24)},
+}
+_DATA_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+@cache
+def _bits(elem_type: int) -> int | None:
+    """Bits per element of a numeric data type (None: strings, unknown types)."""
     import onnx
-    from onnx.external_data_helper import ExternalDataInfo
+
+    sub = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}
+    for name, bits in (("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2), ("FLOAT6E2M3", 6), ("FLOAT6E3M2", 6)):
+        if hasattr(onnx.TensorProto, name):
+            sub[getattr(onnx.TensorProto, name)] = bits
+    if elem_type in sub:
+        return sub[elem_type]
+    if elem_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return None
+    try:
+        return onnx.helper.tensor_dtype_to_np_dtype(elem_type).itemsize * 8
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def _valid_dtype(elem_type: int) -> bool:
+    import onnx
+
+    return elem_type != onnx.TensorProto.UNDEFINED and elem_type in onnx.TensorProto.DataType.values()
+
+
+def _check_tensor(t: onnx.TensorProto, p: Path, what: str) -> None:
+    """Data type, dims and stored data size of one tensor agree (external data is checked by its own pass)."""
+    import onnx
+
+    where = what.replace("{name}", f" '{t.name}'" if t.name else "")
+    if not _valid_dtype(t.data_type):
+        raise ModelLoadError(f"{p}: {where} has data type {t.data_type}, which is not an ONNX data type")
+    if any(d < 0 for d in t.dims):
+        raise ModelLoadError(f"{p}: {where} has a negative dimension {list(t.dims)}")
+    elems = _prod(t.dims)
+    bits = _bits(t.data_type)
+    if bits is not None and elems * bits > 8 << 50:
+        raise ModelLoadError(f"{p}: {where} has dims {list(t.dims)}: more than a PiB")
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        if t.data_type == onnx.TensorProto.STRING:
+            raise ModelLoadError(f"{p}: {where} is a string tensor stored as external data, which ONNX does not allow")
+        return
+    if t.data_location != onnx.TensorProto.DEFAULT:
+        raise ModelLoadError(f"{p}: {where} has an unknown data_location {t.data_location}")
+    dims = "x".join(map(str, t.dims)) or "scalar"
+    dtype = _dtype_name(t.data_type)
+    if t.HasField("raw_data"):
+        if bits is None:
+            raise ModelLoadError(f"{p}: {where} is a {dtype} tensor with raw_data, which ONNX does not allow")
+        if bits % 8 and bits not in (2, 4):
+            return  # 6-bit floats: packing not checked here
+        want = (elems * bits + 7) // 8
+        if len(t.raw_data) != want:
+            raise ModelLoadError(f"{p}: {where} has {len(t.raw_data)} bytes of raw_data, but its dims {dims} of {dtype} "
+                                 f"need {want}")
+        return
+    field = _TYPED_FIELDS.get(t.data_type)
+    if field is None:
+        return
+    name, per = field
+    have = len(getattr(t, name))
+    want = elems * per
+    others = [f for f in _DATA_FIELDS if f != name and len(getattr(t, f))]
+    if others:
+        raise ModelLoadError(f"{p}: {where} is {dtype} but stores its values in {others[0]}")
+    if have != want and not (have == 0 and elems == 0):
+        raise ModelLoadError(f"{p}: {where} has {have} value(s) in {name}, but its dims {dims} of {dtype} need {want}")
+
+
+def _check_value_type(vi: onnx.ValueInfoProto, p: Path, what: str, io: bool) -> None:
+    """A graph input/output (``io``) or value_info: a tensor of a known element type; inputs/outputs of the main graph
+    must be of a type edgeopt can feed (no strings, complex numbers, bfloat16/float8/4-bit, sequences or maps)."""
+    kind = vi.type.WhichOneof("value")
+    if kind != "tensor_type":
+        if io:
+            shown = {"sequence_type": "a sequence", "map_type": "a map", "optional_type": "an optional",
+                     "sparse_tensor_type": "a sparse tensor", None: "of no type"}.get(kind, str(kind))
+            raise ModelLoadError(f"{p}: {what} '{vi.name}' is {shown}; edgeopt handles models whose inputs and outputs are tensors")
+        return
+    tt = vi.type.tensor_type
+    if tt.elem_type and not _valid_dtype(tt.elem_type):
+        raise ModelLoadError(f"{p}: {what} '{vi.name}' has element type {tt.elem_type}, which is not an ONNX data type")
+    if io and tt.elem_type not in _IO_DTYPES:
+        dtype = _dtype_name(tt.elem_type) if tt.elem_type else "no element type"
+        raise ModelLoadError(f"{p}: {what} '{vi.name}' is {dtype}; edgeopt feeds and reads float, float16, double, "
+                             "int8-64, uint8-64 and bool tensors only")
+
+
+def _check_graph(g: onnx.GraphProto, p: Path, outer: tuple[set[str], ...], where: str) -> None:
+    """Names in one graph (and, recursively, its sub-graphs): unique, defined before use, outputs produced;
+    every stored tensor's type and size; the types of graph inputs and outputs."""
+    import onnx
+
+    main = not where
+    scope = where or "the graph"
+    inits: set[str] = set()
+    for t in g.initializer:
+        if not t.name:
+            raise ModelLoadError(f"{p}: {scope} has an initializer without a name")
+        if t.name in inits:
+            raise ModelLoadError(f"{p}: initializer name '{t.name}' is used twice in {scope}")
+        inits.add(t.name)
+        _check_tensor(t, p, "initializer{name}" if main else f"initializer{{name}} of {scope}")
+    for s in g.sparse_initializer:
+        name = s.values.name
+        if not name or name in inits:
+            raise ModelLoadError(f"{p}: sparse initializer '{name}' in {scope} has no name or reuses an initializer's")
+        inits.add(name)
+        _check_sparse(s, p, f"sparse initializer '{name}'")
+    local: set[str] = set(inits)
+    inputs: set[str] = set()
+    for vi in g.input:
+        if vi.name in inputs:
+            raise ModelLoadError(f"{p}: graph input name '{vi.name}' is used twice in {scope}")
+        inputs.add(vi.name)
+        _check_value_type(vi, p, "graph input" if main else f"input of {scope}", io=main and vi.name not in inits)
+        local.add(vi.name)
+    for vi in g.value_info:
+        _check_value_type(vi, p, "value_info", io=False)
+    produced_at: dict[str, int] = {}
+    for i, n in enumerate(g.node):
+        for o in n.output:
+            if o and o not in produced_at:
+                produced_at[o] = i
+    for i, n in enumerate(g.node):
+        label = f"node #{i} '{n.name}' ({n.op_type})" if n.name else f"node #{i} ({n.op_type})"
+        if main is False:
+            label += f" in {scope}"
+        for name in n.input:
+            if name and name not in local and not any(name in scope_names for scope_names in outer):
+                if name in produced_at and produced_at[name] >= i:
+                    raise ModelLoadError(f"{p}: {label} reads '{name}' before node #{produced_at[name]} produces it "
+                                         "(nodes are not in topological order, or form a cycle)")
+                raise ModelLoadError(f"{p}: {label} reads tensor '{name}', which no graph input, initializer or earlier "
+                                     "node defines")
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.TENSOR or a.HasField("t"):
+                _check_tensor(a.t, p, f"tensor{{name}} in attribute '{a.name}' of {label}")
+            for t in a.tensors:
+                _check_tensor(t, p, f"tensor{{name}} in attribute '{a.name}' of {label}")
+            if a.HasField("sparse_tensor"):
+                _check_sparse(a.sparse_tensor, p, f"sparse attribute '{a.name}' of {label}")
+            for s in a.sparse_tensors:
+                _check_sparse(s, p, f"sparse attribute '{a.name}' of {label}")
+            subs = ([a.g] if a.HasField("g") else []) + list(a.graphs)
+            for sub in subs:
+                _check_graph(sub, p, (local, *outer), f"sub-graph '{a.name}' of {label}")
+        for o in n.output:
+            if not o:
+                continue
+            if o in local:
+                raise ModelLoadError(f"{p}: tensor '{o}' is produced twice ({label} and an earlier node, input or "
+                                     "initializer); ONNX graphs assign each name once")
+            local.add(o)
+    if main and not g.output:
+        raise ModelLoadError(f"{p}: the graph has no outputs")
+    outs: set[str] = set()
+    for vi in g.output:
+        if vi.name in outs:
+            raise ModelLoadError(f"{p}: graph output '{vi.name}' is listed twice in {scope}")
+        outs.add(vi.name)
+        if vi.name not in local and not any(vi.name in scope_names for scope_names in outer):
+            raise ModelLoadError(f"{p}: graph output '{vi.name}' of {scope} is not produced by any node, input or initializer")
+        _check_value_type(vi, p, "graph output" if main else f"output of {scope}", io=main)
+
+
+def _check_sparse(s: onnx.SparseTensorProto, p: Path, where: str) -> None:
+    import onnx
+
+    _check_tensor(s.values, p, f"values of {where}")
+    _check_tensor(s.indices, p, f"indices of {where}")
+    if any(d < 0 for d in s.dims):
+        raise ModelLoadError(f"{p}: {where} has a negative dimension {list(s.dims)}")
+    if s.indices.data_type != onnx.TensorProto.INT64:
+        raise ModelLoadError(f"{p}: {where} has {_dtype_name(s.indices.data_type)} indices; ONNX requires int64")
+    nnz = s.values.dims[0] if len(s.values.dims) == 1 else -1
+    idx = list(s.indices.dims)
+    if nnz < 0 or not (idx == [nnz] or idx == [nnz, len(s.dims)]):
+        raise ModelLoadError(f"{p}: {where} has values of shape {list(s.values.dims)} and indices of shape {idx}; "
+                             f"expected values [NNZ] and indices [NNZ] or [NNZ, {len(s.dims)}]")
+
+
+def _sparse_dense_bytes(s: onnx.SparseTensorProto) -> int:
+    return _prod(s.dims) * max(1, (_bits(s.values.data_type) or 8) // 8)
+
+
+def _sparse_to_dense(s: onnx.SparseTensorProto) -> onnx.TensorProto:
+    import numpy as np
+    import onnx
+
+    values = onnx.numpy_helper.to_array(s.values).reshape(-1)
+    idx = onnx.numpy_helper.to_array(s.indices).astype(np.int64)
+    shape = tuple(int(d) for d in s.dims)
+    dense = np.zeros(shape, dtype=values.dtype)
+    if idx.ndim == 2:  # [NNZ, rank] coordinates
+        idx = np.ravel_multi_index(tuple(idx.T), shape) if idx.size else idx.reshape(-1)
+    dense.reshape(-1)[idx] = values
+    t = onnx.numpy_helper.from_array(dense, s.values.name)
+    return t
+
+
+def _densify_sparse(g: onnx.GraphProto) -> None:
+    """Sparse initializers -> initializers, ``Constant`` ``sparse_value`` -> ``value``, here and in sub-graphs
+    (the checker has bounded the indices; the sizes were counted against the memory limit)."""
+    import onnx
+
+    for s in g.sparse_initializer:
+        g.initializer.append(_sparse_to_dense(s))
+    del g.sparse_initializer[:]
+    for n in g.node:
+        for a in n.attribute:
+            if n.op_type == "Constant" and a.name == "sparse_value" and a.HasField("sparse_tensor"):
+                dense = _sparse_to_dense(a.sparse_tensor)
+                a.Clear()
+                a.name, a.type = "value", onnx.AttributeProto.TENSOR
+                a.t.CopyFrom(dense)
+            if a.HasField("g"):
+                _densify_sparse(a.g)
+            for sub in a.graphs:
+                _densify_sparse(sub)
+
+
+def _unique_node_names(g: onnx.GraphProto) -> None:
+    """Duplicate node names get a suffix (``conv`` -> ``conv_1``); onnxruntime refuses a model whose nodes share a
+    name, and layers are named after their nodes.  Empty names stay empty."""
+    names = [n.name for n in g.node]
+    taken = set(names)
+    seen: set[str] = set()
+    for n in g.node:
+        if not n.name:
+            continue
+        if n.name in seen:
+            k = 1
+            while f"{n.name}_{k}" in taken:
+                k += 1
+            n.name = f"{n.name}_{k}"
+            taken.add(n.name)
+        seen.add(n.name)
+
+
+# ------------------------------------------------------------------ external data
+
+
+def _parse_external(t: onnx.TensorProto, path: Path) -> tuple[str, int, int | None]:
+    """(location, offset, length or None) of an external tensor, every field checked for form."""
+    fields: dict[str, str] = {}
+    for e in t.external_data:
+        fields[e.key] = e.value
+    where = f"tensor '{t.name}'"
+    loc = fields.get("location", "")
+    if not loc or "\x00" in loc:
+        raise ModelLoadError(f"{path}: {where} is stored as external data but names no file (location)")
+    nums: list[int | None] = []
+    for key in ("offset", "length"):
+        v = fields.get(key)
+        if v is None or v == "":
+            nums.append(None)
+            continue
+        if not v.strip().isdigit() or not v.strip().isascii():
+            raise ModelLoadError(f"{path}: {where} has external data {key} {v[:40]!r}; it must be a non-negative integer")
+        nums.append(int(v.strip()))
+    return loc, nums[0] or 0, nums[1]
+
+
+def _check_external_data(model: onnx.ModelProto, path: Path) -> list[tuple[Path, int, int]]:
+    """Check every external-data reference; returns (file, offset, bytes to read) per external tensor, in
+    :func:`_all_tensors` order."""
+    import onnx
 
     base = path.parent.resolve()
+    out: list[tuple[Path, int, int]] = []
+    for s in _all_sparse(model.graph):
+        if onnx.TensorProto.EXTERNAL in (s.values.data_location, s.indices.data_location):
+            raise ModelLoadError(f"{path}: sparse tensor '{s.values.name}' keeps its values or indices in external data, "
+                                 "which edgeopt does not read; store it dense or inline")
+    sizes: dict[Path, int] = {}
     for t in _all_tensors(model.graph):
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        info = ExternalDataInfo(t)
-        loc = (base / info.location).resolve()
+        location, offset, length = _parse_external(t, path)
+        try:
+            loc = (base / location).resolve()
+        except (OSError, RuntimeError, ValueError) as e:
+            raise ModelLoadError(f"tensor '{t.name}' has an unusable external data location {location[:80]!r}: {e}") from e
         if base not in loc.parents and loc != base:
-            raise ModelLoadError(f"tensor '{t.name}' points at external data outside the model's folder: {info.location}")
+            raise ModelLoadError(f"tensor '{t.name}' points at external data outside the model's folder: {location}")
         if not loc.is_file():
-            raise ModelLoadError(f"external data file '{info.location}' for tensor '{t.name}' not found next to {path.name}")
-        need = (info.offset or 0) + (info.length or 0)
-        have = loc.stat().st_size
-        if need > have:
-            raise ModelLoadError(f"external data file '{info.location}' is truncated: tensor '{t.name}' needs bytes up to {need}, file has {have}")
+            raise ModelLoadError(f"external data file '{location}' for tensor '{t.name}' not found next to {path.name}")
+        if loc not in sizes:
+            sizes[loc] = loc.stat().st_size
+        have = sizes[loc]
+        bits = _bits(t.data_type)
+        want = (_prod(t.dims) * bits + 7) // 8 if bits else 0
+        if length is not None and length != want:
+            raise ModelLoadError(f"tensor '{t.name}' has external data length {length}, but its dims "
+                                 f"{list(t.dims)} of {_dtype_name(t.data_type)} need {want} bytes")
+        need = offset + want
+        if offset > have or need > have:
+            raise ModelLoadError(f"external data file '{location}' is truncated: tensor '{t.name}' needs bytes up to {need}, "
+                                 f"file has {have}")
+        out.append((loc, offset, want))
+    return out
+
+
+def _read_external_data(model: onnx.ModelProto, path: Path, external: list[tuple[Path, int, int]]) -> None:
+    """Read each external tensor's bytes (exactly as many as its dims need) into ``raw_data``; ``external`` is what
+    :func:`_check_external_data` returned for this model, unchanged since."""
+    import onnx
+
+    files: dict[Path, Any] = {}
+    todo = iter(external)
+    try:
+        for t in [t for t in _all_tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL]:
+            loc, offset, n = next(todo)
+            f = files.get(loc)
+            if f is None:
+                f = files[loc] = open(loc, "rb")  # noqa: SIM115 - closed below
+            f.seek(offset)
+            data = f.read(n)
+            if len(data) != n:
+                raise ModelLoadError(f"external data file '{loc.name}' is truncated: tensor '{t.name}' needs {n} bytes "
+                                     f"from offset {offset}, got {len(data)}")
+            t.raw_data = data
+            t.data_location = onnx.TensorProto.DEFAULT
+            del t.external_data[:]
+    except OSError as e:
+        raise ModelLoadError(f"cannot read external data of {path.name}: {e.strerror or e}") from e
+    finally:
+        for f in files.values():
+            f.close()
 
 
 # --------------------------------------------------------------------------- dtypes
 
 
 def _itemsize(elem_type: int) -> float:
-    import onnx
-
-    if elem_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) or elem_type == getattr(onnx.TensorProto, "FLOAT4E2M1", -1):
-        return 0.5
-    if elem_type == onnx.TensorProto.STRING or elem_type == onnx.TensorProto.UNDEFINED:
-        return 0
-    return onnx.helper.tensor_dtype_to_np_dtype(elem_type).itemsize
+    """Bytes per element (0.5 for 4-bit types; 0 for strings and unknown types)."""
+    bits = _bits(elem_type)
+    return bits / 8 if bits else 0
 
 
 def _dtype_name(elem_type: int) -> str:
     import onnx
 
-    return onnx.TensorProto.DataType.Name(elem_type).lower() if elem_type else "unknown"
+    if not elem_type:
+        return "unknown"
+    try:
+        return onnx.TensorProto.DataType.Name(elem_type).lower()
+    except ValueError:
+        return f"dtype {elem_type}"
 
 
 def _tensor_elems(t: onnx.TensorProto) -> int:
@@ -271,6 +792,8 @@ DATA_MOVEMENT = frozenset(
 )
 
 _NO_PARAM_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "Reshape", "Slice", "Pad", "Expand", "Tile", "Resize", "Gather"})
+#: Weight data types that count as parameters: float, uint8, int8, float16, double, bfloat16, uint4, int4.
+_PARAM_DTYPES = frozenset({1, 2, 3, 10, 11, 16, 21, 22})
 
 
 @dataclass
@@ -443,46 +966,223 @@ def expose_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return m
 
 
-def _shapes_by_running(path: Path, model: onnx.ModelProto, names: list[str], input_shapes: Mapping[str, list[int]],
-                       dtypes: Mapping[str, int]) -> dict[str, list[int]]:
-    """Last resort for shapes that inference cannot derive: run the model once in onnxruntime."""
-    try:
-        import numpy as np
-        import onnx
-        import onnxruntime as ort
-    except ImportError:
-        return {}
-    m = expose_outputs(model, names)
-    try:
-        if _has_external(m):
-            from onnx.external_data_helper import load_external_data_for_model
+#: Tensors with more elements than this lose their data in the copy :func:`analyze` works on (no shape tensor is
+#: that long; shape inference treats them like external data).
+_SKELETON_ELEMS = 4096
+_ELIDED = "__edgeopt_elided__"
 
-            load_external_data_for_model(m, str(path.parent))
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        feeds = {}
-        rng = np.random.default_rng(0)
-        for i in sess.get_inputs():
-            np_dt = onnx.helper.tensor_dtype_to_np_dtype(dtypes.get(i.name, onnx.TensorProto.FLOAT))
-            shape = input_shapes[i.name]
-            feeds[i.name] = (rng.random(shape) if np_dt.kind == "f" else np.zeros(shape)).astype(np_dt)
-        res = sess.run(names, feeds)
-        return {n: list(r.shape) for n, r in zip(names, res)}
-    except Exception:
-        return {}
+
+def _light_tensor(t: onnx.TensorProto) -> onnx.TensorProto:
+    import onnx
+
+    if _prod(t.dims) <= _SKELETON_ELEMS or t.data_location == onnx.TensorProto.EXTERNAL:
+        return t
+    light = onnx.TensorProto(name=t.name, dims=t.dims, data_type=t.data_type, data_location=onnx.TensorProto.EXTERNAL)
+    e = light.external_data.add()
+    e.key, e.value = "location", _ELIDED
+    return light
+
+
+def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` for analysis, without the data of big initializers and ``Constant`` values: dims, types
+    and small (shape) tensors are all analysis reads, and a copy of the weights would double the memory it needs."""
+    import onnx
+
+    m = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name == "graph":
+            continue
+        target = getattr(m, field.name)
+        if hasattr(target, "extend"):  # repeated
+            target.extend(value)
+        elif hasattr(target, "CopyFrom"):  # a message
+            target.CopyFrom(value)
+        else:
+            setattr(m, field.name, value)
+    src, g = model.graph, m.graph
+    g.name, g.doc_string = src.name, src.doc_string
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    g.initializer.extend(_light_tensor(t) for t in src.initializer)
+    for node in src.node:
+        if node.op_type == "Constant" and any(a.HasField("t") and _prod(a.t.dims) > _SKELETON_ELEMS for a in node.attribute):
+            light = g.node.add()
+            light.CopyFrom(onnx.NodeProto(input=node.input, output=node.output, name=node.name, op_type=node.op_type,
+                                          domain=node.domain))
+            for a in node.attribute:
+                na = light.attribute.add()
+                if a.HasField("t"):
+                    na.name, na.type = a.name, a.type
+                    na.t.CopyFrom(_light_tensor(a.t))
+                else:
+                    na.CopyFrom(a)
+        else:
+            g.node.append(node)
+    return m
+
+
+#: Seconds the one run of a model that finds the shapes shape inference cannot derive may take.
+RUN_TIMEOUT_S = 300.0
+
+_RUN_CHILD = r"""
+import json, os, sys
+spec = json.loads(sys.stdin.read())
+sys.path[:0] = spec["sys_path"]
+
+def done(**kw):
+    sys.stdout.write("\n" + json.dumps(kw) + "\n")
+    sys.stdout.flush()
+    os._exit(0)
+
+def status(key):
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+try:
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from edgeopt.graph import load_model, set_max_memory
+
+    set_max_memory(spec["limit"])
+    m = load_model(spec["path"], load_external_data=True)
+    have = {o.name for o in m.graph.output}
+    for n in spec["names"]:
+        if n not in have:
+            m.graph.output.add().name = n
+    data = m.SerializeToString()
+    del m
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.enable_cpu_mem_arena = False
+    so.enable_mem_pattern = False
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    vm, rss = status("VmSize"), status("VmRSS")
+    if spec["cap"] and vm and rss:
+        import resource
+
+        cap = vm + max(spec["limit"] - rss, 32 << 20)
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        if hard != resource.RLIM_INFINITY:
+            cap = min(cap, hard)
+        if soft == resource.RLIM_INFINITY or cap < soft:
+            resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    del data
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for i in sess.get_inputs():
+        if i.name not in spec["inputs"]:
+            continue
+        shape, elem = spec["inputs"][i.name]
+        dt = onnx.helper.tensor_dtype_to_np_dtype(elem)
+        feeds[i.name] = rng.random(shape, dtype=np.float32).astype(dt) if dt.kind == "f" else np.zeros(shape, dt)
+    res = sess.run(spec["names"], feeds)
+    done(shapes={n: [int(d) for d in getattr(r, "shape", ())] for n, r in zip(spec["names"], res)})
+except MemoryError:
+    done(error="MemoryError", memory=True)
+except BaseException as e:
+    text = " ".join(str(e).split())[:300]
+    low = text.lower()
+    done(error=f"{type(e).__name__}: {text}",
+         memory=any(k in low for k in ("alloc", "memory", "bad_alloc")) or type(e).__name__ == "MemoryLimitError")
+"""
+
+
+def _shapes_by_running(path: Path, names: list[str], inputs: Mapping[str, tuple[list[int], int]], *,
+                       limit: int) -> tuple[dict[str, list[int]], str | None]:
+    """Last resort for shapes that inference cannot derive: run the model once in onnxruntime, in a child process
+    whose address space is capped at the memory limit (``RLIMIT_AS``), with onnxruntime's memory arena off, so a
+    model whose shapes lie (a ``ConstantOfShape``/``Expand``/``Tile`` driven by a computed shape) cannot take more.
+
+    Returns the shapes found and, if the model could not be run, why (for a note).  Raises
+    :class:`MemoryLimitError` when the run ran out of memory under the cap.
+    """
+    import importlib.util
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        return {}, "onnxruntime is not installed"
+    spec = {"path": str(path.resolve()), "names": list(names), "inputs": {k: [list(s), dt] for k, (s, dt) in inputs.items()},
+            "limit": int(limit), "cap": sys.platform.startswith("linux"),
+            "sys_path": [str(Path(__file__).resolve().parents[1])]}
+    try:
+        proc = subprocess.run([sys.executable, "-c", _RUN_CHILD], input=json.dumps(spec), capture_output=True,
+                              text=True, timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {}, f"running it in onnxruntime took over {RUN_TIMEOUT_S:.0f} s"
+    except OSError as e:
+        return {}, f"could not start a process to run it: {e.strerror or e}"
+    result = None
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            try:
+                result = json.loads(line)
+            except ValueError:
+                result = None
+            break
+    what = (f"running {path.name} once in onnxruntime to find {len(names)} tensor shape(s) that shape inference cannot "
+            f"derive (e.g. '{names[0][:80]}')")
+    if result is None:
+        how = f"exit status {proc.returncode}"
+        if proc.returncode < 0:
+            try:
+                how = signal.Signals(-proc.returncode).name
+            except ValueError:
+                how = f"signal {-proc.returncode}"
+        raise MemoryLimitError(f"{what} crashed ({how}) within the memory limit of {fmt_bytes(limit)}: the model needs "
+                               f"more memory than that, or onnxruntime cannot run it; {_limit_hint()}")
+    if "shapes" in result:
+        return {k: v for k, v in result["shapes"].items() if isinstance(v, list)}, None
+    if result.get("memory"):
+        import re
+
+        err = str(result.get("error", ""))
+        node = re.search(r"running (\w+) node", err)
+        at = f" (onnxruntime failed to allocate at a {node.group(1)} node)" if node else f" ({err[:120]})"
+        raise MemoryLimitError(f"{what} needs more than the memory limit of {fmt_bytes(limit)}{at}; {_limit_hint()}")
+    return {}, f"onnxruntime could not run it ({result.get('error', 'unknown error')[:160]})"
+
+
+def _peak_live_bytes(intervals: list[tuple[int, int, int]], steps: int) -> int:
+    """The most bytes alive at one step, from ``(first, last, bytes)`` lifetimes (a difference array: linear)."""
+    delta = [0] * (steps + 2)
+    for a, b, n in intervals:
+        delta[max(a, 0)] += n
+        delta[b + 1] -= n
+    peak = live = 0
+    for d in delta:
+        live += d
+        peak = max(peak, live)
+    return peak
 
 
 def analyze(path: str | Path, input_shapes: Mapping[str, list[int]] | None = None,
             model: onnx.ModelProto | None = None) -> ModelAnalysis:
-    """Analyse an ONNX model file (``model`` may pass the already-loaded proto of ``path``)."""
+    """Analyse an ONNX model file (``model`` may pass the already-loaded proto of ``path``).
+
+    Linear in the graph's size.  Shapes come from onnx's shape inference; only where it cannot derive some is the
+    model run once (see :func:`_shapes_by_running`), and only if inputs, weights and the activations whose shapes are
+    known fit :func:`max_memory` (:class:`MemoryLimitError` otherwise).
+    """
     import onnx
 
     p = Path(path)
     model = load_model(p) if model is None else model
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
+    work = _skeleton(model)
     fixed = fix_input_shapes(work, input_shapes)
     shapes, dtypes = _infer_shapes(work)
     shapes.update(fixed)
@@ -504,20 +1204,49 @@ def analyze(path: str | Path, input_shapes: Mapping[str, list[int]] | None = Non
                 roots[o] = r
 
     layer_nodes = [n for n in work.graph.node if not (n.output and all(o in const for o in n.output if o))]
-    missing = sorted({o for n in layer_nodes for o in n.output if o and (o not in shapes or any(d < 0 for d in shapes[o]))})
+    outputs = [o.name for o in work.graph.output]
+    output_set = set(outputs)
+    graph_inputs = [i.name for i in work.graph.input if i.name not in const]
+    # tensor lifetimes: first = the step that creates it (-1: graph input), last = the last step reading it
+    first_use: dict[str, int] = dict.fromkeys(graph_inputs, -1)
+    last_use: dict[str, int] = {}
+    for step, node in enumerate(layer_nodes):
+        for i in node.input:
+            if i and i not in const:
+                last_use[i] = step
+        for o in node.output:
+            if o:
+                first_use[o] = step
+
+    def known(name: str) -> bool:
+        s = shapes.get(name)
+        return s is not None and all(d > 0 for d in s)
+
+    missing = sorted({o for n in layer_nodes for o in n.output if o and not known(o)})
     if missing:
-        shapes.update(_shapes_by_running(p, work, missing, fixed, dtypes))
-        still = [o for o in missing if o not in shapes or any(d < 0 for d in shapes[o])]
+        limit = max_memory()
+        run_inputs = {n: (fixed[n], dtypes.get(n, onnx.TensorProto.FLOAT)) for n in graph_inputs if n in fixed}
+        in_bytes = sum(int(_prod(s) * _itemsize(dt)) for s, dt in run_inputs.values())
+        w_bytes = sum(init_bytes.values())
+        act = _peak_live_bytes([(f, max(f, len(layer_nodes) if n in output_set else last_use.get(n, f)),
+                                 int(_prod(shapes[n]) * (_itemsize(dtypes.get(n, 1)) or 4)))
+                                for n, f in first_use.items() if f >= 0 and known(n)], len(layer_nodes))
+        need = in_bytes + w_bytes + act
+        if need > limit:
+            raise MemoryLimitError(
+                f"{p.name}: shape inference cannot derive {len(missing)} tensor shape(s) (e.g. '{missing[0][:80]}'), and "
+                f"running the model once to find them needs at least {fmt_bytes(need)} (inputs {fmt_bytes(in_bytes)}, "
+                f"weights {fmt_bytes(w_bytes)}, activations {fmt_bytes(act)}), more than the memory limit of "
+                f"{fmt_bytes(limit)}; give smaller --input-shape values, or {_limit_hint()}")
+        found, why = _shapes_by_running(p, missing, run_inputs, limit=limit)
+        shapes.update(found)
+        still = [o for o in missing if not known(o)]
         if still:
-            notes.append(f"{len(still)} tensor(s) have no static shape (e.g. {still[0]}); their sizes count as 0")
+            reason = f" ({why})" if why else ""
+            notes.append(f"{len(still)} tensor(s) have no static shape (e.g. {still[0]}){reason}; their sizes count as 0")
 
     seen_roots: set[str] = set()
     layers: list[LayerInfo] = []
-    first_use: dict[str, int] = {}
-    last_use: dict[str, int] = {}
-    graph_inputs = [i.name for i in work.graph.input if i.name not in const]
-    for g in graph_inputs:
-        first_use[g] = -1
     for step, node in enumerate(layer_nodes):
         w_inputs = [i for i in node.input if i and i in const]
         act_inputs = [i for i in node.input if i and i not in const]
@@ -525,9 +1254,7 @@ def analyze(path: str | Path, input_shapes: Mapping[str, list[int]] | None = Non
         if node.op_type not in _NO_PARAM_OPS:
             for i in w_inputs:
                 dt = dtypes.get(i, 0)
-                if dt in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
-                          onnx.TensorProto.DOUBLE, onnx.TensorProto.INT8, onnx.TensorProto.UINT8,
-                          onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+                if dt in _PARAM_DTYPES:
                     shp = shapes.get(i, [])
                     if shp and _prod(shp) > 1:  # scalars (hard-swish's 3 and 6, eps) are not parameters
                         params += _prod(shp)
@@ -546,10 +1273,6 @@ def analyze(path: str | Path, input_shapes: Mapping[str, list[int]] | None = Non
         out_shapes = [shapes.get(o, []) for o in outs]
         out_elems = sum(_prod(s) if s and all(d > 0 for d in s) else 0 for s in out_shapes)
         macs = _macs(node, ctx)
-        for i in act_inputs:
-            last_use[i] = step
-        for o in outs:
-            first_use[o] = step
         is_weighted = params > 0 and node.op_type in QUANTIZABLE_OPS
         layers.append(LayerInfo(
             name=node.name or f"{node.op_type}_{step}", op_type=node.op_type, domain=node.domain,
@@ -562,12 +1285,11 @@ def analyze(path: str | Path, input_shapes: Mapping[str, list[int]] | None = Non
     if len(set(names)) != len(names):
         notes.append("some nodes share a name; layers are listed under their first name")
 
-    outputs = [o.name for o in work.graph.output]
     tensors: list[TensorInfo] = []
     for name, first in sorted(first_use.items(), key=lambda kv: kv[1]):
         shp = shapes.get(name, [])
         elems = _prod(shp) if shp and all(d > 0 for d in shp) else 0
-        last = len(layers) if name in outputs else last_use.get(name, first)
+        last = len(layers) if name in output_set else last_use.get(name, first)
         tensors.append(TensorInfo(name=name, shape=shp, dtype=_dtype_name(dtypes.get(name, 0)), elems=elems,
                                   first=first, last=max(last, first)))
 
@@ -578,7 +1300,7 @@ def analyze(path: str | Path, input_shapes: Mapping[str, list[int]] | None = Non
     n_constant_nodes = sum(1 for n in work.graph.node if n.op_type == "Constant")
     if n_constant_nodes:
         notes.append(f"{n_constant_nodes} weights/constants are Constant nodes, not initializers")
-    if _has_external(work):
+    if _has_external(model):
         notes.append("weights are stored as external data")
     opset = next((o.version for o in work.opset_import if o.domain in ("", "ai.onnx")), 0)
     return ModelAnalysis(
@@ -590,7 +1312,7 @@ def analyze(path: str | Path, input_shapes: Mapping[str, list[int]] | None = Non
         total_params=sum(ly.params for ly in layers),
         total_weight_bytes=sum(ly.weight_bytes for ly in layers),
         total_macs=sum(ly.macs for ly in layers), total_flops=sum(ly.flops for ly in layers),
-        file_bytes=p.stat().st_size + _external_bytes(work, p), notes=notes,
+        file_bytes=p.stat().st_size + _external_bytes(model, p), notes=notes,
     )
 
 
@@ -629,31 +1351,76 @@ def plan_arena(tensors: list[TensorInfo], nbytes: Callable[[TensorInfo], int], *
 
     Buffers are placed largest first, each at the lowest aligned offset where it
     overlaps no placed buffer whose lifetime [first, last] intersects its own.
+
+    O(n log n + clashes log n): the live bytes per step come from a difference array, and the placed buffers whose
+    lifetimes intersect a new one from a segment tree over buffers sorted by first step that keeps, per node, the
+    latest last step among placed buffers (a 50k-layer chain plans in a second; the scan of every placed buffer
+    for each new one it replaces was quadratic).
     """
+    from bisect import bisect_right
+
     bufs = [t for t in tensors if t.elems > 0]
     sizes = {t.name: _align(max(0, int(nbytes(t))), alignment) for t in bufs}
     life = {t.name: (max(t.first, 0), t.last) for t in bufs}
     steps = max((b for _, b in life.values()), default=0) + 1
-    live = [0] * steps
+    delta = [0] * (steps + 1)
     for name, (a, b) in life.items():
-        for s in range(a, b + 1):
-            live[s] += sizes[name]
-    peak_step = max(range(steps), key=lambda s: live[s]) if steps else 0
-    order = sorted(bufs, key=lambda t: (-sizes[t.name], life[t.name][0], t.name))
-    placed: list[tuple[int, int, int, int]] = []  # offset, end, first, last
+        if a <= b:
+            delta[a] += sizes[name]
+            delta[b + 1] -= sizes[name]
+    live, acc = [0] * max(steps, 0), 0
+    for s in range(steps):
+        acc += delta[s]
+        live[s] = acc
+    peak_step = max(range(steps), key=live.__getitem__) if steps > 0 else 0
+
+    n = len(bufs)
+    by_start = sorted(range(n), key=lambda i: life[bufs[i].name][0])
+    starts = [life[bufs[i].name][0] for i in by_start]
+    pos = [0] * n
+    for k, i in enumerate(by_start):
+        pos[i] = k
+    width = 1
+    while width < n:
+        width *= 2
+    tree = [-2] * (2 * width)  # per node: the latest last step of the placed buffers below it (-2: none)
+    placed_at: list[tuple[int, int]] = [(0, 0)] * n  # by start position: (offset, end) once placed
+    order = sorted(range(n), key=lambda i: (-sizes[bufs[i].name], life[bufs[i].name][0], bufs[i].name))
     offsets: dict[str, int] = {}
-    for t in order:
+    arena = 0
+    for i in order:
+        t = bufs[i]
         size = sizes[t.name]
         a, b = life[t.name]
-        clashes = sorted((o, e) for o, e, fa, fb in placed if not (fb < a or b < fa))
+        hi = bisect_right(starts, b)  # buffers that start no later than this one ends
+        clashes: list[tuple[int, int]] = []
+        stack = [(1, 0, width)] if hi else []
+        while stack:
+            node, lo, up = stack.pop()
+            if lo >= hi or tree[node] < a:
+                continue
+            if up - lo == 1:
+                clashes.append(placed_at[lo])
+                continue
+            mid = (lo + up) // 2
+            stack.append((2 * node, lo, mid))
+            stack.append((2 * node + 1, mid, up))
+        clashes.sort()
         offset = 0
         for o, e in clashes:
             if offset + size <= o:
                 break
             offset = max(offset, _align(e, alignment))
         offsets[t.name] = offset
-        placed.append((offset, offset + size, a, b))
-    arena = max((e for _, e, _, _ in placed), default=0)
+        arena = max(arena, offset + size)
+        k = pos[i]
+        placed_at[k] = (offset, offset + size)
+        node = k + width
+        tree[node] = b
+        node //= 2
+        while node and tree[node] < b:
+            tree[node] = b
+            node //= 2
     return ArenaPlan(peak_live_bytes=max(live, default=0), arena_bytes=arena, offsets=offsets, sizes=sizes, peak_step=peak_step)
 
 

@@ -86,20 +86,53 @@ def analysis_summary(a: ModelAnalysis, out: Console, *, top: int | None = None) 
     for n in a.notes:
         out.print(f"[yellow]note[/] {n}")
     fused = fused_layers(a)
-    t = Table(title="layers", title_justify="left")
-    for c, j in (("#", "right"), ("name", "left"), ("op", "left"), ("output", "left"), ("params", "right"),
-                 ("weights", "right"), ("MACs", "right"), ("act out", "right"), ("", "left")):
-        t.add_column(c, justify=j)
-    rows = list(enumerate(a.layers))
+    columns = (("#", "right"), ("name", "left"), ("op", "left"), ("output", "left"), ("params", "right"),
+               ("weights", "right"), ("MACs", "right"), ("act out", "right"), ("", "left"))
+    title = "layers"
+    rows = range(len(a.layers))
     if top:
-        rows = sorted(rows, key=lambda r: -(r[1].macs + r[1].flops))[:top]
-        t.title = f"top {top} layers by arithmetic"
-    for i, ly in rows:
-        t.add_row(str(i), ly.name[:48], ly.op_type, " ".join("x".join(map(str, s)) for s in ly.output_shapes),
-                  f"{ly.params:,}" if ly.params else "", fmt_bytes(ly.weight_bytes) if ly.weight_bytes else "",
-                  _si(ly.macs) if ly.macs else "", fmt_bytes(ly.output_elems * 4),
-                  "fused" if ly.name in fused else "")
+        import heapq
+
+        # the N costliest in one pass (ties: the earlier layer first, as a stable sort would list them)
+        rows = heapq.nsmallest(top, rows, key=lambda i: (-(a.layers[i].macs + a.layers[i].flops), i))
+        title = f"top {top} layers by arithmetic"
+    cells = [_layer_cells(i, a.layers[i], fused) for i in rows]  # only the rows shown are formatted
+    if len(cells) > RICH_TABLE_ROWS:
+        _plain_table(title, columns, cells, out)
+        return
+    t = Table(title=title, title_justify="left")
+    for c, j in columns:
+        t.add_column(c, justify=j)
+    for row in cells:
+        t.add_row(*row)
     out.print(t)
+
+
+#: Tables with more rows than this print as plain aligned text: rich lays a 50k-row table out in about half a minute.
+RICH_TABLE_ROWS = 2000
+
+
+def _layer_cells(i: int, ly, fused: set[str]) -> tuple[str, ...]:
+    return (str(i), ly.name[:48], ly.op_type, " ".join("x".join(map(str, s)) for s in ly.output_shapes),
+            f"{ly.params:,}" if ly.params else "", fmt_bytes(ly.weight_bytes) if ly.weight_bytes else "",
+            _si(ly.macs) if ly.macs else "", fmt_bytes(ly.output_elems * 4), "fused" if ly.name in fused else "")
+
+
+def _plain_table(title: str, columns, rows: list[tuple[str, ...]], out: Console) -> None:
+    """A big table as aligned plain text, in linear time."""
+    widths = [len(c) for c, _ in columns]
+    for row in rows:
+        for k, cell in enumerate(row):
+            if len(cell) > widths[k]:
+                widths[k] = len(cell)
+
+    def line(cells) -> str:
+        return "  ".join(cell.rjust(w) if j == "right" else cell.ljust(w)
+                         for cell, w, (_, j) in zip(cells, widths, columns)).rstrip()
+
+    text = "\n".join([title, line([c for c, _ in columns]), "  ".join("-" * w for w in widths).rstrip()]
+                     + [line(r) for r in rows])
+    out.print(text, markup=False, highlight=False, crop=False, overflow="ignore", no_wrap=True)
 
 
 def target_fit(a: ModelAnalysis, tg: Target, out: Console) -> None:
