@@ -6,6 +6,7 @@ Errors a user can fix print ``error: <one line>`` and exit 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -19,6 +20,41 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path, help="ONNX model file")
     p.add_argument("--input-shape", action="append", metavar="NAME=DIMS",
                    help="static shape for a dynamic input, e.g. x=1x3x224x224 (repeatable)")
+    _add_max_memory_arg(p)
+
+
+def _add_max_memory_arg(p: argparse.ArgumentParser, *, top: bool = False) -> None:
+    """``--max-memory SIZE``: on the main parser (``edgeopt --max-memory 4GiB build ...``, every command) and on
+    subcommands (after the subcommand; SUPPRESS so an absent one does not undo the main parser's)."""
+    p.add_argument("--max-memory", metavar="SIZE", default=None if top else argparse.SUPPRESS,
+                   help="memory limit for loading, analysing and running the model to find its shapes and for reading "
+                        "data, e.g. 4GiB or 512MB (default: $EDGEOPT_MAX_MEMORY, else half the available memory, at "
+                        "most 8 GiB); what would need more is refused")
+
+
+@contextlib.contextmanager
+def _memory_limit(args: argparse.Namespace):
+    """Apply ``--max-memory`` for one command (model loading and analysis, and calibration data reading)."""
+    text = getattr(args, "max_memory", None)
+    if text is None:
+        yield
+        return
+    from .graph import memory_limit, parse_size
+
+    n = parse_size(text)
+    calibration = sys.modules.get("edgeopt.calibration")
+    if calibration is None and args.cmd in ("plan", "build", "fleet", "compress"):
+        from . import calibration
+    setter = getattr(calibration, "set_max_bytes", None)
+    before = getattr(calibration, "_max_bytes_override", None)
+    if setter is not None:
+        setter(n)
+    try:
+        with memory_limit(n):
+            yield
+    finally:
+        if setter is not None:
+            setter(before)
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -39,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="edgeopt", description="Hardware-aware deployment optimizer for ONNX models.")
     ap.add_argument("--version", action="version", version=f"edgeopt {__version__}")
     ap.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
+    _add_max_memory_arg(ap, top=True)
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     t = sub.add_parser("targets", help="list or show device targets")
@@ -173,6 +210,8 @@ def _load(args: argparse.Namespace):
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
+    if args.top is not None and args.top < 1:
+        raise EdgeoptError(f"--top must be at least 1, not {args.top}")
     analysis, target = _load(args)
     if args.json:
         print(analysis.model_dump_json(indent=2))
@@ -446,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
                "build": _cmd_build, "fleet": _cmd_fleet, "demo": _cmd_demo, "profile": _cmd_profile,
                "agent": _cmd_agent}[args.cmd]
     try:
-        return handler(args)
+        with _memory_limit(args):
+            return handler(args)
     except EdgeoptError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
