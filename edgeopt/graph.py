@@ -192,6 +192,8 @@ def load_model(path: str | Path, *, load_external_data: bool = False) -> onnx.Mo
         raise ModelLoadError(f"{p} is not a valid ONNX model: {_first_line(e)}") from e
     if model.ir_version <= 0 or not model.opset_import or not model.graph.node:
         raise ModelLoadError(f"{p} does not hold an ONNX graph (no IR version, opset or nodes): truncated, corrupt or not ONNX")
+    _check_text(p, "the model", model.producer_name, model.producer_version, model.domain,
+                *(o.domain for o in model.opset_import), *(f.name for f in model.functions), *(f.domain for f in model.functions))
     _check_opsets(model, p)
     _check_graph(model.graph, p, outer=(), where="")
     external = _check_external_data(model, p)
@@ -414,6 +416,13 @@ def _check_value_type(vi: onnx.ValueInfoProto, p: Path, what: str, io: bool) -> 
                              "int8-64, uint8-64 and bool tensors only")
 
 
+def _check_text(p: Path, where: str, *values: Any) -> None:
+    """Names and other strings must be valid UTF-8 (protobuf hands out ``bytes`` for those that are not)."""
+    for v in values:
+        if not isinstance(v, str):
+            raise ModelLoadError(f"{p}: {where} has a name or string that is not valid UTF-8 ({bytes(v)[:40]!r})")
+
+
 def _check_graph(g: onnx.GraphProto, p: Path, outer: tuple[set[str], ...], where: str) -> None:
     """Names in one graph (and, recursively, its sub-graphs): unique, defined before use, outputs produced;
     every stored tensor's type and size; the types of graph inputs and outputs."""
@@ -421,8 +430,10 @@ def _check_graph(g: onnx.GraphProto, p: Path, outer: tuple[set[str], ...], where
 
     main = not where
     scope = where or "the graph"
+    _check_text(p, scope, g.name)
     inits: set[str] = set()
     for t in g.initializer:
+        _check_text(p, f"an initializer of {scope}", t.name)
         if not t.name:
             raise ModelLoadError(f"{p}: {scope} has an initializer without a name")
         if t.name in inits:
@@ -430,6 +441,7 @@ def _check_graph(g: onnx.GraphProto, p: Path, outer: tuple[set[str], ...], where
         inits.add(t.name)
         _check_tensor(t, p, "initializer{name}" if main else f"initializer{{name}} of {scope}")
     for s in g.sparse_initializer:
+        _check_text(p, f"a sparse initializer of {scope}", s.values.name, s.indices.name)
         name = s.values.name
         if not name or name in inits:
             raise ModelLoadError(f"{p}: sparse initializer '{name}' in {scope} has no name or reuses an initializer's")
@@ -437,6 +449,8 @@ def _check_graph(g: onnx.GraphProto, p: Path, outer: tuple[set[str], ...], where
         _check_sparse(s, p, f"sparse initializer '{name}'")
     local: set[str] = set(inits)
     inputs: set[str] = set()
+    for vi in [*g.input, *g.output, *g.value_info]:
+        _check_text(p, f"an input, output or value_info of {scope}", vi.name)
     for vi in g.input:
         if vi.name in inputs:
             raise ModelLoadError(f"{p}: graph input name '{vi.name}' is used twice in {scope}")
@@ -451,7 +465,9 @@ def _check_graph(g: onnx.GraphProto, p: Path, outer: tuple[set[str], ...], where
             if o and o not in produced_at:
                 produced_at[o] = i
     for i, n in enumerate(g.node):
-        label = f"node #{i} '{n.name}' ({n.op_type})" if n.name else f"node #{i} ({n.op_type})"
+        _check_text(p, f"node #{i} of {scope}", n.name, n.op_type, n.domain, *n.input, *n.output,
+                    *(a.name for a in n.attribute), *(a.ref_attr_name for a in n.attribute))
+        label = f"node #{i} '{n.name[:80]}' ({n.op_type[:80]})" if n.name else f"node #{i} ({n.op_type[:80]})"
         if main is False:
             label += f" in {scope}"
         for name in n.input:
@@ -923,13 +939,38 @@ def fold_constants(model: onnx.ModelProto, shapes: Mapping[str, list[int]]) -> s
     return const
 
 
-def _infer_shapes(model: onnx.ModelProto) -> tuple[dict[str, list[int]], dict[str, int]]:
+def _inference_failure(e: Exception) -> str | None:
+    """The first node error of a strict shape inference failure (None when it is not about the model's shapes or
+    types, e.g. an op onnx has no schema for)."""
+    import re
+
+    text = str(e)
+    m = re.search(r"\(op_type:([^,]*), node name: ([^)]*)\): \[(Shape|Type)InferenceError\] ([^\n]*)", text)
+    if m:
+        op, name, _, detail = m.groups()
+        return f"{op} node '{name[:80]}': {detail.strip()[:200]}" if name else f"a {op} node: {detail.strip()[:200]}"
+    return None
+
+
+def _infer_shapes(model: onnx.ModelProto, p: Path | None = None,
+                  given: Mapping[str, list[int]] | None = None) -> tuple[dict[str, list[int]], dict[str, int]]:
+    """Shapes and element types by onnx's shape inference (with data propagation).  Strict first: a model whose
+    shapes or types contradict each other (an attribute of the wrong size, a weight of the wrong rank, an input
+    shape a node cannot take) is refused with :class:`ModelLoadError` naming the node, as onnxruntime would refuse
+    it later; failures of another kind (ops onnx has no schema for) fall back to lenient inference."""
     import onnx
 
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
-    except Exception:
-        inferred = model
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    except Exception as e:
+        why = _inference_failure(e) if p is not None else None
+        if why:
+            shapes_given = f" with --input-shape {', '.join(given)}" if given else ""
+            raise ModelLoadError(f"{p}: shape inference fails{shapes_given} at {why}") from e
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+        except Exception:
+            inferred = model
     shapes: dict[str, list[int]] = {}
     dtypes: dict[str, int] = {}
     for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
@@ -1184,7 +1225,7 @@ def analyze(path: str | Path, input_shapes: Mapping[str, list[int]] | None = Non
     model = load_model(p) if model is None else model
     work = _skeleton(model)
     fixed = fix_input_shapes(work, input_shapes)
-    shapes, dtypes = _infer_shapes(work)
+    shapes, dtypes = _infer_shapes(work, p, input_shapes)
     shapes.update(fixed)
     const = fold_constants(work, shapes)
     ctx = _Ctx(shapes, dtypes, const)
