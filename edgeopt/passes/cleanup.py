@@ -145,8 +145,29 @@ def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     return out
 
 
+#: Folding never materializes an output bigger than this, unless its inputs are within 8x of it (a
+#: ``DequantizeLinear`` of int4/int8 weights): a ``ConstantOfShape``/``Expand``/``Tile`` of a constant shape can ask
+#: for gigabytes from a few bytes, and kept as a node it costs nothing until the model runs.
+FOLD_MAX_BYTES = 16 << 20
+#: Ops whose output can be far bigger than their inputs: not folded when the output's static shape is unknown.
+_EXPANDING_OPS = frozenset({"ConstantOfShape", "Expand", "Tile", "Range", "Resize", "Upsample", "Pad", "OneHot",
+                            "EyeLike", "Einsum", "MatMul", "Gemm", "Conv", "ConvTranspose"})
+
+
+def _fold_too_big(n: onnx.NodeProto, shapes: dict[str, list[int]], sizes: dict[str, int]) -> bool:
+    """Whether folding ``n`` could materialize a big tensor (sizes: bytes of the constants known so far)."""
+    outs = [o for o in n.output if o]
+    if any(o not in shapes for o in outs):
+        return n.op_type in _EXPANDING_OPS
+    out_bytes = sum(int(np.prod(shapes[o], dtype=object)) * 8 for o in outs)  # 8: the widest element type
+    in_bytes = sum(sizes.get(i, 0) for i in n.input if i)
+    return out_bytes > max(FOLD_MAX_BYTES, 8 * in_bytes)
+
+
 def fold_constants(model: onnx.ModelProto, config: PassConfig | None = None) -> list[str]:
-    """Evaluate nodes whose inputs are all constant (and Shape of static tensors); returns folded node names."""
+    """Evaluate nodes whose inputs are all constant (and Shape of static tensors); returns folded node names.
+
+    Nodes whose outputs would be big (:data:`FOLD_MAX_BYTES`, :func:`_fold_too_big`) stay nodes."""
     import onnx
 
     from ..fidelity import session
@@ -154,6 +175,7 @@ def fold_constants(model: onnx.ModelProto, config: PassConfig | None = None) -> 
     g = Graph(model)
     shapes = _static_shapes(model)
     const = set(g.inits)
+    sizes = {name: int(np.prod(t.dims, dtype=object)) * 8 for name, t in g.inits.items()}
     foldable: list[onnx.NodeProto] = []
     for n in model.graph.node:
         if config is not None and not config.selects(n.name):
@@ -170,8 +192,13 @@ def fold_constants(model: onnx.ModelProto, config: PassConfig | None = None) -> 
             foldable.append(n)
             continue
         if n.input and all((not i) or i in const for i in n.input):
+            if _fold_too_big(n, shapes, sizes):
+                continue
             foldable.append(n)
             const.update(n.output)
+            for o in n.output:
+                if o in shapes:
+                    sizes[o] = int(np.prod(shapes[o], dtype=object)) * 8
     if not foldable:
         return []
     folded_ids = {id(n) for n in foldable}
