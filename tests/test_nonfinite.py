@@ -45,7 +45,7 @@ def test_model_producing_nan_on_the_data_is_one_line_error(tmp_path, capsys):
     path = save(model, tmp_path / "log.onnx")
     calib = tmp_path / "calib"
     calib.mkdir()
-    np.save(calib / "x.npy", -np.abs(np.random.default_rng(0).normal(size=(16, 1, 8))).astype(np.float32) - 0.1)
+    np.save(calib / "x.npy", -np.abs(np.random.default_rng(0).normal(size=(16, 8))).astype(np.float32) - 0.1)
     rc = main(["plan", str(path), "--target", "x86-cpu", "--calib", str(calib)])
     cap = capsys.readouterr()
     assert rc == 2, cap.err
