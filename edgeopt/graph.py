@@ -774,8 +774,12 @@ def fix_input_shapes(model: onnx.ModelProto, given: Mapping[str, list[int]] | No
             for i, d in enumerate(dims):
                 if d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != shape[i]:
                     raise InputShapeError(f"--input-shape {inp.name} dim {i} is {shape[i]}, the model fixes it to {d.dim_value}")
+        elif not inp.type.tensor_type.HasField("shape"):
+            problems.append(f"{inp.name}=? (rank unknown)")
+            continue
         else:
             shape = []
+            symbols = []
             for i, d in enumerate(dims):
                 if d.HasField("dim_value") and d.dim_value > 0:
                     shape.append(d.dim_value)
@@ -783,16 +787,19 @@ def fix_input_shapes(model: onnx.ModelProto, given: Mapping[str, list[int]] | No
                     shape.append(1)  # batch
                 else:
                     shape.append(-1)
+                    if d.HasField("dim_param") and d.dim_param and d.dim_param not in symbols:
+                        symbols.append(d.dim_param[:40])
             if any(s < 0 for s in shape):
                 shown = "x".join("?" if s < 0 else str(s) for s in shape)
-                problems.append(f"{inp.name}={shown}")
+                named = f" (symbolic {', '.join(repr(x) for x in symbols)})" if symbols else ""
+                problems.append(f"{inp.name}={shown}{named}")
                 continue
         del inp.type.tensor_type.shape.dim[:]
         for s in shape:
             inp.type.tensor_type.shape.dim.add().dim_value = s
         shapes[inp.name] = list(shape)
     if problems:
-        example = " ".join(f"--input-shape {p.replace('?', 'N')}" for p in problems)
+        example = " ".join(f"--input-shape {p.split(' (')[0].replace('?', 'N')}" for p in problems)
         raise InputShapeError(f"model input(s) with dynamic dims: {', '.join(problems)}; give them, e.g. {example}")
     return shapes
 
@@ -1198,6 +1205,21 @@ def _shapes_by_running(path: Path, names: list[str], inputs: Mapping[str, tuple[
     return {}, f"onnxruntime could not run it ({result.get('error', 'unknown error')[:160]})"
 
 
+def _check_conv_channels(node: onnx.NodeProto, shapes: Mapping[str, list[int]], p: Path) -> None:
+    """Input channels against the weight and ``group`` (onnx's shape inference does not check them; onnxruntime
+    fails at the first run)."""
+    if len(node.input) < 2:
+        return
+    x, w = shapes.get(node.input[0]), shapes.get(node.input[1])
+    if not x or not w or len(x) < 3 or len(w) != len(x) or x[1] <= 0 or any(d <= 0 for d in w[:2]):
+        return
+    group = _attr(node, "group", 1) or 1
+    want = w[1] * group if node.op_type == "Conv" else w[0]
+    if x[1] != want or (node.op_type == "Conv" and w[0] % group):
+        raise ModelLoadError(f"{p}: {node.op_type} node '{node.name[:80]}' gets {x[1]} input channels, but its weight "
+                             f"'{node.input[1][:80]}' {w} with group {group} takes {want}")
+
+
 def _peak_live_bytes(intervals: list[tuple[int, int, int]], steps: int) -> int:
     """The most bytes alive at one step, from ``(first, last, bytes)`` lifetimes (a difference array: linear)."""
     delta = [0] * (steps + 2)
@@ -1313,6 +1335,8 @@ def analyze(path: str | Path, input_shapes: Mapping[str, list[int]] | None = Non
         outs = [o for o in node.output if o]
         out_shapes = [shapes.get(o, []) for o in outs]
         out_elems = sum(_prod(s) if s and all(d > 0 for d in s) else 0 for s in out_shapes)
+        if node.op_type in ("Conv", "ConvTranspose") and not node.domain:
+            _check_conv_channels(node, shapes, p)
         macs = _macs(node, ctx)
         is_weighted = params > 0 and node.op_type in QUANTIZABLE_OPS
         layers.append(LayerInfo(
