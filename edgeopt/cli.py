@@ -141,6 +141,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default="local",
                     help="local (default), ssh://[user@]host[:port], adb:SERIAL, or http://host:port (an edgeopt agent)")
     pr.add_argument("--token", help="the agent's token for --device http://... (default: $EDGEOPT_AGENT_TOKEN)")
+    pr.add_argument("--ca-cert", type=Path, help="PEM certificate an https:// agent's certificate is checked against "
+                                                 "(default: $EDGEOPT_AGENT_CA, else the system's trusted CAs)")
     pr.add_argument("--threads", type=int, help="intra-op threads (default: the artifact's setting, else every usable CPU)")
     pr.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
     pr.add_argument("--repeats", type=int, default=100, help="timed runs (default 100)")
@@ -333,8 +335,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
                     progress=say)
     out = console()
     plan_summary(art.plan, out, layers=False)
-    measured = f"{art.measured_latency_ms:.3f} ms measured here" if art.measured_latency_ms is not None else "not runnable here"
-    print(f"artifact {args.output}: {art.backend}, {art.size_bytes:,} bytes, predicted {art.predicted_latency_ms:.3f} ms, {measured}")
+    print(f"artifact {args.output}: {art.backend}, {art.size_bytes:,} bytes, predicted {art.predicted_latency_ms:.3f} ms, "
+          f"{_measured_label(art)}")
     for step in art.accuracy_control:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in step.measured.items() if k in ("accuracy_delta", "top1_agreement", "snr_db"))
         print(f"accuracy control {step.iteration}: {step.summary}: {shown or 'not measured'}: {step.action}")
@@ -342,6 +344,19 @@ def _cmd_build(args: argparse.Namespace) -> int:
         print("validated: " + ", ".join(f"{k} {v:.4f}" for k, v in art.accuracy.items()))
     print(f"fidelity: {art.fidelity}")
     return 0
+
+
+def _measured_label(art, *, short: bool = False) -> str:
+    """A measured latency, labelled with the machine it came from: a host figure is never shown as the device's."""
+    if art.measured_latency_ms is None:
+        return "not runnable here"
+    ms = f"{art.measured_latency_ms:.3f} ms"
+    if art.measured_on_target:
+        return f"measured {ms} on this host (of the target's class)" if short else \
+            f"{ms} measured on this host ({art.measured_on}), of the target's class"
+    if short:
+        return f"host {ms} (this machine, not a {art.target})"
+    return f"{ms} measured on this host ({art.measured_on}), which is not a {art.target}: not the device's latency"
 
 
 def _cmd_fleet(args: argparse.Namespace) -> int:
@@ -361,7 +376,7 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
             a = e.artifact
             acc = a.accuracy.get("accuracy", a.accuracy.get("top1_agreement"))
             out.print(f"[green]ok[/]   {e.target:16} {a.backend:12} {a.size_bytes:>10,} B  predicted {a.predicted_latency_ms:.3f} ms"
-                      + (f"  measured {a.measured_latency_ms:.3f} ms" if a.measured_latency_ms is not None else "")
+                      + (f"  {_measured_label(a, short=True)}" if a.measured_latency_ms is not None else "")
                       + (f"  quality {acc:.4f}" if acc is not None else ""))
         else:
             out.print(f"[red]fail[/] {e.target:16} {e.error}")
@@ -440,7 +455,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     from .profiling import calibration_for, render_profile, save_profile
     from .remote import parse_device, profile_artifact
 
-    device = parse_device(args.device, token=args.token)  # a bad device string fails before anything runs
+    device = parse_device(args.device, token=args.token, ca_cert=args.ca_cert)  # a bad device string fails first
     artifact = read_manifest(args.artifact)
     status, say = _progress()
     with status:
@@ -484,8 +499,10 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"targets": _cmd_targets, "analyze": _cmd_analyze, "plan": _cmd_plan, "compress": _cmd_compress,
                "build": _cmd_build, "fleet": _cmd_fleet, "demo": _cmd_demo, "profile": _cmd_profile,
                "agent": _cmd_agent}[args.cmd]
+    from .io import run_scratch
+
     try:
-        with _memory_limit(args):
+        with run_scratch(), _memory_limit(args):  # temp files of this run in one folder, removed after (or by the next run)
             return handler(args)
     except EdgeoptError as e:
         print(f"error: {e}", file=sys.stderr)
