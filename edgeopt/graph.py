@@ -408,8 +408,11 @@ def _check_value_type(vi: onnx.ValueInfoProto, p: Path, what: str, io: bool) -> 
             raise ModelLoadError(f"{p}: {what} '{vi.name}' is {shown}; edgeopt handles models whose inputs and outputs are tensors")
         return
     tt = vi.type.tensor_type
-    if tt.elem_type and not _valid_dtype(tt.elem_type):
-        raise ModelLoadError(f"{p}: {what} '{vi.name}' has element type {tt.elem_type}, which is not an ONNX data type")
+    if not _valid_dtype(tt.elem_type):
+        if not tt.elem_type:
+            raise ModelLoadError(f"{p}: {what} '{vi.name[:80]}' is a tensor without an element type "
+                                 "(onnxruntime refuses such models)")
+        raise ModelLoadError(f"{p}: {what} '{vi.name[:80]}' has element type {tt.elem_type}, which is not an ONNX data type")
     if io and tt.elem_type not in _IO_DTYPES:
         dtype = _dtype_name(tt.elem_type) if tt.elem_type else "no element type"
         raise ModelLoadError(f"{p}: {what} '{vi.name}' is {dtype}; edgeopt feeds and reads float, float16, double, "
