@@ -755,6 +755,10 @@ def parse_input_shapes(specs: list[str] | None) -> dict[str, list[int]]:
     return out
 
 
+def _shown_dims(dims) -> str:
+    return "x".join(str(d.dim_value) if d.HasField("dim_value") else (d.dim_param[:20] or "?") for d in dims)
+
+
 def fix_input_shapes(model: onnx.ModelProto, given: Mapping[str, list[int]] | None = None) -> dict[str, list[int]]:
     """Make every graph input static, in place: given shapes win, an unknown leading (batch) dim becomes 1.
 
@@ -777,6 +781,9 @@ def fix_input_shapes(model: onnx.ModelProto, given: Mapping[str, list[int]] | No
             for i, d in enumerate(dims):
                 if d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != shape[i]:
                     raise InputShapeError(f"--input-shape {inp.name} dim {i} is {shape[i]}, the model fixes it to {d.dim_value}")
+        elif any(d.HasField("dim_value") and d.dim_value == 0 for d in dims):
+            raise InputShapeError(f"model input {inp.name} has a dimension of 0 ({_shown_dims(dims)}): an empty tensor; "
+                                  "edgeopt needs inputs with data")
         elif not inp.type.tensor_type.HasField("shape"):
             problems.append(f"{inp.name}=? (rank unknown)")
             continue
@@ -955,11 +962,14 @@ def _inference_failure(e: Exception) -> str | None:
     import re
 
     text = str(e)
-    m = re.search(r"\(op_type:([^,]*), node name: ([^)]*)\): \[(Shape|Type)InferenceError\] ([^\n]*)", text)
-    if m:
-        op, name, _, detail = m.groups()
-        return f"{op} node '{name[:80]}': {detail.strip()[:200]}" if name else f"a {op} node: {detail.strip()[:200]}"
-    return None
+    if "[ShapeInferenceError]" not in text and "[TypeInferenceError]" not in text:
+        return None
+    m = re.search(r"\(op_type:([^,)]*)(?:, node name: ([^)]*))?\): (?:\[(?:Shape|Type)InferenceError\] )?([^\n]*)", text)
+    if not m:
+        return None
+    op, name, detail = m.groups()
+    detail = " ".join(detail.split())[:200]
+    return f"{op} node '{name[:80]}': {detail}" if name else f"a {op} node: {detail}"
 
 
 def _infer_shapes(model: onnx.ModelProto, p: Path | None = None,
