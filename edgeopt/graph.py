@@ -631,10 +631,14 @@ def _check_external_data(model: onnx.ModelProto, path: Path) -> list[tuple[Path,
             raise ModelLoadError(f"tensor '{t.name}' has an unusable external data location {location[:80]!r}: {e}") from e
         if base not in loc.parents and loc != base:
             raise ModelLoadError(f"tensor '{t.name}' points at external data outside the model's folder: {location}")
-        if not loc.is_file():
-            raise ModelLoadError(f"external data file '{location}' for tensor '{t.name}' not found next to {path.name}")
-        if loc not in sizes:
-            sizes[loc] = loc.stat().st_size
+        try:
+            if not loc.is_file():
+                raise ModelLoadError(f"external data file '{location}' for tensor '{t.name}' not found next to {path.name}")
+            if loc not in sizes:
+                sizes[loc] = loc.stat().st_size
+        except OSError as e:
+            raise ModelLoadError(f"cannot read external data file '{location[:80]}' of tensor '{t.name}': "
+                                 f"{e.strerror or e}") from e
         have = sizes[loc]
         bits = _bits(t.data_type)
         want = (_prod(t.dims) * bits + 7) // 8 if bits else 0
