@@ -337,6 +337,7 @@ def _bomb(op: str, n: int = 40000):
                   [_vi("x", [1, 16])], [_vi("y", [])], [k, big, one, x11])
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the shape-finding run is capped with RLIMIT_AS on Linux")
 def test_memory_bombs_and_huge_external_data_stay_bounded(tmp_path):
     """In a child process: every bomb refused in one line under --max-memory, the peak RSS of the process and of its
     children (the capped shape-finding run) far below what the bombs ask for."""
@@ -382,6 +383,7 @@ def test_memory_bombs_and_huge_external_data_stay_bounded(tmp_path):
     small_analysis = json.loads(res["results"][next(i for i, c in enumerate(cases) if small in c[0])][2])
     assert [2000, 2000] in [ly["output_shapes"][0] for ly in small_analysis["layers"]]  # found by the capped run
     peak = res["peak_kib"]
+    print("peak RSS KiB", peak)
     assert peak["self"] < 1_500_000 and peak["children"] < 1_500_000, peak  # KiB: under ~1.5 GB, bombs ask 6.4 GB
 
 
