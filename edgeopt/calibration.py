@@ -13,7 +13,7 @@ Accepted forms (see :func:`as_calibration`):
 Labels (for accuracy) ride along optionally.
 
 Files are read defensively (they come from users): regular files only, ``allow_pickle`` never, the ``.npy`` header
-(and each ``.npz`` member's) checked against the file's size and the memory limit (:func:`max_bytes`) before any
+(and each ``.npz`` member's) checked against the file's size and the memory limit (:func:`edgeopt.memory.max_memory`) before any
 array is allocated, numbers only (no object, string or structured dtypes), and every float sample finite.  Whatever
 is wrong ends in one :class:`CalibrationError` naming the file and the problem.
 """
@@ -31,6 +31,7 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import EdgeoptError
+from .memory import limit_hint, max_memory
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -40,64 +41,6 @@ Feed = dict[str, np.ndarray]
 
 class CalibrationError(EdgeoptError):
     """Calibration data that does not fit the model."""
-
-
-# --------------------------------------------------------------------------- memory limit
-
-#: The environment variable that sets :func:`max_bytes` (bytes, or a size like ``4GiB``).
-MAX_MEMORY_ENV = "EDGEOPT_MAX_MEMORY"
-#: The default ceiling of :func:`max_bytes` when the machine's free memory is larger.
-DEFAULT_MAX_BYTES = 8 << 30
-_max_bytes_override: int | None = None
-
-
-def _available_ram() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, OSError, ValueError):
-        return None
-
-
-def _parse_size(text: str, what: str) -> int:
-    from pydantic import ByteSize, TypeAdapter, ValidationError
-
-    try:
-        n = int(TypeAdapter(ByteSize).validate_python(text.strip()))
-    except ValidationError:
-        n = 0
-    if n <= 0:
-        raise EdgeoptError(f"{what}={text[:40]!r} is not a size; give bytes or a size like 4GiB or 512MB")
-    return n
-
-
-def set_max_bytes(n: int | None) -> None:
-    """Set the memory limit for data edgeopt reads (``None``: back to the default); for a ``--max-memory`` option."""
-    global _max_bytes_override
-    if n is not None and n <= 0:
-        raise EdgeoptError(f"the memory limit must be positive, not {n}")
-    _max_bytes_override = n
-
-
-def max_bytes() -> int:
-    """The most bytes of array data edgeopt reads from calibration and label files, in all.
-
-    :func:`set_max_bytes` if called, else ``$EDGEOPT_MAX_MEMORY`` (bytes or a size like ``4GiB``), else half the
-    machine's available memory, at most 8 GiB.
-    """
-    if _max_bytes_override is not None:
-        return _max_bytes_override
-    env = os.environ.get(MAX_MEMORY_ENV)
-    if env:
-        return _parse_size(env, f"${MAX_MEMORY_ENV}")
-    avail = _available_ram()
-    return min(avail // 2, DEFAULT_MAX_BYTES) if avail else DEFAULT_MAX_BYTES
 
 
 def _fmt_bytes(n: int) -> str:
@@ -153,10 +96,10 @@ def _open_regular(path: Path, where: str) -> IO[bytes]:
 
 
 class _Budget:
-    """Bytes of array data still allowed to be read (:func:`max_bytes` for one loading of a data set)."""
+    """Bytes of array data still allowed to be read (:func:`edgeopt.memory.max_memory` for one loading of a data set)."""
 
     def __init__(self, limit: int | None = None):
-        self.limit = max_bytes() if limit is None else limit
+        self.limit = max_memory() if limit is None else limit
         self.left = self.limit
 
     def take(self, n: int, where: str, shape: tuple[int, ...]) -> None:
@@ -165,7 +108,7 @@ class _Budget:
             more = f" (after {_fmt_bytes(already)} already read)" if already else ""
             raise CalibrationError(
                 f"{where}: the array (shape {list(shape)}) needs {_fmt_bytes(n)}, over the memory limit of "
-                f"{_fmt_bytes(self.limit)}{more}; set ${MAX_MEMORY_ENV} to allow more")
+                f"{_fmt_bytes(self.limit)}{more}; {limit_hint()}")
         self.left -= n
 
 

@@ -34,27 +34,12 @@ def _add_max_memory_arg(p: argparse.ArgumentParser, *, top: bool = False) -> Non
 
 @contextlib.contextmanager
 def _memory_limit(args: argparse.Namespace):
-    """Apply ``--max-memory`` for one command (model loading and analysis, and calibration data reading)."""
-    text = getattr(args, "max_memory", None)
-    if text is None:
-        yield
-        return
-    from .graph import memory_limit, parse_size
+    """Apply ``--max-memory`` for one command (model loading and analysis, calibration and label data)."""
+    from .memory import memory_limit, parse_size
 
-    n = parse_size(text)
-    calibration = sys.modules.get("edgeopt.calibration")
-    if calibration is None and args.cmd in ("plan", "build", "fleet", "compress"):
-        from . import calibration
-    setter = getattr(calibration, "set_max_bytes", None)
-    before = getattr(calibration, "_max_bytes_override", None)
-    if setter is not None:
-        setter(n)
-    try:
-        with memory_limit(n):
-            yield
-    finally:
-        if setter is not None:
-            setter(before)
+    text = getattr(args, "max_memory", None)
+    with memory_limit(parse_size(text) if text is not None else None):
+        yield
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -112,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--precision", help=f"force one precision recipe ({recipes})")
     b.add_argument("--plan", type=Path, help="replay this plan.json instead of planning")
     _add_data_args(b)
+    _add_max_memory_arg(b)
     b.add_argument("-o", "--output", type=Path, required=True, help="output directory (replaced atomically)")
 
     f = sub.add_parser("fleet", help="build every target in parallel, with an HTML report")
@@ -120,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--targets", default="all", help="'all' or a comma-separated list of targets")
     f.add_argument("--jobs", type=int, default=2, help="targets built at once")
     _add_data_args(f)
+    _add_max_memory_arg(f)
     f.add_argument("-o", "--output", type=Path, required=True, help="output directory (replaced atomically)")
 
     c = sub.add_parser("compress", help="apply one compression pass (ONNX -> ONNX) and report its effect")

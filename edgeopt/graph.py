@@ -12,107 +12,18 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import EdgeoptError, InputShapeError, ModelLoadError
+from .errors import InputShapeError, ModelLoadError
+from .memory import MemoryLimitError, limit_hint, max_memory
 from .types import LayerInfo, ModelAnalysis, TensorInfo
 from .units import fmt_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
-
-# --------------------------------------------------------------------------- memory limit
-
-#: The environment variable that sets :func:`max_memory` (bytes, or a size like ``4GiB``); ``--max-memory`` wins.
-MAX_MEMORY_ENV = "EDGEOPT_MAX_MEMORY"
-#: The default ceiling of :func:`max_memory` when the machine's free memory is larger.
-DEFAULT_MAX_MEMORY = 8 << 30
-_max_memory_override: int | None = None
-
-
-class MemoryLimitError(EdgeoptError):
-    """Work that would need more memory than the limit (``--max-memory``, ``$EDGEOPT_MAX_MEMORY``)."""
-
-
-def parse_size(text: str, what: str = "--max-memory") -> int:
-    """``"4GiB"`` -> 4294967296, ``"512MB"``, ``"4G"`` (decimal), ``"1000000"``; one-line :class:`EdgeoptError` else."""
-    from pydantic import ByteSize, TypeAdapter, ValidationError
-
-    try:
-        n = int(TypeAdapter(ByteSize).validate_python(str(text).strip()))
-    except (ValidationError, ValueError, OverflowError):
-        n = 0
-    if n <= 0:
-        raise EdgeoptError(f"{what} {str(text)[:40]!r} is not a size; give bytes or a size like 4GiB or 512MB")
-    return n
-
-
-def available_memory() -> int | None:
-    """Memory this process may still take: the kernel's MemAvailable, less where a cgroup (container) limit is lower."""
-    avail: int | None = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-                    break
-    except (OSError, ValueError, IndexError):
-        pass
-    if avail is None:
-        try:
-            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (AttributeError, OSError, ValueError):
-            avail = None
-    try:  # cgroup v2: memory.max ("max" when unlimited) less memory.current
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit.isdigit():
-            left = int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
-            avail = max(0, left) if avail is None else min(avail, max(0, left))
-    except (OSError, ValueError):
-        pass
-    return avail
-
-
-def set_max_memory(n: int | None) -> None:
-    """Set the memory limit (``None``: back to ``$EDGEOPT_MAX_MEMORY`` or the default); ``--max-memory`` calls it."""
-    global _max_memory_override
-    if n is not None and n <= 0:
-        raise EdgeoptError(f"the memory limit must be positive, not {n}")
-    _max_memory_override = n
-
-
-@contextmanager
-def memory_limit(n: int | None):
-    """:func:`set_max_memory` for a block (``None`` leaves the limit as it is)."""
-    global _max_memory_override
-    before = _max_memory_override
-    if n is not None:
-        set_max_memory(n)
-    try:
-        yield
-    finally:
-        _max_memory_override = before
-
-
-def max_memory() -> int:
-    """The most memory model loading and analysis may use: :func:`set_max_memory` / ``--max-memory`` if set, else
-    ``$EDGEOPT_MAX_MEMORY``, else half the available memory, at most 8 GiB."""
-    if _max_memory_override is not None:
-        return _max_memory_override
-    env = os.environ.get(MAX_MEMORY_ENV)
-    if env:
-        return parse_size(env, f"${MAX_MEMORY_ENV}")
-    avail = available_memory()
-    return max(1 << 28, min(avail // 2, DEFAULT_MAX_MEMORY)) if avail else DEFAULT_MAX_MEMORY
-
-
-def _limit_hint() -> str:
-    return f"raise the limit with --max-memory or ${MAX_MEMORY_ENV} if the machine has the memory"
-
 
 # --------------------------------------------------------------------------- loading
 
@@ -183,7 +94,7 @@ def load_model(path: str | Path, *, load_external_data: bool = False) -> onnx.Mo
     limit = max_memory()
     if size > limit:
         raise MemoryLimitError(f"model file {p} is {fmt_bytes(size)}, more than the memory limit of {fmt_bytes(limit)}; "
-                               f"{_limit_hint()}")
+                               f"{limit_hint()}")
     try:
         model = onnx.load(str(p), load_external_data=False)
     except DecodeError as e:
@@ -209,7 +120,7 @@ def load_model(path: str | Path, *, load_external_data: bool = False) -> onnx.Mo
         if dense:
             what.append(f"{fmt_bytes(dense)} of sparse initializers made dense")
         raise MemoryLimitError(f"loading {p} needs {fmt_bytes(need)} ({', '.join(what) or 'the model file'}), more than the "
-                               f"memory limit of {fmt_bytes(limit)}; {_limit_hint()}")
+                               f"memory limit of {fmt_bytes(limit)}; {limit_hint()}")
     if load_external_data and external:
         _read_external_data(model, p, external)
     _densify_sparse(model.graph)
@@ -1114,7 +1025,8 @@ try:
     import numpy as np
     import onnx
     import onnxruntime as ort
-    from edgeopt.graph import load_model, set_max_memory
+    from edgeopt.graph import load_model
+    from edgeopt.memory import set_max_memory
 
     set_max_memory(spec["limit"])
     m = load_model(spec["path"], load_external_data=True)
@@ -1209,7 +1121,7 @@ def _shapes_by_running(path: Path, names: list[str], inputs: Mapping[str, tuple[
             except ValueError:
                 how = f"signal {-proc.returncode}"
         raise MemoryLimitError(f"{what} crashed ({how}) within the memory limit of {fmt_bytes(limit)}: the model needs "
-                               f"more memory than that, or onnxruntime cannot run it; {_limit_hint()}")
+                               f"more memory than that, or onnxruntime cannot run it; {limit_hint()}")
     if "shapes" in result:
         return {k: v for k, v in result["shapes"].items() if isinstance(v, list)}, None
     if result.get("memory"):
@@ -1218,7 +1130,7 @@ def _shapes_by_running(path: Path, names: list[str], inputs: Mapping[str, tuple[
         err = str(result.get("error", ""))
         node = re.search(r"running (\w+) node", err)
         at = f" (onnxruntime failed to allocate at a {node.group(1)} node)" if node else f" ({err[:120]})"
-        raise MemoryLimitError(f"{what} needs more than the memory limit of {fmt_bytes(limit)}{at}; {_limit_hint()}")
+        raise MemoryLimitError(f"{what} needs more than the memory limit of {fmt_bytes(limit)}{at}; {limit_hint()}")
     return {}, f"onnxruntime could not run it ({result.get('error', 'unknown error')[:160]})"
 
 
@@ -1317,7 +1229,7 @@ def analyze(path: str | Path, input_shapes: Mapping[str, list[int]] | None = Non
                 f"{p.name}: shape inference cannot derive {len(missing)} tensor shape(s) (e.g. '{missing[0][:80]}'), and "
                 f"running the model once to find them needs at least {fmt_bytes(need)} (inputs {fmt_bytes(in_bytes)}, "
                 f"weights {fmt_bytes(w_bytes)}, activations {fmt_bytes(act)}), more than the memory limit of "
-                f"{fmt_bytes(limit)}; give smaller --input-shape values, or {_limit_hint()}")
+                f"{fmt_bytes(limit)}; give smaller --input-shape values, or {limit_hint()}")
         found, why = _shapes_by_running(p, missing, run_inputs, limit=limit)
         shapes.update(found)
         still = [o for o in missing if not known(o)]

@@ -37,6 +37,7 @@ class BuildInputs:
         p = Path(path)
         model = load_model(p, load_external_data=True)
         analysis = analyze(p, input_shapes, model=model)
+        smoke_run(model, analysis)
         labels_name = None
         if isinstance(labels, (str, Path)):  # read even when no data uses them: a bad file is an error, not ignored
             labels_name = f"labels file {labels}"
@@ -58,3 +59,49 @@ class BuildInputs:
         xc, _ = digits("calib")
         xt, yt = digits("test")
         return cls.prepare(default_model_path(), calib=xc, eval_data=xt, labels=yt)
+
+
+def smoke_run(model: onnx.ModelProto, analysis: ModelAnalysis) -> None:
+    """Run the model once in onnxruntime on zeros of its analysed input shapes, so that a model onnxruntime cannot
+    run (checks that pass the ONNX checker and shape inference, e.g. an If whose condition has many elements, a
+    Conv bias of the wrong size) is refused here in one line, not deep in planning as an internal error.
+
+    The run is bounded first: weights plus every activation the analysis knows (an upper bound; no reuse) must fit
+    the memory limit (:func:`edgeopt.memory.max_memory`).
+
+    Raises:
+        MemoryLimitError: the bound is over the limit.
+        ModelLoadError: onnxruntime refuses or fails to run the model.
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError:  # pragma: no cover - the validation extra is missing: nothing runs the model here anyway
+        return
+    from .errors import ModelLoadError
+    from .memory import MemoryLimitError, limit_hint, max_memory
+    from .units import fmt_bytes
+
+    itemsize = {"float64": 8, "int64": 8, "uint64": 8, "float16": 2, "bfloat16": 2, "int16": 2, "uint16": 2,
+                "int8": 1, "uint8": 1, "bool": 1}
+    need = analysis.total_weight_bytes + sum(t.elems * itemsize.get(t.dtype, 4) for t in analysis.tensors)
+    limit = max_memory()
+    if need > limit:
+        raise MemoryLimitError(f"running {Path(analysis.path).name} once needs up to {fmt_bytes(need)} (weights and "
+                               f"activations at the analysed input shapes), more than the memory limit of "
+                               f"{fmt_bytes(limit)}; give smaller --input-shape values, or {limit_hint()}")
+    if model.ByteSize() > 1_800_000_000:  # over protobuf's 2 GB: the backends run it from files; not smoke-tested
+        return
+    from .calibration import model_inputs
+
+    feeds = {n: np.zeros([d if d > 0 else 1 for d in analysis.inputs.get(n, shape)], dtype)
+             for n, shape, dtype in model_inputs(model)}
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    so.intra_op_num_threads = 1
+    so.enable_cpu_mem_arena = False
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        sess.run(None, feeds)
+    except Exception as e:  # noqa: BLE001 - onnxruntime's errors have no common base class
+        first = " ".join(str(e).split())[:300] or type(e).__name__
+        raise ModelLoadError(f"onnxruntime cannot run {Path(analysis.path).name}: {first}") from None

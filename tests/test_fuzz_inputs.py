@@ -448,23 +448,23 @@ def test_hostile_labels(tmp_path, capsys, tiny, case):
 def test_memory_limit_is_checked_before_reading(tmp_path, capsys, tiny, monkeypatch):
     """A file within its declared size but over the memory limit ($EDGEOPT_MAX_MEMORY), and an .npz member that
     inflates past it (a zip bomb), are refused from their headers."""
-    from edgeopt import calibration
+    from edgeopt import memory
 
-    monkeypatch.setenv(calibration.MAX_MEMORY_ENV, "64KiB")
-    assert calibration.max_bytes() == 64 * 1024
+    monkeypatch.setenv(memory.MAX_MEMORY_ENV, "64KiB")
+    assert memory.max_memory() == 64 * 1024
     big = _npy_bytes(np.zeros((4096, 8), np.float32))  # 128 KiB
     for files in ({"a.npy": big}, {"a.npz": _npz({"x.npy": big}, zipfile.ZIP_DEFLATED)},
                   {"a.npy": _npy_bytes(np.zeros((1500, 8), np.float32)), "b.npy": _npy_bytes(np.zeros((1500, 8),
                                                                                                    np.float32))}):
         folder = _make_folder(tmp_path / f"c{len(list(tmp_path.iterdir()))}", files)
         rc, out, err = run_cli(capsys, "plan", tiny, "--target", "x86-cpu", "--calib", folder)
-        assert rc == 2 and "memory limit" in err and calibration.MAX_MEMORY_ENV in err, err
+        assert rc == 2 and "memory limit" in err and memory.MAX_MEMORY_ENV in err, err
         assert_clean(rc, out, err, names=str(folder))
-    monkeypatch.setenv(calibration.MAX_MEMORY_ENV, "lots")
+    monkeypatch.setenv(memory.MAX_MEMORY_ENV, "lots")
     rc, out, err = run_cli(capsys, "plan", tiny, "--target", "x86-cpu", "--calib", folder)
-    assert rc == 2 and calibration.MAX_MEMORY_ENV in err
-    monkeypatch.delenv(calibration.MAX_MEMORY_ENV)
-    assert 0 < calibration.max_bytes() <= calibration.DEFAULT_MAX_BYTES
+    assert rc == 2 and memory.MAX_MEMORY_ENV in err
+    monkeypatch.delenv(memory.MAX_MEMORY_ENV)
+    assert 0 < memory.max_memory() <= memory.DEFAULT_MAX_MEMORY
 
 
 def test_terabyte_header_does_not_allocate(tmp_path):
@@ -503,7 +503,9 @@ def test_python_api_refuses_non_finite_and_ragged_data(tiny):
     """The same checks for data given in Python: arrays, dicts, callables and CalibrationData."""
     import onnx
 
-    from edgeopt.calibration import CalibrationData, CalibrationError, as_calibration, max_bytes, set_max_bytes
+    from edgeopt.calibration import CalibrationData, CalibrationError, as_calibration
+    from edgeopt.memory import max_memory as max_bytes
+    from edgeopt.memory import set_max_memory as set_max_bytes
 
     m = onnx.load(str(tiny))
     with pytest.raises(CalibrationError, match="sample 2 holds NaN"):

@@ -416,3 +416,31 @@ def test_analyze_50k_node_chain(tmp_path, capsys):
     rc, out, err = _run(capsys, ["analyze", p, "--top", "5"])
     assert rc == 0, err
     assert "top 5 layers by arithmetic" in out and "layers 50000" in out and "n49999" not in out
+
+
+def _runtime_failures() -> dict:
+    """Models the ONNX checker and strict shape inference accept but onnxruntime cannot run."""
+    w = NH.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
+    bias5 = NH.from_array(np.ones(5, np.float32), "b")
+    then_g = H.make_graph([H.make_node("Relu", ["x"], ["t"])], "then", [], [_vi("t", [1, 16])])
+    else_g = H.make_graph([H.make_node("Neg", ["x"], ["e"])], "else", [], [_vi("e", [1, 16])])
+    return {
+        "global_pool_rank2": _model([H.make_node("GlobalAveragePool", ["x"], ["y"])], [_vi("x", [1, 16])],
+                                    [_vi("y", [1, 16])]),
+        "conv_bias_size": _model([H.make_node("Conv", ["x", "w", "b"], ["y"])], [_vi("x", [1, 3, 8, 8])],
+                                 [_vi("y", [1, 4, 6, 6])], [w, bias5]),
+        "if_condition_many_elements": _model(
+            [H.make_node("Greater", ["x", "z"], ["c"]), H.make_node("If", ["c"], ["y"], then_branch=then_g,
+                                                                    else_branch=else_g)],
+            [_vi("x", [1, 16])], [_vi("y", [1, 16])], [NH.from_array(np.array(0, np.float32), "z")]),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_runtime_failures()))
+def test_model_onnxruntime_cannot_run_is_refused_before_planning(case, tmp_path, capsys):
+    path = _save(_runtime_failures()[case], tmp_path / "m.onnx")
+    for argv in (["plan", path, "--target", "x86-cpu"], ["build", path, "--target", "x86-cpu", "-o", tmp_path / "o"]):
+        rc, out, err = _run(capsys, argv)
+        assert rc == 2, (out, err)
+        _check(rc, out, err, "onnxruntime cannot run")
+    assert not (tmp_path / "o").exists()

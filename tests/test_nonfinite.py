@@ -7,9 +7,9 @@ import json
 
 import numpy as np
 import pytest
+from conftest import make_model, save, vi
 from onnx import TensorProto, helper
 
-from conftest import make_model, save, vi
 from edgeopt.cli import main
 from edgeopt.errors import EdgeoptError
 from edgeopt.fidelity import NONFINITE_NOISE, SNR_CEILING_DB, compare_outputs, relative_noise

@@ -106,10 +106,9 @@ def test_only_profiles_of_the_target_class_calibrate():
 def test_local_profile_of_another_class_is_labelled_and_capped(tmp_path):
     """Profiling an MCU or phone artifact on this host records that the host is not of the target's class, and
     never runs more threads than this machine has (the artifact's setting is the device's core count)."""
+    from edgeopt.calibration import as_calibration
     from edgeopt.hostinfo import detect, host_stands_for
     from edgeopt.profiling import profile_local, usable_cpus
-
-    from edgeopt.calibration import as_calibration
 
     model = onnx.load(str(default_model_path()))
     xc, _ = digits("calib")
