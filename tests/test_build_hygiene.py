@@ -173,3 +173,23 @@ def test_run_scratch_holds_temp_files_and_sweeps_dead_runs(tmp_path, monkeypatch
         assert not scratch.exists() and tempfile.gettempdir() == str(tmp_path)
     finally:
         os.close(fd)
+
+
+def test_killed_fleet_leaves_nothing_after_the_next_run(tmp_path):
+    """A fleet killed mid-way leaves its work folder (the partial fleet) beside -o; the next fleet removes it."""
+    systmp = tmp_path / "systmp"
+    systmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(systmp), "EDGEOPT_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "fleet"
+    cmd = [sys.executable, "-m", "edgeopt.cli", "fleet", "default", "--targets", "x86-avx2,mcu-cortex-m7", "-o", str(out)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not _beside(out):  # wait until it has started writing
+        time.sleep(0.1)
+    assert _beside(out), "the fleet never started writing"
+    proc.send_signal(signal.SIGKILL)  # mid-way: its work folder exists
+    proc.wait()
+    assert _beside(out) and not out.exists()
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert (out / "report.html").is_file() and _beside(out) == [] and _temp_leftovers(systmp) == []

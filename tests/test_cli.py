@@ -119,8 +119,10 @@ def test_build_replay_and_fleet_commands(tmp_path):
     one_line_error(run("build", "default", "--target", "gpu-server", "--plan", out / "plan.json", "-o", tmp_path / "x"),
                    "for target x86-cpu")
     assert not (tmp_path / "x").exists()
-    fl = run("fleet", "default", "--targets", "x86-cpu,jetson-orin", "-o", tmp_path / "fleet", check_rc=0)
+    fl = run("fleet", "default", "--targets", "x86-cpu,jetson-orin,mcu-cortex-m7", "-o", tmp_path / "fleet", check_rc=0)
     assert "report:" in fl.stdout and (tmp_path / "fleet" / "report.html").is_file()
+    # the MCU artifact ran on this host: its figure is labelled as the host's, never shown as the device's
+    assert "(this machine, not a mcu-cortex-m7)" in fl.stdout, fl.stdout
     assert (tmp_path / "fleet" / "jetson-orin" / "build_engine.py").is_file()
 
 
