@@ -12,8 +12,10 @@ import datetime as dt
 import gzip
 import hashlib
 import importlib.util
+import inspect
 import io
 import json
+import os
 import random
 import shutil
 import socket
@@ -749,3 +751,22 @@ def test_a_real_upload_still_profiles(start_agent, ort_artifact):
     p = AgentDevice(server.url, TOKEN).profile(ort_artifact, **FAST)
     assert p.device == server.url and p.latency_ms["p50"] > 0
     assert server.url.startswith("http://127.0.0.1:")
+
+
+def test_shipped_build_script_is_the_in_process_builder(tmp_path, fake_tensorrt):
+    """build_engine.py (for building by hand) carries serialize_engine's own source: the same builder calls."""
+    from edgeopt.backends.tensorrt import build_script, serialize_engine
+
+    assert inspect.getsource(serialize_engine) in build_script()
+    d = tmp_path / "art"
+    d.mkdir()
+    (d / "model.onnx").write_bytes(b"")
+    cfg = {"onnx": "model.onnx", "engine": "model.engine", "flags": ["FP16"], "workspace_bytes": 1 << 20,
+           "dla_core": None, "input_shapes": {"x": [1, 8]}}
+    (d / "build.json").write_text(json.dumps(cfg))
+    (d / "build_engine.py").write_text(build_script())
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "fake_site")}
+    proc = subprocess.run([sys.executable, str(d / "build_engine.py")], capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip() == \
+        "error: TensorRT failed to build the engine (see its log above)", proc.stderr

@@ -346,6 +346,29 @@ def tool_versions(*packages: str) -> dict[str, str]:
     return out
 
 
+def read_settings_file(artifact_dir: Path, name: str, keys: tuple[str, ...], backend: str) -> dict:
+    """An artifact's JSON settings file (e.g. OpenVINO's compile.json, TensorRT's build.json) as an object whose keys
+    are all among ``keys``; the caller checks the values.
+
+    Raises:
+        EdgeoptError: the file is missing, not JSON, not an object, or has an unknown key (named, with the valid ones).
+    """
+    import json
+
+    try:
+        data = json.loads((Path(artifact_dir) / name).read_bytes())
+    except FileNotFoundError:
+        raise EdgeoptError(f"{backend} artifact {artifact_dir} has no {name}") from None
+    except (OSError, ValueError) as e:
+        raise EdgeoptError(f"{name} is not readable JSON: {str(e)[:200]}") from None
+    if not isinstance(data, dict):
+        raise EdgeoptError(f"{name} must hold a JSON object with keys {', '.join(keys)}")
+    unknown = [k for k in data if k not in keys]
+    if unknown:
+        raise EdgeoptError(f"{name}: unknown key {str(unknown[0])[:100]!r}; valid keys: {', '.join(keys)}")
+    return data
+
+
 def make_artifact(out_dir: Path, primary: str, plan: Plan, backend: str, versions: dict[str, str],
                   accuracy: dict[str, float] | None = None, numerics: dict[str, str] | None = None) -> Artifact:
     """Hash every file under ``out_dir`` (but the manifest) into an :class:`Artifact`.

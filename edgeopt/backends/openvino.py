@@ -174,18 +174,9 @@ def read_compile_spec(artifact_dir: Path) -> dict:
         EdgeoptError: the file is missing or not JSON, it has keys other than device/config/notes, its device is
             not an OpenVINO device name, or a property is not allowed or has a value outside its choices.
     """
-    path = Path(artifact_dir) / COMPILE_FILE
-    try:
-        spec = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise EdgeoptError(f"openvino artifact {artifact_dir} has no {COMPILE_FILE}") from None
-    except (OSError, ValueError) as e:
-        raise EdgeoptError(f"{COMPILE_FILE} is not readable JSON: {str(e)[:200]}") from None
-    if not isinstance(spec, dict):
-        raise EdgeoptError(f"{COMPILE_FILE} must hold a JSON object with keys {', '.join(COMPILE_KEYS)}")
-    unknown = [k for k in spec if k not in COMPILE_KEYS]
-    if unknown:
-        raise EdgeoptError(f"{COMPILE_FILE}: unknown key {str(unknown[0])[:100]!r}; valid keys: {', '.join(COMPILE_KEYS)}")
+    from .base import read_settings_file
+
+    spec = read_settings_file(artifact_dir, COMPILE_FILE, COMPILE_KEYS, "openvino")
     device = spec.get("device", "CPU")
     if not isinstance(device, str) or len(device) > 64 or not _DEVICE.fullmatch(device):
         raise EdgeoptError(f"{COMPILE_FILE}: device {str(device)[:100]!r} is not an OpenVINO device name "

@@ -61,13 +61,13 @@ BUILD_FILE = "build.json"
 BUILD_SCRIPT = "build_engine.py"
 ENGINE = "model.engine"
 
-_SCRIPT = r'''#!/usr/bin/env python3
+_SCRIPT_HEAD = r'''#!/usr/bin/env python3
 """Build the TensorRT engine for this edgeopt artifact: model.onnx + build.json -> model.engine.
 
 Run it on the machine that will serve the engine (engines are specific to the GPU
 and the TensorRT version):  python build_engine.py   (or: edgeopt's tensorrt backend does it
-when TensorRT is installed where the artifact is built or loaded, with its own builder
-code; it never runs this file).  The equivalent trtexec command is in build.json ("trtexec").
+when TensorRT is installed where the artifact is built or loaded, with the same builder
+code, in-process; it never runs this file).  The equivalent trtexec command is in build.json ("trtexec").
 """
 import json
 import pathlib
@@ -76,6 +76,14 @@ import sys
 HERE = pathlib.Path(__file__).resolve().parent
 
 
+class BuildFailed(Exception):
+    pass
+
+
+'''
+
+_SCRIPT_MAIN = r'''
+
 def main() -> int:
     cfg = json.loads((HERE / "build.json").read_text())
     try:
@@ -83,16 +91,39 @@ def main() -> int:
     except ImportError:
         print("error: tensorrt is not installed; pip install 'edgeopt[tensorrt]'", file=sys.stderr)
         return 2
+    try:
+        engine = serialize_engine(HERE / cfg["onnx"], cfg)
+    except BuildFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    (HERE / cfg["engine"]).write_bytes(engine)
+    print(f"wrote {HERE / cfg['engine']} with TensorRT {trt.__version__}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+'''
+
+
+class BuildFailed(Exception):
+    """TensorRT could not parse the ONNX file or build the engine."""
+
+
+def serialize_engine(onnx_path, cfg: dict) -> bytes:
+    """TensorRT's builder on a build.json's settings: the serialized engine.  Self-contained (tensorrt only): its
+    source is also the body of the artifact's ``build_engine.py`` (:func:`build_script`)."""
+    import tensorrt as trt
+
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    major = int(trt.__version__.split(".")[0])
+    major = int(str(trt.__version__).split(".")[0])
     flags = 0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(HERE / cfg["onnx"])):
+    if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        print(f"error: TensorRT could not parse {cfg['onnx']}: {errors}", file=sys.stderr)
-        return 2
+        raise BuildFailed(f"TensorRT could not parse {cfg['onnx']}: {errors[:500]}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(cfg["workspace_bytes"]))
     for flag in cfg["flags"]:
@@ -108,16 +139,15 @@ def main() -> int:
     config.add_optimization_profile(profile)
     engine = builder.build_serialized_network(network, config)
     if engine is None:
-        print("error: TensorRT failed to build the engine (see the log above)", file=sys.stderr)
-        return 2
-    (HERE / cfg["engine"]).write_bytes(bytes(engine))
-    print(f"wrote {HERE / cfg['engine']} with TensorRT {trt.__version__}")
-    return 0
+        raise BuildFailed("TensorRT failed to build the engine (see its log above)")
+    return bytes(engine)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-'''
+def build_script() -> str:
+    """The artifact's ``build_engine.py``: :func:`serialize_engine`'s own source plus a main that reads build.json."""
+    import inspect
+
+    return _SCRIPT_HEAD + inspect.getsource(serialize_engine) + _SCRIPT_MAIN
 
 
 def build_config(plan: Plan, has_qdq: bool) -> dict:
@@ -167,20 +197,9 @@ def read_build_config(artifact_dir: Path) -> dict:
         EdgeoptError: the file is missing or not JSON, a key is unknown or missing, or a value has the wrong type
             or is out of range (the message names the key and what is valid).
     """
-    from .base import artifact_path
+    from .base import artifact_path, read_settings_file
 
-    path = Path(artifact_dir) / BUILD_FILE
-    try:
-        cfg = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise EdgeoptError(f"tensorrt artifact {artifact_dir} has no {BUILD_FILE}") from None
-    except (OSError, ValueError) as e:
-        raise EdgeoptError(f"{BUILD_FILE} is not readable JSON: {str(e)[:200]}") from None
-    if not isinstance(cfg, dict):
-        raise EdgeoptError(f"{BUILD_FILE} must hold a JSON object with keys {', '.join(BUILD_KEYS)}")
-    unknown = [k for k in cfg if k not in BUILD_KEYS]
-    if unknown:
-        raise EdgeoptError(f"{BUILD_FILE}: unknown key {str(unknown[0])[:100]!r}; valid keys: {', '.join(BUILD_KEYS)}")
+    cfg = read_settings_file(artifact_dir, BUILD_FILE, BUILD_KEYS, "tensorrt")
     missing = [k for k in ("onnx", "flags", "input_shapes") if k not in cfg]
     if missing:
         raise EdgeoptError(f"{BUILD_FILE}: missing key {missing[0]!r}")
@@ -230,35 +249,12 @@ def build_engine(artifact_dir: Path) -> Path:
 
 def _build(artifact_dir: Path, cfg: dict) -> Path:
     """TensorRT's builder on checked settings (what build_engine.py does, in-process)."""
-    import tensorrt as trt
-
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    major = int(str(trt.__version__).split(".")[0])
-    flags = 0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(artifact_dir / cfg["onnx"])):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise EdgeoptError(f"TensorRT could not parse {cfg['onnx']}: {errors[:500]}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(cfg["workspace_bytes"]))
-    for flag in cfg["flags"]:
-        config.set_flag(getattr(trt.BuilderFlag, flag))
-    if cfg["dla_core"] is not None:
-        config.default_device_type = trt.DeviceType.DLA
-        config.DLA_core = int(cfg["dla_core"])
-        if cfg["gpu_fallback"]:
-            config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
-    profile = builder.create_optimization_profile()
-    for name, shape in cfg["input_shapes"].items():
-        profile.set_shape(name, shape, shape, shape)
-    config.add_optimization_profile(profile)
-    engine = builder.build_serialized_network(network, config)
-    if engine is None:
-        raise EdgeoptError("TensorRT failed to build the engine (see its log above)")
+    try:
+        engine = serialize_engine(artifact_dir / cfg["onnx"], cfg)
+    except BuildFailed as e:
+        raise EdgeoptError(str(e)) from None
     out = artifact_dir / ENGINE
-    out.write_bytes(bytes(engine))
+    out.write_bytes(engine)
     return out
 
 
@@ -329,7 +325,7 @@ class TensorRtBackend(Backend):
         has_qdq = any(n.op_type == "QuantizeLinear" for n in model.graph.node)
         cfg = {**build_config(plan, has_qdq), "passes": notes}
         (out_dir / BUILD_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
-        (out_dir / BUILD_SCRIPT).write_text(_SCRIPT)
+        (out_dir / BUILD_SCRIPT).write_text(build_script())
         primary = "model.onnx"
         if self.is_available():
             build_engine(out_dir)
