@@ -128,40 +128,40 @@ def load_model(path: str | Path, *, load_external_data: bool = False) -> onnx.Mo
     return model
 
 
-def _all_tensors(graph: onnx.GraphProto):
-    """Every TensorProto stored in a graph: initializers, sparse initializers' parts, attribute tensors, sub-graphs."""
-    yield from graph.initializer
-    for s in graph.sparse_initializer:
-        yield s.values
-        yield s.indices
+def _all_graphs(graph: onnx.GraphProto):
+    """A graph and every sub-graph in it (If/Loop/Scan bodies), depth first."""
+    yield graph
     for node in graph.node:
         for a in node.attribute:
-            if a.HasField("t"):
-                yield a.t
-            yield from a.tensors
-            if a.HasField("sparse_tensor"):
-                yield a.sparse_tensor.values
-                yield a.sparse_tensor.indices
-            for s in a.sparse_tensors:
-                yield s.values
-                yield s.indices
             if a.HasField("g"):
-                yield from _all_tensors(a.g)
+                yield from _all_graphs(a.g)
             for g in a.graphs:
-                yield from _all_tensors(g)
+                yield from _all_graphs(g)
 
 
 def _all_sparse(graph: onnx.GraphProto):
-    yield from graph.sparse_initializer
-    for node in graph.node:
-        for a in node.attribute:
-            if a.HasField("sparse_tensor"):
-                yield a.sparse_tensor
-            yield from a.sparse_tensors
-            if a.HasField("g"):
-                yield from _all_sparse(a.g)
-            for g in a.graphs:
-                yield from _all_sparse(g)
+    """Every SparseTensorProto: sparse initializers and sparse attribute values, sub-graphs included."""
+    for g in _all_graphs(graph):
+        yield from g.sparse_initializer
+        for node in g.node:
+            for a in node.attribute:
+                if a.HasField("sparse_tensor"):
+                    yield a.sparse_tensor
+                yield from a.sparse_tensors
+
+
+def _all_tensors(graph: onnx.GraphProto):
+    """Every TensorProto stored in a graph: initializers, attribute tensors, sparse tensors' parts, sub-graphs."""
+    for g in _all_graphs(graph):
+        yield from g.initializer
+        for node in g.node:
+            for a in node.attribute:
+                if a.HasField("t"):
+                    yield a.t
+                yield from a.tensors
+    for sp in _all_sparse(graph):
+        yield sp.values
+        yield sp.indices
 
 
 def _has_external(model: onnx.ModelProto) -> bool:
