@@ -70,3 +70,17 @@ def digits_data():
     xc, yc = digits("calib")
     xt, yt = digits("test")
     return m, as_calibration(xc, m, labels=yc), as_calibration(xt, m, labels=yt)
+
+
+@pytest.fixture(scope="module")
+def ort_artifact(tmp_path_factory) -> Path:
+    """The digits CNN as an fp32 onnxruntime artifact for x86-cpu (a folder with its manifest)."""
+    from edgeopt.backends.base import build_artifact
+    from edgeopt.graph import analyze
+    from edgeopt.planner import make_plan
+    from edgeopt.targets import load_target
+
+    plan = make_plan(analyze(default_model_path()), load_target("x86-cpu"), backend="onnxruntime", precision="fp32")
+    out = tmp_path_factory.mktemp("artifact") / "digits-ort"
+    build_artifact(onnx.load(str(default_model_path())), plan, out)
+    return out

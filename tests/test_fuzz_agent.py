@@ -33,29 +33,17 @@ import pytest
 from edgeopt import agent as agent_mod
 from edgeopt.agent import BadRequest, check_token, make_server, safe_extract
 from edgeopt.backends import get
-from edgeopt.backends.base import build_artifact, read_manifest, read_verified
+from edgeopt.backends.base import read_manifest, read_verified
 from edgeopt.backends.openvino import read_compile_spec
 from edgeopt.backends.tensorrt import build_config, read_build_config
-from edgeopt.datasets import default_model_path
 from edgeopt.errors import EdgeoptError
-from edgeopt.graph import analyze
-from edgeopt.planner import make_plan
 from edgeopt.remote import AgentDevice, pack_artifact, parse_device
-from edgeopt.targets import load_target
 
 TOKEN = "fuzz-token-0123456789abcdef"
 FAST = {"threads": 1, "warmup": 1, "repeats": 5}
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture(scope="module")
-def ort_artifact(tmp_path_factory):
-    plan = make_plan(analyze(default_model_path()), load_target("x86-cpu"), backend="onnxruntime", precision="fp32")
-    out = tmp_path_factory.mktemp("fuzz") / "digits-ort"
-    build_artifact(onnx.load(str(default_model_path())), plan, out)
-    return out
 
 
 @pytest.fixture

@@ -17,11 +17,10 @@ import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
-import onnx
 import pytest
 
 from edgeopt.agent import make_server
-from edgeopt.backends.base import build_artifact, make_artifact, read_manifest, write_manifest
+from edgeopt.backends.base import make_artifact, read_manifest, write_manifest
 from edgeopt.datasets import default_model_path
 from edgeopt.errors import EdgeoptError
 from edgeopt.graph import analyze
@@ -72,14 +71,6 @@ Operator-wise Profiling Info for Regular Benchmark Runs:
 
 Timings (microseconds): count=20 first=200 curr=160 min=150 max=230 avg=160 std=12
 """
-
-
-@pytest.fixture(scope="module")
-def ort_artifact(tmp_path_factory):
-    plan = make_plan(analyze(default_model_path()), load_target("x86-cpu"), backend="onnxruntime", precision="fp32")
-    out = tmp_path_factory.mktemp("remote") / "digits-ort"
-    build_artifact(onnx.load(str(default_model_path())), plan, out)
-    return out
 
 
 @pytest.fixture(scope="module")
