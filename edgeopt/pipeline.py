@@ -439,14 +439,13 @@ def int8_noise(inputs: BuildInputs, config: dict, samples: int = 16) -> float:
 
 def _runnable(analysis, target: Target, backend: str | None) -> tuple[list, list[str], list[str]]:
     """The target's options that run the model (pre-flight, before anything expensive), rationale, refusals."""
-    from .planner import candidate_options, check_option
+    from .planner import candidate_options, check_option, summarize_refusals
 
     runnable, rationale, unsupported = [], [], []
     for option in candidate_options(target, backend):
         reasons = check_option(analysis, option)
         if reasons:
-            more = f" (+{len(reasons) - 3} more)" if len(reasons) > 3 else ""
-            unsupported.append(f"{option.label}: {'; '.join(reasons[:3])}{more}")
+            unsupported.append(f"{option.label}: {summarize_refusals(reasons)}")
             rationale.append(f"skipped {option.label}: {len(reasons)} layer(s) unsupported, first: {reasons[0]}")
         else:
             runnable.append(option)

@@ -57,6 +57,24 @@ def check_option(analysis: ModelAnalysis, option: BackendOption) -> list[str]:
     return backend_registry.get(option.backend).check_ops(analysis, option)
 
 
+def summarize_refusals(reasons: list[str], *, examples: int = 2) -> str:
+    """Per-layer refusals (``"<layer>: <why>"``) grouped by reason, each distinct reason once with its layer count
+    and a few layer names: ``"op Erf is not supported by tflite (12 layers: /b0/Erf, /b1/Erf, ...)"``."""
+    groups: dict[str, list[str]] = {}
+    for r in reasons:
+        layer, sep, why = r.partition(": ")
+        if not sep:
+            layer, why = "", r
+        groups.setdefault(why, []).append(layer)
+    parts = []
+    for why, layers in groups.items():
+        named = [n for n in layers if n]
+        shown = ", ".join(named[:examples]) + (", ..." if len(named) > examples else "")
+        count = f"{len(layers)} layer{'s' if len(layers) > 1 else ''}"
+        parts.append(f"{why} ({count}: {shown})" if named else why)
+    return "; ".join(parts)
+
+
 def _float_precision(option: BackendOption) -> str:
     """The highest-fidelity float format the option runs (what layers a recipe does not touch run in)."""
     for t in technique.precisions():
@@ -296,8 +314,7 @@ def make_plan(analysis: ModelAnalysis, target: Target, *, backend: str | None = 
     for option in options:
         reasons = check_option(analysis, option)
         if reasons:
-            more = f" (+{len(reasons) - 3} more)" if len(reasons) > 3 else ""
-            unsupported.append(f"{option.label}: {'; '.join(reasons[:3])}{more}")
+            unsupported.append(f"{option.label}: {summarize_refusals(reasons)}")
             rationale.append(f"skipped {option.label}: {len(reasons)} layer(s) unsupported, first: {reasons[0]}")
             continue
         recipes: Iterable[str] = [p for p in fidelity_order() if p in option.precisions]

@@ -100,3 +100,31 @@ def test_roofline_behaviour(digits_analysis):
     assert layer_latency(gemm, "fp32", opt, unit).bound == "memory"  # 64 KiB of weights for 16K MACs
     assert planned_weight_bytes(gemm, "wint4") < planned_weight_bytes(gemm, "int8") < planned_weight_bytes(gemm, "fp16")
     assert planned_weight_bytes(gemm, "fp32") == gemm.weight_bytes
+
+
+def test_refusals_name_each_distinct_reason_once():
+    from edgeopt.planner import summarize_refusals
+
+    reasons = [f"/b{i}/Erf: op Erf is not supported by tflite" for i in range(12)]
+    reasons += ["/ln: op LayerNormalization is not supported by tflite", "/c: Conv is a grouped convolution (group=2)"]
+    text = summarize_refusals(reasons)
+    assert text.count("op Erf") == 1 and "12 layers: /b0/Erf, /b1/Erf, ..." in text
+    assert "op LayerNormalization is not supported by tflite (1 layer: /ln)" in text and "grouped convolution" in text
+
+
+def test_cli_refusal_lists_every_missing_op_type(tmp_path, capsys):
+    """Many layers of one unsupported op must not hide another unsupported op type behind "+N more"."""
+    from conftest import make_model, save, vi
+    from onnx import helper
+
+    from edgeopt.cli import main
+
+    nodes, x = [], "x"
+    for i in range(6):
+        nodes.append(helper.make_node("Hardmax", [x], [f"h{i}"], name=f"hardmax{i}", axis=-1))
+        x = f"h{i}"
+    nodes.append(helper.make_node("Det", [x], ["y"], name="det"))
+    path = save(make_model(nodes, [vi("x", [1, 4, 4])], [vi("y", [1])]), tmp_path / "m.onnx")
+    rc = main(["plan", str(path), "--target", "android-mid"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("op Hardmax") <= 2 and "op Det" in err, err
