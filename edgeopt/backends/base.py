@@ -370,7 +370,8 @@ def read_settings_file(artifact_dir: Path, name: str, keys: tuple[str, ...], bac
 
 
 def make_artifact(out_dir: Path, primary: str, plan: Plan, backend: str, versions: dict[str, str],
-                  accuracy: dict[str, float] | None = None, numerics: dict[str, str] | None = None) -> Artifact:
+                  accuracy: dict[str, float] | None = None, numerics: dict[str, str] | None = None,
+                  renderings: tuple[str, ...] = ()) -> Artifact:
     """Hash every file under ``out_dir`` (but the manifest) into an :class:`Artifact`.
 
     Args:
@@ -381,9 +382,11 @@ def make_artifact(out_dir: Path, primary: str, plan: Plan, backend: str, version
         versions: tool versions (see :func:`tool_versions`).
         accuracy: accuracy metrics the backend measured itself, if any.
         numerics: notes on the artifact's numerics (e.g. :func:`int8_numerics`), if any.
+        renderings: files that are another form of files already counted (TFLM's ``model_data.cc``: the .tflite
+            as C source); hashed, not counted in ``size_bytes``, which is what the device stores.
 
     Returns:
-        The manifest: relative path -> sha256 of every file, total size, and the given details,
+        The manifest: relative path -> sha256 of every file, the size the device stores, and the given details,
         stamped with the current UTC time.
 
     Raises:
@@ -393,7 +396,7 @@ def make_artifact(out_dir: Path, primary: str, plan: Plan, backend: str, version
              if p.is_file() and p.name != MANIFEST}
     if primary not in files and not (out_dir / primary).is_dir():
         raise EdgeoptError(f"backend {backend} did not write its primary file {primary}")
-    size = sum((out_dir / f).stat().st_size for f in files)
+    size = sum((out_dir / f).stat().st_size for f in files if f not in renderings)
     return Artifact(target=plan.target, backend=backend, files=files, primary=primary, size_bytes=size, plan=plan,
                     tool_versions=versions, predicted_latency_ms=plan.predicted_latency_ms, accuracy=accuracy or {},
                     numerics=numerics or {},
