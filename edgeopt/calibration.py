@@ -12,6 +12,23 @@ Accepted forms (see :func:`as_calibration`):
 
 Labels (for accuracy) ride along optionally.
 
+Two layouts, chosen from the model's inputs (:func:`per_sample_layout`):
+
+* **stacked** (most models: every input has its batch on axis 0, e.g. ``[N, 3, 224, 224]``): samples are
+  concatenated along axis 0 of each input, and a file may hold one sample or a batch of them.  A model exported with a
+  fixed batch (``[1, 3, 224, 224]``, most exports) is fed in batches of exactly that size (the last one filled up by
+  repeating samples, whose outputs are dropped): never one big batch.
+* **per-sample** (models whose samples cannot be stacked on axis 0: a scalar (rank-0) input such as a sample rate or
+  gain, or inputs whose leading dims differ, such as a recurrent state ``h0 [layers, B, hidden]`` beside
+  ``x [B, T, features]``): each item (an ``.npz`` file, a dict, an array) is **one sample, its arrays exactly in the
+  model's input shapes** (no sample axis: ``x [1, T, F]``, ``h0 [L, 1, H]``, ``rate []``), or several samples stacked
+  on a *new* leading axis (``x [N, 1, T, F]``, ``h0 [N, L, 1, H]``, ``rate [N]``).  A folder of such ``.npz`` files is
+  the usual form.  Every stage then runs the model one sample at a time, in exactly its input shapes.
+
+:meth:`CalibrationData.feeds` holds every input with a leading sample axis in both layouts (in the per-sample layout
+that axis is the new one); :meth:`CalibrationData.batches` yields what the model takes (per-sample: one sample in its
+exact shapes; fixed batch: exactly that many samples); :func:`edgeopt.fidelity.run_feeds` runs either.
+
 Files are read defensively (they come from users): regular files only, ``allow_pickle`` never, the ``.npy`` header
 (and each ``.npz`` member's) checked against the file's size and the memory limit (:func:`edgeopt.memory.max_memory`) before any
 array is allocated, numbers only (no object, string or structured dtypes), and every float sample finite.  Whatever
@@ -279,16 +296,22 @@ def _folder_files(folder: Path, where: str) -> list[Path]:
 
 @dataclass
 class CalibrationData:
-    """Samples for a model, as dicts of arrays with a leading sample axis."""
+    """Samples for a model, as dicts of arrays with a leading sample axis (see the module docstring's layouts).
+
+    ``fixed_batch``: the batch size the model's inputs are fixed to (batches are exactly that big); ``per_sample``:
+    the per-sample layout (a sample is fed alone, in the model's exact input shapes, without the sample axis)."""
 
     source: Callable[[], Iterable[Feed]]
     labels: np.ndarray | None = None
     batch_size: int = 32
     description: str = ""
     _cache: Feed | None = field(default=None, repr=False)
+    fixed_batch: int | None = None
+    per_sample: bool = False
 
     def feeds(self) -> Feed:
-        """All samples, concatenated per input."""
+        """All samples, concatenated per input along the sample axis (not for feeding a model as is: see
+        :meth:`batches` and :func:`edgeopt.fidelity.run_feeds`)."""
         if self._cache is None:
             parts: dict[str, list[np.ndarray]] = {}
             for feed in self.source():
@@ -299,7 +322,10 @@ class CalibrationData:
             self._cache = {}
             for k, v in parts.items():
                 shapes = {a.shape[1:] for a in v}
-                if len(shapes) > 1 or any(a.ndim == 0 for a in v):
+                if any(a.ndim == 0 for a in v):
+                    raise CalibrationError(f"calibration data {self.description}: input '{k}' has a scalar sample "
+                                           "where samples are stacked on axis 0")
+                if len(shapes) > 1:
                     raise CalibrationError(f"calibration data {self.description}: input '{k}' has samples of "
                                            f"different shapes {sorted(map(list, shapes))[:3]}")
                 self._cache[k] = np.concatenate(v, axis=0)
@@ -312,19 +338,44 @@ class CalibrationData:
     def __len__(self) -> int:
         return len(next(iter(self.feeds().values())))
 
-    def batches(self, batch_size: int | None = None, limit: int | None = None) -> Iterator[Feed]:
-        bs = batch_size or self.batch_size
+    def counted_batches(self, batch_size: int | None = None, limit: int | None = None) -> Iterator[tuple[Feed, int]]:
+        """``(feed, samples)``: what the model takes, and how many of the feed's samples are real (the rest repeat
+        samples to fill a fixed batch; drop their outputs).  Per-sample layout: one sample at a time in the model's
+        exact input shapes; fixed batch: exactly ``fixed_batch`` samples whatever ``batch_size`` asks."""
         feeds = self.feeds()
         n = len(self) if limit is None else min(limit, len(self))
+        if self.per_sample:
+            for i in range(n):
+                yield {k: v[i, ...] for k, v in feeds.items()}, 1  # [i, ...]: a 0-d array, not a numpy scalar
+            return
+        bs = self.fixed_batch or batch_size or self.batch_size
         for i in range(0, n, bs):
-            yield {k: v[i : min(i + bs, n)] for k, v in feeds.items()}
+            real = min(bs, n - i)
+            if real < bs and self.fixed_batch:
+                idx = np.arange(i, i + bs) % n  # the real ones, then the first samples again
+                yield {k: v[idx] for k, v in feeds.items()}, real
+            else:
+                yield {k: v[i : i + real] for k, v in feeds.items()}, real
+
+    def batches(self, batch_size: int | None = None, limit: int | None = None) -> Iterator[Feed]:
+        """Feeds the model takes as they are, over the first ``limit`` samples (see :meth:`counted_batches`)."""
+        for feed, _ in self.counted_batches(batch_size, limit):
+            yield feed
+
+    def first(self) -> Feed:
+        """The first sample, as the model takes it (a whole batch of the model's fixed size; the per-sample layout's
+        exact shapes): what timing and smoke runs feed."""
+        return next(self.batches(1))
 
     def subset(self, n: int, start: int = 0) -> CalibrationData:
         """Samples ``start`` to ``start + n`` (fewer where the data ends)."""
         stop = start + n
         feeds = {k: v[start:stop] for k, v in self.feeds().items()}
         labels = None if self.labels is None else self.labels[start:stop]
-        return CalibrationData(lambda: [feeds], labels, self.batch_size, f"{self.description}[{start}:{stop}]")
+        cd = CalibrationData(lambda: [feeds], labels, self.batch_size, f"{self.description}[{start}:{stop}]",
+                             fixed_batch=self.fixed_batch, per_sample=self.per_sample)
+        cd._cache = feeds
+        return cd
 
     def ort_reader(self, batch_size: int | None = None):
         """An ``onnxruntime.quantization.CalibrationDataReader`` over these samples."""
@@ -372,11 +423,31 @@ def _first_bad_sample(arr: np.ndarray) -> int | None:
     return None
 
 
+def per_sample_layout(inputs: Inputs) -> bool:
+    """Whether this model's samples cannot be stacked on axis 0 (the module docstring's per-sample layout): it has a
+    scalar (rank-0) input, or its inputs' leading dims differ (fixed values that differ, or a fixed one beside a free
+    one: a recurrent state ``[layers, B, hidden]`` beside ``[B, T, features]``)."""
+    if any(len(dims) == 0 for _, dims, _ in inputs):
+        return True
+    return len({dims[0] for _, dims, _ in inputs}) > 1
+
+
+def model_fixed_batch(inputs: Inputs) -> int | None:
+    """The batch the model's inputs are fixed to in the stacked layout (their common fixed leading dim), else None."""
+    if not inputs or per_sample_layout(inputs):
+        return None
+    d = inputs[0][1][0]
+    return d if d > 0 else None
+
+
 def _check_feed(feed: Mapping[str, Any], inputs: Inputs, where: str,
-                seen: dict[str, tuple[tuple[int, ...], str]] | None = None) -> Feed:
+                seen: dict[str, tuple[tuple[int, ...], str]] | None = None, per_sample: bool = False) -> Feed:
     """One item of calibration data checked against the model: its inputs, numeric dtypes, ranks and fixed dims,
     at least one sample, every float sample finite (after the cast to the model's dtype), and (with ``seen``) the
-    same per-sample shape as earlier items."""
+    same per-sample shape as earlier items.  ``per_sample``: the per-sample layout (an array in the model's exact
+    input shape is one sample and gets a new leading sample axis; one with that axis already is several)."""
+    if per_sample:
+        feed = _per_sample_item(feed, inputs, where)
     names = [n for n, _, _ in inputs]
     if set(feed) != set(names):
         raise CalibrationError(f"{where}: has inputs {sorted(map(str, feed))[:8]}, the model takes {names}")
@@ -388,7 +459,11 @@ def _check_feed(feed: Mapping[str, Any], inputs: Inputs, where: str,
         except (ValueError, TypeError) as e:
             raise CalibrationError(f"{what}: not an array: {_short(e)}") from None
         _check_dtype(arr.dtype, what)
-        if arr.ndim != len(dims) or any(d > 0 and d != a for d, a in zip(dims[1:], arr.shape[1:])):
+        if per_sample:
+            if any(d > 0 and d != a for d, a in zip(dims, arr.shape[1:])):
+                raise CalibrationError(f"{what}: a sample of shape {list(arr.shape[1:])}, the model takes {dims} "
+                                       "(-1: any; one sample per file, in exactly the model's input shape)")
+        elif arr.ndim != len(dims) or any(d > 0 and d != a for d, a in zip(dims[1:], arr.shape[1:])):
             raise CalibrationError(f"{what}: shape {list(arr.shape)}, the model expects {dims} (-1: any; "
                                    "the first dim counts samples)")
         if arr.shape[0] == 0 or arr.size == 0:
@@ -412,7 +487,38 @@ def _check_feed(feed: Mapping[str, Any], inputs: Inputs, where: str,
     return out
 
 
-def _calibration_path(path: Path, inputs: Inputs, one: Callable[[Any, str], Feed]) -> tuple[Callable[[], Iterator[Feed]], str]:
+def _per_sample_item(feed: Mapping[str, Any], inputs: Inputs, where: str) -> Feed:
+    """One item of per-sample data with a leading sample axis on every input (added where an array is exactly one
+    sample); the same number of samples for every input of the item."""
+    dims_of = {n: d for n, d, _ in inputs}
+    out: Feed = {}
+    for k, v in feed.items():
+        if k not in dims_of:
+            out[k] = v  # named by _check_feed
+            continue
+        what = f"{where} input '{k}'" if len(inputs) > 1 or where.endswith(".npz") else where
+        try:
+            arr = np.asarray(v)
+        except (ValueError, TypeError) as e:
+            raise CalibrationError(f"{what}: not an array: {_short(e)}") from None
+        rank = len(dims_of[k])
+        if arr.ndim == rank:
+            arr = arr[None]
+        elif arr.ndim != rank + 1:
+            raise CalibrationError(
+                f"{what}: shape {list(arr.shape)}, the model takes {dims_of[k]}: this model's samples are given one "
+                f"per file in exactly its input shapes (rank {rank}), or stacked on a new leading axis (rank "
+                f"{rank + 1})")
+        out[k] = arr
+    counts = {k: len(a) for k, a in out.items() if k in dims_of}
+    if len(set(counts.values())) > 1:
+        raise CalibrationError(f"{where}: inputs hold different numbers of samples {counts}; give each sample's "
+                               "arrays in the model's exact input shapes (one .npz per sample)")
+    return out
+
+
+def _calibration_path(path: Path, inputs: Inputs, one: Callable[[Any, str], Feed],
+                      per_sample: bool = False) -> tuple[Callable[[], Iterator[Feed]], str]:
     """A source reading a folder of .npy/.npz files, or one such file, with every check of this module."""
     try:
         is_dir = path.is_dir()
@@ -434,7 +540,7 @@ def _calibration_path(path: Path, inputs: Inputs, one: Callable[[Any, str], Feed
         for f in files:
             where = f"calibration file {f}"
             data = _read_file(f, where, budget)
-            yield _check_feed(data if isinstance(data, dict) else one(data, where), inputs, where, seen)
+            yield _check_feed(data if isinstance(data, dict) else one(data, where), inputs, where, seen, per_sample)
 
     return load, str(path)
 
@@ -456,8 +562,9 @@ def as_calibration(data: Any, model: onnx.ModelProto, labels: np.ndarray | str |
             names the file or item, the input and the sample).
     """
     inputs = model_inputs(model)
-    fixed_batch = inputs[0][1][0] if inputs and inputs[0][1] and inputs[0][1][0] > 0 else None
-    bs = fixed_batch or batch_size or 32
+    per_sample = per_sample_layout(inputs)
+    fixed_batch = model_fixed_batch(inputs)
+    bs = 1 if per_sample else fixed_batch or batch_size or 32
     if isinstance(labels, (str, Path)):
         labels_name = labels_name or f"labels file {labels}"
         labels = load_labels(labels)
@@ -474,18 +581,21 @@ def as_calibration(data: Any, model: onnx.ModelProto, labels: np.ndarray | str |
             arr = np.asarray(item)
         except (ValueError, TypeError) as e:
             raise CalibrationError(f"{where}: not an array: {_short(e)}") from None
-        if arr.ndim == len(inputs[0][1]) - 1:
+        if arr.ndim == len(inputs[0][1]) - 1 and not per_sample:
             arr = arr[None]
         return {inputs[0][0]: arr}
 
     if isinstance(data, CalibrationData):
-        feeds = _check_feed(data.feeds(), inputs, f"calibration data {data.description}".rstrip())
+        # its feeds hold a sample axis already (stacked on a new axis where its layout is per-sample)
+        feeds = _check_feed(data.feeds(), inputs, f"calibration data {data.description}".rstrip(),
+                            per_sample=per_sample and not data.per_sample)
         cd = CalibrationData(lambda: [feeds], data.labels if labels is None else labels,
-                             fixed_batch or data.batch_size, data.description)
+                             1 if per_sample else fixed_batch or data.batch_size, data.description,
+                             fixed_batch=fixed_batch, per_sample=per_sample)
         cd._cache = feeds
     else:
         if isinstance(data, (str, Path)):
-            source, desc = _calibration_path(Path(data), inputs, one)
+            source, desc = _calibration_path(Path(data), inputs, one, per_sample)
         elif callable(data):
             desc = getattr(data, "__name__", "callable")
 
@@ -493,20 +603,63 @@ def as_calibration(data: Any, model: onnx.ModelProto, labels: np.ndarray | str |
                 seen: dict[str, tuple[tuple[int, ...], str]] = {}
                 for i, item in enumerate(data()):
                     where = f"calibration item {i} of {desc}"
-                    yield _check_feed(one(item, where), inputs, where, seen)
+                    yield _check_feed(one(item, where), inputs, where, seen, per_sample)
         else:
-            feed = _check_feed(one(data, "calibration data"), inputs, "calibration data")
+            feed = _check_feed(one(data, "calibration data"), inputs, "calibration data", per_sample=per_sample)
             desc = "arrays"
 
             def source() -> Iterator[Feed]:
                 yield feed
 
-        cd = CalibrationData(source, labels, bs, desc)
+        cd = CalibrationData(source, labels, bs, desc, fixed_batch=fixed_batch, per_sample=per_sample)
         cd.feeds()
     if cd.labels is not None and len(cd.labels) != len(cd):
         raise CalibrationError(f"{labels_name or 'labels'}: {len(cd.labels)} labels for {len(cd)} samples of "
                                f"calibration data {cd.description}; give one label per sample")
     return cd
+
+
+def as_sample(data: Any, model: onnx.ModelProto, where: str = "inputs") -> Feed:
+    """One run's inputs (``--inputs``: an .npz ``{name: array}``, an .npy for a single-input model, or a mapping),
+    checked like calibration data and returned in the model's exact input shapes: one sample (a batch of the model's
+    fixed size where it has one; a single-input model's sample may leave out a leading batch of 1).
+
+    Raises:
+        CalibrationError: unreadable, wrong names, dtypes, shapes, or NaN/Inf (one line naming the problem).
+    """
+    inputs = model_inputs(model)
+    if isinstance(data, (str, Path)):
+        p = Path(data)
+        where = f"{where} {p}"
+        try:
+            regular = p.is_file()
+        except (OSError, ValueError):
+            regular = False
+        if not regular:
+            raise CalibrationError(f"{where} does not exist or is not a file (give an .npz, or an .npy for one input)")
+        data = _read_file(p, where, _Budget())
+    if not isinstance(data, Mapping):
+        if len(inputs) != 1:
+            raise CalibrationError(f"{where}: the model takes {len(inputs)} inputs {[n for n, _, _ in inputs]}; give "
+                                   "them as an .npz {name: array}")
+        data = {inputs[0][0]: data}
+    dims_of = {n: d for n, d, _ in inputs}
+    item = {}
+    for k, v in data.items():
+        try:
+            arr = np.asarray(v)
+        except (ValueError, TypeError) as e:
+            raise CalibrationError(f"{where} input '{k}': not an array: {_short(e)}") from None
+        dims = dims_of.get(k)
+        if dims is not None and arr.ndim == len(dims) - 1 and len(inputs) == 1 and dims[0] in (1, -1):
+            arr = arr[None]
+        if dims is not None and arr.ndim != len(dims):
+            raise CalibrationError(f"{where} input '{k}': shape {list(arr.shape)}, the model takes {dims} (-1: any); "
+                                   "give one sample in exactly the model's input shapes")
+        item[k] = arr
+    # checked as one per-sample item: names, dtypes, every fixed dim, finite values
+    feed = _check_feed(item, inputs, where, per_sample=True)
+    return {k: v[0, ...] for k, v in feed.items()}  # [0, ...]: a 0-d array for a scalar input
 
 
 def fingerprint(model: onnx.ModelProto | bytes | str, data: CalibrationData, settings: object) -> str:

@@ -56,6 +56,13 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                         "artifact; fidelity: the most faithful plan that meets the target's budgets")
 
 
+def _add_inputs_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--inputs", type=Path,
+                   help="one run's inputs as .npz (or .npy for one input), in the model's input shapes, like "
+                        "profile's: what the smoke run and timing feed (default: the first --eval/--calib sample; "
+                        "zeros only without any data)")
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="edgeopt", description="Hardware-aware deployment optimizer for ONNX models.")
     ap.add_argument("--version", action="version", version=f"edgeopt {__version__}")
@@ -97,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--precision", help=f"force one precision recipe ({recipes})")
     b.add_argument("--plan", type=Path, help="replay this plan.json instead of planning")
     _add_data_args(b)
+    _add_inputs_arg(b)
     _add_max_memory_arg(b)
     b.add_argument("-o", "--output", type=Path, required=True, help="output directory (replaced atomically)")
 
@@ -106,6 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--targets", default="all", help="'all' or a comma-separated list of targets")
     f.add_argument("--jobs", type=int, default=2, help="targets built at once")
     _add_data_args(f)
+    _add_inputs_arg(f)
     _add_max_memory_arg(f)
     f.add_argument("-o", "--output", type=Path, required=True, help="output directory (replaced atomically)")
 
@@ -230,7 +239,8 @@ def _inputs(args: argparse.Namespace):
         return BuildInputs.default_model()
     return BuildInputs.prepare(Path(args.model), calib=_read_array_source(args.calib),
                                eval_data=_read_array_source(args.eval_data), labels=args.labels,
-                               input_shapes=parse_input_shapes(args.input_shape))
+                               input_shapes=parse_input_shapes(args.input_shape),
+                               sample=getattr(args, "inputs", None))
 
 
 def _progress():

@@ -65,28 +65,65 @@ def fixed_batch(sess) -> int | None:
     return min(fixed) if fixed else None
 
 
+def _stacked_per_sample(sess, feeds: dict[str, np.ndarray]) -> bool:
+    """Whether ``feeds`` hold per-sample data stacked on a new leading axis (one rank more than the session's input:
+    a scalar input given as ``[N]``, a state ``[L, 1, H]`` as ``[N, L, 1, H]``)."""
+    try:
+        ranks = {i.name: len(i.shape) for i in sess.get_inputs() if i.shape is not None}
+    except (AttributeError, TypeError):
+        return False
+    return any(k in ranks and np.ndim(v) == ranks[k] + 1 for k, v in feeds.items())
+
+
+def join_outputs(parts: list[list[np.ndarray]], per_sample: bool = False) -> list[np.ndarray]:
+    """Outputs of runs over consecutive batches, joined along the sample axis.  Per-sample runs: an output whose
+    leading dim is 1 (a batch of one) is concatenated on it, any other (a scalar, a state ``[L, 1, H]``) is stacked
+    on a new leading axis, so that every output has one row per sample."""
+    if not parts:
+        return []
+    out = []
+    for j in range(len(parts[0])):
+        col = [np.asarray(p[j]) for p in parts]
+        if per_sample and not all(c.ndim >= 1 and c.shape[0] == 1 for c in col):
+            out.append(np.stack(col))
+        elif any(c.ndim == 0 for c in col):
+            out.append(np.stack(col))
+        else:
+            out.append(np.concatenate(col, axis=0))
+    return out
+
+
 def run_feeds(sess, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """``sess.run`` over samples stacked on axis 0, in slices of the model's fixed batch where it has one."""
-    b = fixed_batch(sess)
+    """``sess.run`` over samples stacked on axis 0 (:meth:`CalibrationData.feeds`), in slices of the model's fixed
+    batch where it has one (the last slice filled up with the first samples, their outputs dropped), or one sample
+    at a time in the model's exact input shapes where the samples are stacked on a new axis (per-sample layout)."""
     n = len(next(iter(feeds.values())))
-    if b is None or b >= n:
+    if _stacked_per_sample(sess, feeds):
+        return join_outputs([sess.run(None, {k: v[i, ...] for k, v in feeds.items()}) for i in range(n)], True)
+    b = fixed_batch(sess)
+    if b is None or b == n:
         return sess.run(None, feeds)
-    parts = [sess.run(None, {k: v[i:i + b] for k, v in feeds.items()}) for i in range(0, n, b)]
-    return [np.concatenate([p[j] for p in parts], axis=0) for j in range(len(parts[0]))]
+    parts = []
+    for i in range(0, n, b):
+        real = min(b, n - i)
+        idx = np.arange(i, i + b) % n
+        res = sess.run(None, {k: v[idx] for k, v in feeds.items()})
+        parts.append([np.asarray(r)[:real] if real < b and np.ndim(r) else r for r in res])
+    return join_outputs(parts)
 
 
 def run(model, data: CalibrationData, limit: int | None = None) -> list[np.ndarray]:
-    """All outputs of ``model`` over ``data``, concatenated along the sample axis (in batches of the model's fixed
-    batch size where it has one)."""
+    """All outputs of ``model`` over ``data``, joined along the sample axis (:func:`join_outputs`), fed as the model
+    takes them (:meth:`CalibrationData.counted_batches`: the model's fixed batch, or one sample at a time in the
+    per-sample layout)."""
     sess = model if hasattr(model, "run") else session(model)
-    outs: list[list[np.ndarray]] = []
-    for feed in data.batches(fixed_batch(sess), limit=limit):
+    b = fixed_batch(sess)
+    parts: list[list[np.ndarray]] = []
+    for feed, real in data.counted_batches(b, limit=limit):
         res = sess.run(None, feed)
-        if not outs:
-            outs = [[] for _ in res]
-        for acc, r in zip(outs, res):
-            acc.append(np.asarray(r))
-    return [np.concatenate(o, axis=0) for o in outs]
+        padded = not data.per_sample and real < len(next(iter(feed.values())))
+        parts.append([np.asarray(r)[:real] if padded and np.ndim(r) else np.asarray(r) for r in res])
+    return join_outputs(parts, data.per_sample)
 
 
 #: the relative noise of a candidate whose outputs are not finite (NaN/Inf): worse than any finite candidate

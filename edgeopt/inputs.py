@@ -25,19 +25,35 @@ class BuildInputs:
     analysis: ModelAnalysis
     calib: CalibrationData | None
     evaluation: CalibrationData | None
+    #: one run's inputs given by the user (``--inputs``), in the model's exact input shapes: what timing feeds first
+    sample: dict[str, np.ndarray] | None = None
+
+    def timing_feed(self) -> tuple[dict[str, np.ndarray], str]:
+        """What a timing run (and the smoke run) feeds, and a phrase saying what it is: the user's ``--inputs``,
+        else the first evaluation sample, else the first calibration sample, else zeros of the analysed input shapes
+        (only without any data: a model whose integer input selects a branch may then take the wrong one)."""
+        if self.sample is not None:
+            return self.sample, "the given --inputs"
+        if self.evaluation is not None:
+            return self.evaluation.first(), "the first evaluation sample"
+        if self.calib is not None:
+            return self.calib.first(), "the first calibration sample"
+        return zeros_feed(self.model, self.analysis), "zeros (no --inputs, --eval or --calib data was given)"
 
     @classmethod
     def prepare(cls, path: str | Path, *, calib=None, eval_data=None, labels: np.ndarray | str | Path | None = None,
-                input_shapes: dict[str, list[int]] | None = None) -> BuildInputs:
+                input_shapes: dict[str, list[int]] | None = None, sample=None) -> BuildInputs:
         """``labels`` may be an .npy file (read with :func:`edgeopt.calibration.load_labels`: checked, no pickles);
-        ``calib``/``eval_data`` anything :func:`edgeopt.calibration.as_calibration` takes (folders and files too)."""
-        from .calibration import as_calibration, load_labels
+        ``calib``/``eval_data`` anything :func:`edgeopt.calibration.as_calibration` takes (folders and files too);
+        ``sample`` one run's inputs (``--inputs``: an .npz, an .npy for one input, or a mapping;
+        :func:`edgeopt.calibration.as_sample`).  The model is smoke-run once on the first real sample (zeros only
+        without data)."""
+        from .calibration import as_calibration, as_sample, load_labels
         from .graph import analyze, load_model
 
         p = Path(path)
         model = load_model(p, load_external_data=True)
         analysis = analyze(p, input_shapes, model=model)
-        smoke_run(model, analysis)
         labels_name = None
         if isinstance(labels, (str, Path)):  # read even when no data uses them: a bad file is an error, not ignored
             labels_name = f"labels file {labels}"
@@ -49,7 +65,11 @@ class BuildInputs:
             ev = cal if labels is None else as_calibration(cal, model, labels=labels, labels_name=labels_name)
         else:
             ev = None
-        return cls(p, model, analysis, cal, ev)
+        one = as_sample(sample, model) if sample is not None else None
+        inputs = cls(p, model, analysis, cal, ev, one)
+        feed, how = inputs.timing_feed()
+        smoke_run(model, analysis, feed, how)
+        return inputs
 
     @classmethod
     def default_model(cls) -> BuildInputs:
@@ -61,8 +81,18 @@ class BuildInputs:
         return cls.prepare(default_model_path(), calib=xc, eval_data=xt, labels=yt)
 
 
-def smoke_run(model: onnx.ModelProto, analysis: ModelAnalysis) -> None:
-    """Run the model once in onnxruntime on zeros of its analysed input shapes, so that a model onnxruntime cannot
+def zeros_feed(model: onnx.ModelProto, analysis: ModelAnalysis) -> dict[str, np.ndarray]:
+    """Zeros in the model's analysed input shapes (free dims 1): what runs only when no data was given at all."""
+    from .calibration import model_inputs
+
+    return {n: np.zeros([d if d > 0 else 1 for d in analysis.inputs.get(n, shape)], dtype)
+            for n, shape, dtype in model_inputs(model)}
+
+
+def smoke_run(model: onnx.ModelProto, analysis: ModelAnalysis, feed: dict[str, np.ndarray] | None = None,
+              what: str = "") -> None:
+    """Run the model once in onnxruntime on ``feed`` (a real sample: see :meth:`BuildInputs.timing_feed`; ``what``
+    names it for messages), or on zeros of its analysed input shapes without data, so that a model onnxruntime cannot
     run (checks that pass the ONNX checker and shape inference, e.g. an If whose condition has many elements, a
     Conv bias of the wrong size) is refused here in one line, not deep in planning as an internal error.
 
@@ -91,10 +121,8 @@ def smoke_run(model: onnx.ModelProto, analysis: ModelAnalysis) -> None:
                                f"{fmt_bytes(limit)}; give smaller --input-shape values, or {limit_hint()}")
     if model.ByteSize() > 1_800_000_000:  # over protobuf's 2 GB: the backends run it from files; not smoke-tested
         return
-    from .calibration import model_inputs
-
-    feeds = {n: np.zeros([d if d > 0 else 1 for d in analysis.inputs.get(n, shape)], dtype)
-             for n, shape, dtype in model_inputs(model)}
+    feeds = feed if feed is not None else zeros_feed(model, analysis)
+    on = f" on {what}" if what else ""
     so = ort.SessionOptions()
     so.log_severity_level = 4
     so.intra_op_num_threads = 1
@@ -104,4 +132,6 @@ def smoke_run(model: onnx.ModelProto, analysis: ModelAnalysis) -> None:
         sess.run(None, feeds)
     except Exception as e:  # noqa: BLE001 - onnxruntime's errors have no common base class
         first = " ".join(str(e).split())[:300] or type(e).__name__
-        raise ModelLoadError(f"onnxruntime cannot run {Path(analysis.path).name}: {first}") from None
+        hint = ("; if an input selects a mode (a sample rate, a flag), give real inputs with --inputs or --calib"
+                if feed is None or what.startswith("zeros") else "")
+        raise ModelLoadError(f"onnxruntime cannot run {Path(analysis.path).name}{on}: {first}{hint}") from None

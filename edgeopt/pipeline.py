@@ -132,13 +132,18 @@ def open_here(artifact_dir: Path):
 
 
 def _outputs(runner, data: CalibrationData, limit: int) -> list[np.ndarray]:
-    outs: list[list[np.ndarray]] = []
-    for feed in data.batches(1, limit=limit):  # batch 1: artifacts may have fixed shapes
+    """The artifact's outputs over ``data``: batch 1 (artifacts may have fixed shapes), the model's fixed batch, or
+    one sample at a time in the model's exact input shapes (per-sample data), joined like the reference's
+    (:func:`edgeopt.fidelity.run`)."""
+    from .fidelity import join_outputs
+
+    parts: list[list[np.ndarray]] = []
+    for feed, real in data.counted_batches(1, limit=limit):
         res = runner.run(feed)
-        outs = outs or [[] for _ in res]
-        for acc, r in zip(outs, res):
-            acc.append(np.asarray(r, dtype=np.float32))
-    return [np.concatenate(o) for o in outs]
+        padded = not data.per_sample and real < len(next(iter(feed.values())))
+        parts.append([np.asarray(r, dtype=np.float32)[:real] if padded and np.ndim(r) else np.asarray(r, np.float32)
+                      for r in res])
+    return join_outputs(parts, data.per_sample)
 
 
 #: Evaluation samples a build validates on.
@@ -223,7 +228,8 @@ def measure(runner, inputs: BuildInputs, repeats: int = 50) -> float:
 
     Args:
         runner: the artifact's runner.
-        inputs: the first evaluation batch is fed, or zeros of the model's input shapes without evaluation data.
+        inputs: what is fed: :meth:`BuildInputs.timing_feed` (the given ``--inputs``, else the first evaluation or
+            calibration sample as the model takes it; zeros of the model's input shapes only without any data).
         repeats: timed runs (after 5 warm-up runs).
 
     Returns:
@@ -231,7 +237,7 @@ def measure(runner, inputs: BuildInputs, repeats: int = 50) -> float:
     """
     from .profiling import time_runs
 
-    feed = next(inputs.evaluation.batches(1)) if inputs.evaluation is not None else _zeros(inputs)
+    feed, _ = inputs.timing_feed()
     return float(np.median(time_runs(lambda: runner.run(feed), warmup=5, repeats=repeats)))
 
 
@@ -267,9 +273,10 @@ def host_is(target: Target, unit: str | None = None) -> bool:
 
 
 def _zeros(inputs: BuildInputs) -> dict[str, np.ndarray]:
-    from .calibration import model_inputs
+    """Zeros in the model's input shapes: fed only when no data was given at all (see :meth:`BuildInputs.timing_feed`)."""
+    from .inputs import zeros_feed
 
-    return {n: np.zeros(inputs.analysis.inputs[n], dtype) for n, _, dtype in model_inputs(inputs.model)}
+    return zeros_feed(inputs.model, inputs.analysis)
 
 
 #: builds accuracy control may make for one artifact (the last one is the float fallback)
@@ -769,8 +776,9 @@ def build(inputs: BuildInputs, target: Target, out_dir: str | Path, *, plan: Pla
                 runner.close()
         fidelity = _fidelity_note(inputs, accuracy, how, budget, validate_artifact)
         # keep what the backend validated itself (Core ML: its ONNX equivalent), add what ran here
+        timed = {"timed_with": inputs.timing_feed()[1]} if measured is not None else {}
         update = {"accuracy": {**artifact.accuracy, **accuracy}, "measured_latency_ms": measured, "plan": plan,
-                  "numerics": {**artifact.numerics, **({"validated_with": how} if how else {})},
+                  "numerics": {**artifact.numerics, **({"validated_with": how} if how else {}), **timed},
                   "fidelity": fidelity, "accuracy_control": steps}
         if measured is not None:
             update["measured_on"], update["measured_on_target"] = host_description(), on_target
@@ -840,7 +848,7 @@ def _faster_alternative(pl: Planning, plan: Plan, runner, tmp: Path, target: Tar
     from .types import ControlStep
 
     inputs = pl.inputs
-    feed = next(inputs.evaluation.batches(1))
+    feed, _ = inputs.timing_feed()
     budget = plan.accuracy.budget
     contenders = {"plan": runner}
     built: dict[str, tuple] = {}

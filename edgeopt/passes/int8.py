@@ -54,6 +54,9 @@ from ._util import Graph
 from .cleanup import STEPS, normalize
 
 if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Callable
+    from typing import Any
+
     import onnx
 
     from ..calibration import CalibrationData
@@ -521,23 +524,32 @@ def activation_ranges(model: onnx.ModelProto, config: Config, calib: Calibration
         cached.update({k: (float(lo), float(hi)) for k, (lo, hi) in config.range_overrides.items() if k in cached})
         return cached
     ops = sorted(set(config.op_types) if config.op_types else default_op_types())
-    large = model.ByteSize() > 1_800_000_000
-    with tempfile.TemporaryDirectory(prefix="edgeopt-calib-") as d:
-        src = os.path.join(d, "float.onnx")
-        if large:  # saving with external data rewrites the proto handed in: save a copy
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
-            onnx.save(copy, src, save_as_external_data=True, location="float.data")
-        else:
-            onnx.save(model, src)
-        with quiet_stdout():
-            cal = create_calibrator(src, ops, augmented_model_path=os.path.join(d, "augmented.onnx"),
-                                    calibrate_method=calibration_method(config), use_external_data_format=large,
-                                    extra_options=calib_extra)
-            for start in range(len(reader)):
-                reader.set_range(start, start + 1)
-                cal.collect_data(reader)
-            data = cal.compute_data()
+
+    def collect(m: onnx.ModelProto):
+        large = m.ByteSize() > 1_800_000_000
+        with tempfile.TemporaryDirectory(prefix="edgeopt-calib-") as d:
+            src = os.path.join(d, "float.onnx")
+            if large:  # saving with external data rewrites the proto handed in: save a copy
+                copy = onnx.ModelProto()
+                copy.CopyFrom(m)
+                onnx.save(copy, src, save_as_external_data=True, location="float.data")
+            else:
+                onnx.save(m, src)
+            with quiet_stdout():
+                cal = create_calibrator(src, ops, augmented_model_path=os.path.join(d, "augmented.onnx"),
+                                        calibrate_method=calibration_method(config), use_external_data_format=large,
+                                        extra_options=calib_extra)
+                for start in range(len(reader)):
+                    reader.set_range(start, start + 1)
+                    cal.collect_data(reader)
+                try:
+                    return cal.compute_data()
+                except ValueError as e:  # no tensor of the quantized op types in the main graph (all inside an If)
+                    if "not been collected" not in str(e):
+                        raise
+                    return {}
+
+    data = _shape_inference_retry(collect, model, "calibration")
     ranges = {k: (float(np.asarray(v.range_value[0]).reshape(-1)[0]), float(np.asarray(v.range_value[1]).reshape(-1)[0]))
               for k, v in data.items()}
     if len(_RANGES) >= 16:
@@ -569,6 +581,49 @@ def activation_qparams(lo: float, hi: float, config: Config) -> tuple[np.ndarray
     return np.asarray(scale, np.float32), np.asarray(zero, np.uint8 if config.activation_type == "uint8" else np.int8)
 
 
+def _inference_errors() -> tuple[type[BaseException], ...]:
+    """What ONNX shape inference raises (onnxruntime's quantizer and calibrator run it on the model they are given)."""
+    import onnx
+
+    errs = [getattr(onnx.shape_inference, "InferenceError", None)]
+    try:
+        from onnx.onnx_cpp2py_export.shape_inference import InferenceError
+        errs.append(InferenceError)
+    except ImportError:  # pragma: no cover - older onnx
+        pass
+    return tuple(e for e in errs if isinstance(e, type))
+
+
+def _without_declared_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy without ``value_info`` and without the outputs' declared dims: stale or conflicting declared shapes
+    (common in exported recurrent models) are what ONNX shape inference most often refuses; inference recomputes them."""
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.value_info[:]
+    for o in m.graph.output:
+        if o.type.HasField("tensor_type"):
+            o.type.tensor_type.ClearField("shape")
+    return m
+
+
+def _shape_inference_retry(run: Callable[[onnx.ModelProto], Any], model: onnx.ModelProto, what: str):
+    """``run(model)``; where onnxruntime's quantizer fails in ONNX shape inference, once more without the model's
+    declared intermediate and output shapes; a second failure is a :class:`PassError` naming the cause (one line)."""
+    errs = _inference_errors()
+    try:
+        return run(model)
+    except errs:
+        pass
+    try:
+        return run(_without_declared_shapes(model))
+    except errs as e:
+        first = " ".join(str(e).split())[:240] or type(e).__name__
+        raise PassError(f"int8 {what}: onnxruntime's quantizer fails in ONNX shape inference on this model ({first}); "
+                        "build it without int8 (e.g. --precision fp16 or wint8) or fix the model's shapes") from None
+
+
 def quantize(model: onnx.ModelProto, nodes: list[str], config: Config, calib: CalibrationData) -> onnx.ModelProto:
     """``quantize_static`` on a copy of ``model`` (written to a temp dir: ORT mutates protos it is handed).
 
@@ -581,33 +636,39 @@ def quantize(model: onnx.ModelProto, nodes: list[str], config: Config, calib: Ca
     Returns:
         The QDQ model as loaded back from the quantizer's output.
     """
-    import onnx
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-
     method = calibration_method(config)
     extra = quantizer_options(config)
-    _, reader = _calibration_data(calib, config)
     extra["CalibStridedMinMax"] = 1  # one batch per collect call (any method)
     large = model.ByteSize() > 1_800_000_000
     root = logging.getLogger()
     quiet = _QuietOrt()
     root.addFilter(quiet)
     try:
-        with tempfile.TemporaryDirectory(prefix="edgeopt-int8-") as d:
-            src, dst = os.path.join(d, "float.onnx"), os.path.join(d, "int8.onnx")
-            if large:
-                onnx.save(model, src, save_as_external_data=True, location="float.data")
-            else:
-                onnx.save(model, src)
-            with quiet_stdout():
-                quantize_static(src, dst, reader, quant_format=QuantFormat.QDQ, per_channel=config.per_channel,
-                                activation_type=QuantType.QUInt8 if config.activation_type == "uint8" else QuantType.QInt8,
-                                weight_type=QuantType.QInt8, nodes_to_quantize=nodes, calibrate_method=method,
-                                reduce_range=resolved_weight_bits(config) == 7,
-                                use_external_data_format=large, extra_options=extra)
-            return onnx.load(dst)
+        return _shape_inference_retry(lambda m: _quantize_once(m, nodes, config, calib, method, extra, large),
+                                      model, "quantization")
     finally:
         root.removeFilter(quiet)
+
+
+def _quantize_once(model: onnx.ModelProto, nodes: list[str], config: Config, calib: CalibrationData, method,
+                   extra: dict, large: bool) -> onnx.ModelProto:
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    _, reader = _calibration_data(calib, config)
+    with tempfile.TemporaryDirectory(prefix="edgeopt-int8-") as d:
+        src, dst = os.path.join(d, "float.onnx"), os.path.join(d, "int8.onnx")
+        if large:
+            onnx.save(model, src, save_as_external_data=True, location="float.data")
+        else:
+            onnx.save(model, src)
+        with quiet_stdout():
+            quantize_static(src, dst, reader, quant_format=QuantFormat.QDQ, per_channel=config.per_channel,
+                            activation_type=QuantType.QUInt8 if config.activation_type == "uint8" else QuantType.QInt8,
+                            weight_type=QuantType.QInt8, nodes_to_quantize=nodes, calibrate_method=method,
+                            reduce_range=resolved_weight_bits(config) == 7,
+                            use_external_data_format=large, extra_options=dict(extra))
+        return onnx.load(dst)
 
 
 def _opset(model: onnx.ModelProto) -> int:
