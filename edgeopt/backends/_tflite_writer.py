@@ -63,19 +63,23 @@ SUPPORTED_OPS = frozenset(
     "Conv Gemm MatMul Add Sub Mul Div Max Min Pow Relu Clip LeakyRelu Sigmoid Tanh HardSigmoid HardSwish Exp Log Sqrt "
     "Neg Abs Floor Ceil Sin Cos MaxPool AveragePool GlobalAveragePool GlobalMaxPool ReduceMean ReduceMax ReduceMin "
     "ReduceSum Reshape Flatten Squeeze Unsqueeze Transpose Concat Softmax LogSoftmax Pad Slice Identity Dropout Cast "
-    "BatchNormalization Constant Shape".split()
+    "BatchNormalization Constant Shape Erf Gelu LayerNormalization Gather Equal Greater Less GreaterOrEqual LessOrEqual "
+    "Where Not And Or TopK Resize ConvTranspose Einsum".split()
 )
 
 #: TFLite builtins with int8 kernels (TFLite and TFLite Micro); others run in float.
 INT8_OPS = frozenset(
     "CONV_2D DEPTHWISE_CONV_2D FULLY_CONNECTED ADD SUB MUL MAX_POOL_2D AVERAGE_POOL_2D MEAN REDUCE_MAX REDUCE_MIN SUM "
     "RESHAPE TRANSPOSE PAD PADV2 CONCATENATION SOFTMAX LOG_SOFTMAX LOGISTIC TANH HARD_SWISH RELU RELU6 RELU_N1_TO_1 "
-    "LEAKY_RELU MAXIMUM MINIMUM STRIDED_SLICE BATCH_MATMUL".split()
+    "LEAKY_RELU MAXIMUM MINIMUM STRIDED_SLICE BATCH_MATMUL GELU SQUARED_DIFFERENCE RSQRT GATHER EQUAL GREATER LESS "
+    "GREATER_EQUAL LESS_EQUAL SELECT_V2 LOGICAL_NOT LOGICAL_AND LOGICAL_OR TOPK_V2 RESIZE_NEAREST_NEIGHBOR RESIZE_BILINEAR "
+    "TRANSPOSE_CONV".split()
 )
 
 #: int8 ops whose output must carry its input's quantization (the kernel does not requantize).
 SAME_PARAMS = frozenset(
-    "MAX_POOL_2D AVERAGE_POOL_2D RESHAPE TRANSPOSE PAD PADV2 CONCATENATION STRIDED_SLICE REDUCE_MAX REDUCE_MIN MAXIMUM MINIMUM".split()
+    "MAX_POOL_2D AVERAGE_POOL_2D RESHAPE TRANSPOSE PAD PADV2 CONCATENATION STRIDED_SLICE REDUCE_MAX REDUCE_MIN MAXIMUM MINIMUM "
+    "GATHER SELECT_V2 TOPK_V2 RESIZE_NEAREST_NEIGHBOR RESIZE_BILINEAR".split()
 )
 
 #: int8 outputs with fixed quantization (scale, zero point), as TFLite's kernels require.
@@ -91,12 +95,19 @@ OPTIONS = {
     "DEQUANTIZE": "DequantizeOptions", "QUANTIZE": "QuantizeOptions", "STRIDED_SLICE": "StridedSliceOptions",
     "BATCH_MATMUL": "BatchMatMulOptions", "MAXIMUM": "MaximumMinimumOptions", "MINIMUM": "MaximumMinimumOptions",
     "LOG_SOFTMAX": "LogSoftmaxOptions", "EXP": "ExpOptions", "NEG": "NegOptions", "ABS": "AbsOptions", "POW": "PowOptions",
+    "GELU": "GeluOptions", "SQUARED_DIFFERENCE": "SquaredDifferenceOptions", "GATHER": "GatherOptions",
+    "EQUAL": "EqualOptions", "GREATER": "GreaterOptions", "LESS": "LessOptions", "GREATER_EQUAL": "GreaterEqualOptions",
+    "LESS_EQUAL": "LessEqualOptions", "SELECT_V2": "SelectV2Options", "LOGICAL_NOT": "LogicalNotOptions",
+    "LOGICAL_AND": "LogicalAndOptions", "LOGICAL_OR": "LogicalOrOptions", "TOPK_V2": "TopKV2Options",
+    "RESIZE_NEAREST_NEIGHBOR": "ResizeNearestNeighborOptions", "RESIZE_BILINEAR": "ResizeBilinearOptions",
+    "TRANSPOSE_CONV": "TransposeConvOptions",
 }
 
 _ACT = {"NONE": 0, "RELU": 1, "RELU_N1_TO_1": 2, "RELU6": 3}
 _UNARY = {"Sigmoid": "LOGISTIC", "Tanh": "TANH", "HardSwish": "HARD_SWISH", "Exp": "EXP", "Log": "LOG", "Sqrt": "SQRT",
           "Neg": "NEG", "Abs": "ABS", "Floor": "FLOOR", "Ceil": "CEIL", "Sin": "SIN", "Cos": "COS"}
 _BINARY = {"Add": "ADD", "Sub": "SUB", "Mul": "MUL", "Div": "DIV", "Max": "MAXIMUM", "Min": "MINIMUM", "Pow": "POW"}
+_COMPARE = {"Equal": "EQUAL", "Greater": "GREATER", "Less": "LESS", "GreaterOrEqual": "GREATER_EQUAL", "LessOrEqual": "LESS_EQUAL"}
 _REDUCE = {"ReduceMean": "MEAN", "ReduceMax": "REDUCE_MAX", "ReduceMin": "REDUCE_MIN", "ReduceSum": "SUM",
            "GlobalAveragePool": "MEAN", "GlobalMaxPool": "REDUCE_MAX"}
 NCHW_TO_NHWC = (0, 2, 3, 1)
@@ -111,8 +122,9 @@ class Tensor:
     id: int
     name: str
     shape: tuple[int, ...]
-    role: str = "act"  # act | weight | bias | const | padval | int
+    role: str = "act"  # act | weight | bias | const | padval | int | bool
     data: np.ndarray | None = None
+    dtype: str = "float32"  # of an activation: float32 (quantizable), int32 (indices) or bool (masks)
 
 
 @dataclass
@@ -141,9 +153,13 @@ class IR:
     outputs: list[IOSpec] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
-    def add(self, name: str, shape, role: str = "act", data: np.ndarray | None = None) -> int:
-        self.tensors.append(Tensor(len(self.tensors), name, tuple(int(d) for d in shape), role, data))
+    def add(self, name: str, shape, role: str = "act", data: np.ndarray | None = None, dtype: str = "float32") -> int:
+        self.tensors.append(Tensor(len(self.tensors), name, tuple(int(d) for d in shape), role, data, dtype))
         return len(self.tensors) - 1
+
+    def is_float(self, tid: int) -> bool:
+        t = self.tensors[tid]
+        return t.role == "act" and t.dtype == "float32"
 
 
 def _unsupported(node: onnx.NodeProto, why: str) -> UnsupportedOpError:
@@ -248,8 +264,15 @@ class _Builder:
         self.ir.ops.append(o)
         return o
 
-    def act(self, name: str, shape) -> int:
-        return self.ir.add(name, shape)
+    def act(self, name: str, shape, dtype: str = "float32") -> int:
+        return self.ir.add(name, shape, dtype=dtype)
+
+    def dtype_of(self, name: str) -> str:
+        """The IR dtype of ONNX tensor ``name``: float32, int32 (any integer) or bool."""
+        if name in self.vals:
+            return self.ir.tensors[self.vals[name][0]].dtype
+        dt = np.dtype(self.dtypes.get(name, np.float32))
+        return "bool" if dt == np.bool_ else ("int32" if dt.kind in "iu" else "float32")
 
     def cst(self, name: str, data: np.ndarray, role: str = "const") -> int:
         data = np.ascontiguousarray(data, np.int32 if role == "int" else np.float32)
@@ -336,9 +359,9 @@ class _Builder:
         if want == "nhwc":
             if len(shape) != 4:
                 raise EdgeoptError(f"tflite writer: tensor '{name}' of rank {len(shape)} used where NHWC is needed")
-            new = self.act(f"{name}/nhwc", _nhwc(shape))
+            new = self.act(f"{name}/nhwc", _nhwc(shape), t.dtype)
         else:
-            new = self.act(f"{name}/nchw", shape)
+            new = self.act(f"{name}/nchw", shape, t.dtype)
         src_prec = self.cur_prec
         if _same_memory(shape):
             self.ir.ops.append(Op("RESHAPE", [tid, self.ints(f"{name}/shape", self.ir.tensors[new].shape)], [new],
@@ -377,14 +400,25 @@ class _Builder:
             if inp.name in self.consts:
                 continue
             shape = self.shapes[inp.name]
-            if inp.type.tensor_type.elem_type != self.onnx.TensorProto.FLOAT:
-                raise EdgeoptError(f"tflite writer: input '{inp.name}' is not float32; only float32 inputs are supported")
-            nhwc = len(shape) == 4
-            tid = self.act(inp.name, _nhwc(shape) if nhwc else shape)
+            TP = self.onnx.TensorProto
+            et = inp.type.tensor_type.elem_type
+            if et not in (TP.FLOAT, TP.INT64, TP.INT32):
+                raise EdgeoptError(f"tflite writer: input '{inp.name}' is not float32 (or int64/int32 indices); "
+                                   "other input types are not supported")
+            dtype = "float32" if et == TP.FLOAT else "int32"
+            nhwc = len(shape) == 4 and dtype == "float32"
+            tid = self.act(inp.name, _nhwc(shape) if nhwc else shape, dtype)
             self.vals[inp.name] = (tid, "nhwc" if nhwc else "plain")
             self.ir.inputs.append(IOSpec(inp.name, tid, list(shape), nhwc))
+        self.producer = {o: n for n in self.g.node for o in n.output if o}
+        fused = self._find_patterns()
         for node in self.g.node:
             if node.name in self.done:
+                continue
+            if node.name in fused:
+                self.cur_prec = self.prec(node)
+                kind, info = fused[node.name]
+                getattr(self, f"_emit_{kind}")(node, **info)
                 continue
             if node.domain not in ("", "ai.onnx"):
                 raise _unsupported(node, f"domain {node.domain} is not supported by the TFLite writer")
@@ -915,23 +949,33 @@ class _Builder:
         self.vals[node.output[0]] = (y, want)
 
     def _softmax(self, node, code: str):
-        x = node.input[0]
+        """SOFTMAX / LOG_SOFTMAX run over the last axis: another axis is transposed there and back."""
+        x, out = node.input[0], node.output[0]
         rank = len(self.shapes[x])
         axis = int(self.attr(node, "axis", -1 if self.opset >= 13 else 1)) % rank
-        if self.opset < 13 and axis != rank - 1:
-            raise _unsupported(node, "opset<13 softmax over several trailing axes is not supported")
         p = self.prec(node)
-        tid, layout = self.get(x, "any")
-        if layout == "nhwc" and NCHW_TO_NHWC.index(axis) == 3:
-            out_layout = "nhwc"
-        else:
-            tid, out_layout = self.get(x, "plain") if layout != "plain" else (tid, "plain")
-            if axis != rank - 1:
-                raise _unsupported(node, f"softmax over axis {axis} (not the last) is not supported")
-        y = self.act(node.output[0], self.ir.tensors[tid].shape)
         opts = {"beta": 1.0} if code == "SOFTMAX" else {}
-        self.op(code, [tid], [y], node, p, **opts)
-        self.vals[node.output[0]] = (y, out_layout)
+        tid, layout = self.get(x, "any")
+        if layout == "flat":
+            tid, layout = self.get(x, "plain")
+        if self.opset < 13 and axis != rank - 1:  # opset < 13: over the input flattened to 2-D at axis
+            tid, layout = self.get(x, "plain")
+            shape = self.shapes[x]
+            flat = [int(np.prod(shape[:axis])), int(np.prod(shape[axis:]))]
+            t = self._reshape_op(tid, f"{out}/2d", flat, node, p)
+            y2 = self.act(f"{out}/2d_out", flat)
+            self.op(code, [t], [y2], node, p, **opts)
+            self.vals[out] = (self._reshape_op(y2, out, shape, node, p), "plain")
+            return
+        pos = NCHW_TO_NHWC.index(axis) if layout == "nhwc" else axis
+        t, perm = self._to_last(tid, pos, f"{out}/to_last", node, p)
+        y = self.act(out if perm is None else f"{out}/last", self.ir.tensors[t].shape)
+        self.op(code, [t], [y], node, p, **opts)
+        if perm is not None:
+            z = self.act(out, self.ir.tensors[tid].shape)
+            self.op("TRANSPOSE", [y, self.ints(f"{out}/perm_back", perm)], [z], node, p)
+            y = z
+        self.vals[out] = (y, layout)
 
     def _op_Softmax(self, node):
         self._softmax(node, "SOFTMAX")
@@ -1010,6 +1054,537 @@ class _Builder:
                 beginMask=0, endMask=0, ellipsisMask=0, newAxisMask=0, shrinkAxisMask=0, offset=False)
         self.vals[node.output[0]] = (y, layout)
 
+    # ---------------------------------------------------------------- patterns: GELU and decomposed layer norm
+
+    def _uses(self, tensor: str) -> list:
+        """The distinct nodes consuming ``tensor``."""
+        seen: dict[str, Any] = {}
+        for n in self.consumers.get(tensor, []):
+            seen.setdefault(n.name, n)
+        return list(seen.values())
+
+    def _sole(self, tensor: str, op_type: str):
+        """The only consumer of ``tensor`` when it is an ``op_type`` node (and ``tensor`` no graph output)."""
+        cons = self._uses(tensor)
+        if len(cons) == 1 and cons[0].op_type == op_type and tensor not in self.graph_outputs:
+            return cons[0]
+        return None
+
+    def _scalar_const(self, name: str) -> float | None:
+        c = self.const(name)
+        return float(c.reshape(-1)[0]) if c is not None and c.size == 1 and c.dtype.kind == "f" else None
+
+    def _with_const(self, node, value: float, tol: float = 1e-3) -> str | None:
+        """The activation operand of commutative binary ``node`` whose other operand is the scalar ``value``."""
+        if len(node.input) != 2:
+            return None
+        for k in (0, 1):
+            v = self._scalar_const(node.input[k])
+            if v is not None and abs(v - value) <= tol * max(1.0, abs(value)) and self.const(node.input[1 - k]) is None:
+                return node.input[1 - k]
+        return None
+
+    def _gelu_tail(self, t: str, x: str):
+        """``Add(t, 1)`` times ``x`` and 0.5 in any order/grouping: (its nodes, final output) or None."""
+        add = self._sole(t, "Add")
+        if add is None or self._with_const(add, 1.0) != t:
+            return None
+        a = add.output[0]
+        m1 = self._sole(a, "Mul")
+        if m1 is None or len(m1.input) != 2:
+            return None
+        other = m1.input[1] if m1.input[0] == a else m1.input[0]
+        if other == x:  # (x * a) * 0.5
+            m2 = self._sole(m1.output[0], "Mul")
+            return ([add, m1, m2], m2.output[0]) if m2 is not None and self._with_const(m2, 0.5) == m1.output[0] else None
+        if self._with_const(m1, 0.5) == a:  # x * (a * 0.5)
+            m2 = self._sole(m1.output[0], "Mul")
+            return ([add, m1, m2], m2.output[0]) if m2 is not None and set(m2.input) == {x, m1.output[0]} else None
+        h = self.producer.get(other)  # (x * 0.5) * a
+        if h is not None and h.op_type == "Mul" and self._with_const(h, 0.5) == x:
+            s = self._sole(other, "Mul")
+            if s is not None and s.name == m1.name:
+                return [h, add, m1], m1.output[0]
+        return None
+
+    def _match_gelu_erf(self, erf):
+        u = erf.input[0]
+        d = self.producer.get(u)
+        if d is None or self._sole(u, "Erf") is None:
+            return None
+        x = None
+        if d.op_type == "Div" and len(d.input) == 2 and self.const(d.input[0]) is None:
+            v = self._scalar_const(d.input[1])
+            x = d.input[0] if v is not None and abs(v - math.sqrt(2)) < 1e-3 else None
+        elif d.op_type == "Mul":
+            x = self._with_const(d, 1 / math.sqrt(2))
+        tail = self._gelu_tail(erf.output[0], x) if x else None
+        if tail is None:
+            return None
+        return [d, erf, *tail[0]], {"x": x, "out": tail[1], "approximate": False}
+
+    def _cube(self, n, x: str) -> list | None:
+        """Nodes computing x**3 ending in ``n``: Pow(x, 3) or x * (x * x)."""
+        if n.op_type == "Pow" and n.input[0] == x and self._scalar_const(n.input[1]) == 3.0:
+            return [n]
+        if n.op_type == "Mul" and x in n.input and len(n.input) == 2:
+            other = n.input[1] if n.input[0] == x else n.input[0]
+            sq = self.producer.get(other)
+            if sq is not None and sq.op_type == "Mul" and list(sq.input) == [x, x] and self._sole(other, "Mul") is not None:
+                return [sq, n]
+        return None
+
+    def _match_gelu_tanh(self, th):
+        """0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x**3)))."""
+        v = th.input[0]
+        m = self.producer.get(v)
+        if m is None or m.op_type != "Mul" or self._sole(v, "Tanh") is None:
+            return None
+        w = self._with_const(m, math.sqrt(2 / math.pi))
+        a = self.producer.get(w) if w else None
+        if a is None or a.op_type != "Add" or len(a.input) != 2 or self._sole(w, "Mul") is None:
+            return None
+        for x, k in ((a.input[0], a.input[1]), (a.input[1], a.input[0])):
+            km = self.producer.get(k)
+            if km is None or km.op_type != "Mul" or self._sole(k, "Add") is None:
+                continue
+            c = self._with_const(km, 0.044715)
+            cn = self.producer.get(c) if c else None
+            cube = self._cube(cn, x) if cn is not None and self._sole(c, "Mul") is not None else None
+            tail = self._gelu_tail(th.output[0], x) if cube else None
+            if tail:
+                return [*cube, km, a, m, th, *tail[0]], {"x": x, "out": tail[1], "approximate": True}
+        return None
+
+    def _axes_of(self, node, rank: int) -> list[int] | None:
+        axes = self.attr(node, "axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            c = self.const(node.input[1])
+            axes = None if c is None else c.tolist()
+        return None if axes is None else sorted(int(a) % rank for a in axes)
+
+    def _match_layernorm(self, r1):
+        """ReduceMean -> Sub -> Pow 2 (or Mul) -> ReduceMean -> Add eps -> Sqrt -> Div [-> Mul gamma] [-> Add beta]."""
+        x, mean = r1.input[0], r1.output[0]
+        rank = len(self.shapes.get(x, []))
+        axes = self._axes_of(r1, rank) if rank else None
+        if not axes or not self.attr(r1, "keepdims", 1) or self.const(x) is not None:
+            return None
+        sub = self._sole(mean, "Sub")
+        if sub is None or list(sub.input) != [x, mean]:
+            return None
+        d = sub.output[0]
+        uses = self._uses(d)
+        if d in self.graph_outputs or len(uses) != 2:
+            return None
+        sq = next((n for n in uses if n.op_type in ("Pow", "Mul")), None)
+        div = next((n for n in uses if n.op_type == "Div"), None)
+        if sq is None or div is None:
+            return None
+        if not ((sq.op_type == "Pow" and sq.input[0] == d and self._scalar_const(sq.input[1]) == 2.0)
+                or (sq.op_type == "Mul" and list(sq.input) == [d, d])):
+            return None
+        r2 = self._sole(sq.output[0], "ReduceMean")
+        if r2 is None or self._axes_of(r2, rank) != axes or not self.attr(r2, "keepdims", 1):
+            return None
+        add = self._sole(r2.output[0], "Add")
+        eps_in = next((i for i in (add.input if add is not None else []) if self._scalar_const(i) is not None), None)
+        if eps_in is None or self._with_const(add, self._scalar_const(eps_in), 0.0) != r2.output[0]:
+            return None
+        sqrt = self._sole(add.output[0], "Sqrt")
+        if sqrt is None or list(div.input) != [d, sqrt.output[0]] or self._sole(sqrt.output[0], "Div") is None:
+            return None
+        nodes, out, gamma, beta = [r1, sub, sq, r2, add, sqrt, div], div.output[0], None, None
+        for op_type in ("Mul", "Add"):
+            n = self._sole(out, op_type)
+            if n is None or len(n.input) != 2:
+                break
+            c = self.const(n.input[1] if n.input[0] == out else n.input[0])
+            if c is None or c.dtype.kind != "f":
+                break
+            if op_type == "Mul":
+                gamma = c
+            else:
+                beta = c
+            nodes.append(n)
+            out = n.output[0]
+        return nodes, {"x": x, "axes": axes, "eps": self._scalar_const(eps_in), "gamma": gamma, "beta": beta, "out": out}
+
+    def _find_patterns(self) -> dict[str, tuple[str, dict]]:
+        """GELU and decomposed layer-norm subgraphs: first node -> (emitter, its arguments); the others marked done."""
+        order = {n.name: i for i, n in enumerate(self.g.node)}
+        claimed: set[str] = set()
+        found: dict[str, tuple[str, dict]] = {}
+        matchers = {"Erf": (self._match_gelu_erf, "gelu"), "Tanh": (self._match_gelu_tanh, "gelu"),
+                    "ReduceMean": (self._match_layernorm, "layernorm")}
+        for node in self.g.node:
+            if node.op_type not in matchers:
+                continue
+            match, kind = matchers[node.op_type]
+            m = match(node)
+            if m is None or any(n.name in claimed for n in m[0]):
+                continue
+            nodes = sorted(m[0], key=lambda n: order[n.name])
+            claimed.update(n.name for n in nodes)
+            found[nodes[0].name] = (kind, m[1])
+            self.done.update(n.name for n in nodes[1:])
+        return found
+
+    def _emit_gelu(self, node, x: str, out: str, approximate: bool):
+        tid, layout = self.get(x, "any")
+        y = self.act(out, self.ir.tensors[tid].shape)
+        self.op("GELU", [tid], [y], node, self.cur_prec, approximate=bool(approximate))
+        self._set(out, y, layout, tid)
+
+    def _emit_layernorm(self, node, x: str, axes: list[int], eps: float, gamma, beta, out: str):
+        """Layer norm as TF's converter lowers it: MEAN, SQUARED_DIFFERENCE, MEAN, ADD eps, RSQRT, SUB, MUL (, MUL, ADD)."""
+        p = self.cur_prec
+        tid, _ = self.get(x, "plain")
+        shape = list(self.shapes[x])
+        red = [1 if i in axes else d for i, d in enumerate(shape)]
+        n = f"{out}/ln"
+        ax = self.ints(f"{n}/axes", axes)
+        mean = self.act(f"{n}/mean", red)
+        self.op("MEAN", [tid, ax], [mean], node, p, keepDims=True)
+        sq = self.act(f"{n}/sqdiff", shape)
+        self.op("SQUARED_DIFFERENCE", [tid, mean], [sq], node, p)
+        var = self.act(f"{n}/var", red)
+        self.op("MEAN", [sq, ax], [var], node, p, keepDims=True)
+        ve = self.act(f"{n}/var_eps", red)
+        self.op("ADD", [var, self.cst(f"{n}/eps", np.array([eps], np.float32))], [ve], node, p, fusedActivationFunction=0)
+        rs = self.act(f"{n}/rstd", red)
+        self.op("RSQRT", [ve], [rs], node, p)
+        xc = self.act(f"{n}/centered", shape)
+        self.op("SUB", [tid, mean], [xc], node, p, fusedActivationFunction=0)
+        steps = [("MUL", None, "normed")]
+        if gamma is not None:
+            steps.append(("MUL", gamma, "scaled"))
+        if beta is not None:
+            steps.append(("ADD", beta, "shifted"))
+        cur = xc
+        for i, (code, c, tag) in enumerate(steps):
+            other = rs if c is None else self.cst(f"{n}/{tag}", self.const_for(c, "plain", len(shape)))
+            y = self.act(out if i == len(steps) - 1 else f"{n}/{tag}", shape)
+            self.op(code, [cur, other], [y], node, p, fusedActivationFunction=0)
+            cur = y
+        self.vals[out] = (cur, "plain")
+
+    def _op_Erf(self, node):
+        raise _unsupported(node, "not supported by the TFLite writer: TFLite has no ERF builtin; only Erf inside GELU "
+                                 "(x * 0.5 * (1 + Erf(x / sqrt(2)))) converts, to the GELU builtin")
+
+    def _op_Gelu(self, node):
+        approx = self.attr(node, "approximate", b"none")
+        approx = approx.decode() if isinstance(approx, bytes) else approx
+        self._emit_gelu(node, node.input[0], node.output[0], approx == "tanh")
+
+    def _op_LayerNormalization(self, node):
+        x = node.input[0]
+        rank = len(self.shapes[x])
+        axis = int(self.attr(node, "axis", -1)) % rank
+        gamma = self.const(node.input[1])
+        has_b = len(node.input) > 2 and bool(node.input[2])
+        beta = self.const(node.input[2]) if has_b else None
+        if gamma is None or (has_b and beta is None):
+            raise _unsupported(node, "Scale and B must be constant")
+        if any(node.output[1:]):
+            raise _unsupported(node, "the Mean / InvStdDev outputs are not supported")
+        self._emit_layernorm(node, x, list(range(axis, rank)), float(self.attr(node, "epsilon", 1e-5)), gamma, beta,
+                             node.output[0])
+
+    # gather, comparisons, select, logical, top-k --------------------------
+
+    def _const_tensor(self, name: str, c: np.ndarray, layout: str, act_dtype: str = "float32") -> int:
+        """A constant operand of an elementwise op, in ``layout``, typed like its data (float, int32, bool)."""
+        c = np.asarray(c)
+        if c.size == 1:
+            c = c.reshape([1])
+        elif layout == "nhwc":
+            c = np.ascontiguousarray(c.reshape([1] * (4 - c.ndim) + list(c.shape)).transpose(NCHW_TO_NHWC))
+        if c.dtype == np.bool_:
+            return self.ir.add(name, c.shape, "bool", c)
+        if c.dtype.kind in "iu" or act_dtype == "int32":
+            return self.cst(name, c, "int")
+        return self.cst(name, c)
+
+    def _elementwise(self, node, code: str, names: list[str], **options):
+        """An op over broadcast operands (activations and constants): NHWC when every activation is rank-4 NHWC."""
+        out = node.output[0]
+        out_shape = self.shapes[out]
+        acts = [n for n in names if self.const(n) is None]
+        layouts = [self.vals[n][1] for n in acts]
+        use_nhwc = len(out_shape) == 4 and "nhwc" in layouts and all(len(self.shapes[n]) == 4 for n in acts)
+        want = "nhwc" if use_nhwc else "plain"
+        act_dtype = self.dtype_of(acts[-1]) if acts else "float32"
+        ins = [self.get(n, want)[0] if self.const(n) is None else
+               self._const_tensor(f"{node.name}/{n}", self.const(n), want, act_dtype) for n in names]
+        y = self.act(out, _nhwc(out_shape) if want == "nhwc" else out_shape, self.dtype_of(out))
+        self.op(code, ins, [y], node, self.prec(node), **options)
+        self.vals[out] = (y, want)
+
+    def _compare(self, node):
+        self._elementwise(node, _COMPARE[node.op_type], list(node.input))
+
+    _op_Equal = _op_Greater = _op_Less = _op_GreaterOrEqual = _op_LessOrEqual = _compare
+
+    def _op_Not(self, node):
+        self._elementwise(node, "LOGICAL_NOT", [node.input[0]])
+
+    def _op_And(self, node):
+        self._elementwise(node, "LOGICAL_AND", list(node.input))
+
+    def _op_Or(self, node):
+        self._elementwise(node, "LOGICAL_OR", list(node.input))
+
+    def _op_Where(self, node):
+        self._elementwise(node, "SELECT_V2", list(node.input))
+
+    def _op_Gather(self, node):
+        data, idx = node.input
+        cd, ci = self.const(data), self.const(idx)
+        rank = cd.ndim if cd is not None else len(self.shapes[data])
+        axis = int(self.attr(node, "axis", 0)) % rank
+        out = node.output[0]
+        p = self.prec(node)
+        if cd is not None:  # an embedding table
+            if cd.dtype.kind != "f":
+                raise _unsupported(node, "only float constant tables are supported")
+            params, layout = self.cst(f"{node.name}/table", cd), "plain"
+        else:
+            params, layout = self.get(data, "any")
+            if layout == "flat" or (layout == "nhwc" and (ci is None or ci.ndim != 1)):
+                params, layout = self.get(data, "plain")
+        if ci is not None:
+            ci = ci.astype(np.int64)
+            dim = (cd.shape if cd is not None else self.shapes[data])[axis]
+            ci = np.asarray(np.where(ci < 0, ci + dim, ci), np.int32)  # a 0-d index stays 0-d: the rank drops
+            ind = self.ir.add(f"{node.name}/indices", ci.shape, "int", ci)
+        else:
+            if self.dtype_of(idx) != "int32":
+                raise _unsupported(node, "indices must be integers")
+            ind, _ = self.get(idx, "plain")
+        out_shape = self.shapes[out]
+        y = self.act(out, _nhwc(out_shape) if layout == "nhwc" else out_shape, self.dtype_of(out))
+        self.op("GATHER", [params, ind], [y], node, p, axis=NCHW_TO_NHWC.index(axis) if layout == "nhwc" else axis, batchDims=0)
+        self.vals[out] = (y, layout)
+
+    def _to_last(self, tid: int, pos: int, name: str, node, p: str) -> tuple[int, list[int] | None]:
+        """``tid`` with axis ``pos`` swapped to the last (a TRANSPOSE; none when it already is): (tensor, perm or None)."""
+        shape = self.ir.tensors[tid].shape
+        last = len(shape) - 1
+        if pos == last:
+            return tid, None
+        perm = list(range(len(shape)))
+        perm[pos], perm[last] = last, pos
+        t = self.act(name, [shape[i] for i in perm], self.ir.tensors[tid].dtype)
+        self.op("TRANSPOSE", [tid, self.ints(f"{name}/perm", perm)], [t], node, p)
+        return t, perm
+
+    def _op_TopK(self, node):
+        x = node.input[0]
+        k = self.const(node.input[1])
+        if k is None:
+            raise _unsupported(node, "K must be constant")
+        if not self.attr(node, "largest", 1):
+            raise _unsupported(node, "largest=0 (the k smallest) has no TFLite builtin (TOPK_V2 returns the largest)")
+        rank = len(self.shapes[x])
+        axis = int(self.attr(node, "axis", -1)) % rank
+        p = self.prec(node)
+        tid, layout = self.get(x, "any")
+        if layout == "flat":
+            tid, layout = self.get(x, "plain")
+        pos = NCHW_TO_NHWC.index(axis) if layout == "nhwc" else axis
+        t, perm = self._to_last(tid, pos, f"{node.output[0]}/to_last", node, p)
+        kshape = list(self.ir.tensors[t].shape[:-1]) + [int(k.reshape(-1)[0])]
+        outs = []
+        for name, dtype in zip(node.output, ("float32", "int32")):
+            outs.append(self.act(name if perm is None else f"{name}/last", kshape, dtype))
+        self.op("TOPK_V2", [t, self.ints(f"{node.name}/k", [int(k.reshape(-1)[0])])], outs, node, p)
+        for name, o in zip(node.output, outs):
+            if not name:
+                continue
+            if perm is not None:
+                shape = [kshape[i] for i in perm]
+                y = self.act(name, shape, self.ir.tensors[o].dtype)
+                self.op("TRANSPOSE", [o, self.ints(f"{name}/perm", perm)], [y], node, p)
+                o = y
+            self.vals[name] = (o, layout)
+
+    # resize, transposed convolution, einsum --------------------------------
+
+    def _op_Resize(self, node):
+        x = node.input[0]
+        in_shape, out_shape = self.shapes[x], self.shapes[node.output[0]]
+        if len(in_shape) != 4 or list(in_shape[:2]) != list(out_shape[:2]):
+            raise _unsupported(node, "only resizing the two spatial axes of a 4-D NCHW tensor maps to TFLite")
+        mode = self._str_attr(node, "mode", "nearest")
+        ctm = self._str_attr(node, "coordinate_transformation_mode", "half_pixel" if self.opset >= 11 else "asymmetric")
+        nearest_mode = self._str_attr(node, "nearest_mode", "round_prefer_floor")
+        if mode not in ("nearest", "linear"):
+            raise _unsupported(node, f"mode {mode} has no TFLite builtin (RESIZE_NEAREST_NEIGHBOR / RESIZE_BILINEAR only)")
+        if self.attr(node, "antialias", 0):
+            raise _unsupported(node, "antialias has no TFLite builtin")
+        if self.attr(node, "axes") is not None or self._str_attr(node, "keep_aspect_ratio_policy", "stretch") != "stretch":
+            raise _unsupported(node, "axes / keep_aspect_ratio_policy are not supported")
+        scales = None
+        sc_in = node.input[2] if self.opset >= 11 and len(node.input) > 2 else (node.input[1] if self.opset < 11 else "")
+        if sc_in:
+            c = self.const(sc_in)
+            if c is None:
+                raise _unsupported(node, "scales must be constant")
+            scales = [float(v) for v in c.reshape(-1)] if c.size else None
+        flags = self._resize_flags(mode, ctm, nearest_mode, in_shape[2:], out_shape[2:], scales[2:] if scales else None)
+        if flags is None:
+            raise _unsupported(node, f"{mode} with coordinate_transformation_mode={ctm}"
+                                     f"{', nearest_mode=' + nearest_mode if mode == 'nearest' else ''} at "
+                                     f"{list(in_shape[2:])} -> {list(out_shape[2:])} samples other pixels than TFLite's "
+                                     "align_corners / half_pixel_centers resize")
+        p = self.prec(node)
+        tid, _ = self.get(x, "nhwc")
+        out = node.output[0]
+        y = self.act(out, _nhwc(out_shape))
+        code = "RESIZE_NEAREST_NEIGHBOR" if mode == "nearest" else "RESIZE_BILINEAR"
+        self.op(code, [tid, self.ints(f"{node.name}/size", list(out_shape[2:]))], [y], node, p,
+                alignCorners=flags[0], halfPixelCenters=flags[1])
+        self.vals[out] = (y, "nhwc")
+
+    def _str_attr(self, node, name: str, default: str) -> str:
+        v = self.attr(node, name, default)
+        return v.decode() if isinstance(v, bytes) else v
+
+    @staticmethod
+    def _resize_flags(mode, ctm, nearest_mode, in_hw, out_hw, scales) -> tuple[bool, bool] | None:
+        """TFLite's (align_corners, half_pixel_centers) that sample exactly what ONNX's Resize does, or None."""
+        def onnx_coords(i, n_in, n_out, s):
+            x = np.arange(n_out, dtype=np.float64)
+            if ctm == "half_pixel":
+                return (x + 0.5) / s - 0.5
+            if ctm == "pytorch_half_pixel":
+                return (x + 0.5) / s - 0.5 if n_out > 1 else np.zeros_like(x)
+            if ctm == "align_corners":
+                return x * (n_in - 1) / (n_out - 1) if n_out > 1 else np.zeros_like(x)
+            if ctm == "asymmetric":
+                return x / s
+            if ctm == "tf_half_pixel_for_nn":
+                return (x + 0.5) / s
+            if ctm == "half_pixel_symmetric":
+                adj = n_out / (s * n_in)
+                return n_in / 2 * (1 - adj) + (x + 0.5) / s - 0.5
+            return None
+
+        def onnx_index(c, n_in):
+            r = {"round_prefer_floor": np.ceil(c - 0.5), "round_prefer_ceil": np.floor(c + 0.5), "floor": np.floor(c),
+                 "ceil": np.ceil(c)}.get(nearest_mode)
+            return None if r is None else np.clip(r, 0, n_in - 1)
+
+        def tfl(n_in, n_out, align, half):
+            x = np.arange(n_out, dtype=np.float64)
+            s = (n_in - 1) / (n_out - 1) if align and n_out > 1 else n_in / n_out
+            if mode == "nearest":
+                idx = np.floor(x * s + 0.5) if align else np.floor((x + (0.5 if half else 0.0)) * s)
+                return np.clip(idx, 0, n_in - 1)
+            return np.clip((x + 0.5) * s - 0.5 if half else x * s, 0, n_in - 1)
+
+        for align, half in ((False, False), (True, False), (False, True)):
+            ok = True
+            for i in range(2):
+                n_in, n_out = int(in_hw[i]), int(out_hw[i])
+                s = scales[i] if scales else n_out / n_in
+                c = onnx_coords(i, n_in, n_out, s)
+                if c is None:
+                    return None
+                want = onnx_index(c, n_in) if mode == "nearest" else np.clip(c, 0, n_in - 1)
+                if want is None:
+                    return None
+                if not np.allclose(want, tfl(n_in, n_out, align, half), atol=1e-5):
+                    ok = False
+                    break
+            if ok:
+                return align, half
+        return None
+
+    def _op_ConvTranspose(self, node):
+        x = node.input[0]
+        w = self.const(node.input[1])
+        if w is None or w.ndim != 4:
+            raise _unsupported(node, "the weight must be a constant 2-D convolution kernel")
+        if int(self.attr(node, "group", 1)) != 1:
+            raise _unsupported(node, "grouped transposed convolution has no TFLite builtin")
+        if any(d != 1 for d in self.attr(node, "dilations", [1, 1])):
+            raise _unsupported(node, "dilated transposed convolution has no TFLite builtin")
+        auto = self._str_attr(node, "auto_pad", "NOTSET")
+        if auto != "NOTSET" and auto != "VALID":
+            raise _unsupported(node, f"auto_pad={auto} is not supported (give explicit pads)")
+        cin, cout, kh, kw = w.shape
+        b = self.const(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(cout, np.float32)
+        if b is None:
+            raise _unsupported(node, "the bias must be constant")
+        strides = list(self.attr(node, "strides", [1, 1]))
+        pads = [0, 0, 0, 0] if auto == "VALID" else list(self.attr(node, "pads", [0, 0, 0, 0]))
+        in_hw = self.shapes[x][2:]
+        out_shape = list(self.shapes[node.output[0]])
+        begin = pads[:2]
+        # TFLite's output = the full transposed convolution cropped from pad_before (0 for VALID, centred for SAME)
+        same_before = [max(((in_hw[i] - 1) * strides[i] + (kh, kw)[i] - out_shape[2 + i]) // 2, 0) for i in range(2)]
+        p = self.prec(node)
+        b = b.astype(np.float32).copy()
+        extra, out = self.next_bias(node.output[0], cout, 4, 1)
+        if extra is not None:
+            b += extra
+        tid, _ = self.get(x, "nhwc")
+        n = out_shape[0]
+        full = [(in_hw[i] - 1) * strides[i] + (kh, kw)[i] for i in range(2)]
+        if begin == same_before and all(-(-out_shape[2 + i] // strides[i]) == in_hw[i] for i in range(2)):
+            padding, tfl_hw, crop = 0, out_shape[2:], None  # SAME: TFLite's own centred crop
+        else:  # VALID: the full output (plus output_padding rows), then cropped
+            padding, tfl_hw = 1, [max(begin[i] + out_shape[2 + i], full[i]) for i in range(2)]
+            crop = begin if tfl_hw != list(out_shape[2:]) else None
+        y = self.act(out if crop is None else f"{out}/full", [n, *tfl_hw, cout])
+        self.op("TRANSPOSE_CONV", [self.ints(f"{node.name}/output_shape", [n, *tfl_hw, cout]),
+                                   self.cst(f"{node.name}/weight", w.transpose(1, 2, 3, 0).astype(np.float32), "weight"), tid,
+                                   self.cst(f"{node.name}/bias", b, "bias")], [y], node, p,
+                padding=padding, strideH=strides[0], strideW=strides[1], fusedActivationFunction=0, axis=0)
+        if crop is not None:
+            z = self.act(out, _nhwc(out_shape))
+            self.op("STRIDED_SLICE", [y, self.ints(f"{node.name}/begin", [0, crop[0], crop[1], 0]),
+                                      self.ints(f"{node.name}/end", [n, crop[0] + out_shape[2], crop[1] + out_shape[3], cout]),
+                                      self.ints(f"{node.name}/strides", [1, 1, 1, 1])], [z], node, p,
+                    beginMask=0, endMask=0, ellipsisMask=0, newAxisMask=0, shrinkAxisMask=0, offset=False)
+            y = z
+        self.vals[out] = (y, "nhwc")
+
+    def _op_Einsum(self, node):
+        eq = self._str_attr(node, "equation", "").replace(" ", "")
+        why = "only an Einsum that is a (batch) matrix product maps to TFLite: '...ij,...jk->...ik' (either operand transposed)"
+        if "->" not in eq or eq.count(",") != 1 or "." in eq or len(node.input) != 2:
+            raise _unsupported(node, why)
+        lhs, res = eq.split("->")
+        a, b = lhs.split(",")
+        if len(a) < 2 or len(b) < 2 or len(res) != len(a) or (len(b) != len(a) and len(b) != 2) \
+                or (len(b) == len(a) and a[:-2] != b[:-2]) or res[:-2] != a[:-2] or len(set(a)) != len(a) or len(set(b)) != len(b):
+            raise _unsupported(node, why)
+        i_, k_ = res[-2], res[-1]
+        pa, pb = a[-2:], b[-2:]
+        ja = set(pa) - {i_}
+        jb = set(pb) - {k_}
+        if i_ not in pa or k_ not in pb or len(ja) != 1 or ja != jb or i_ == k_:
+            raise _unsupported(node, why)
+        adj_x = pa != i_ + next(iter(ja))
+        adj_y = pb != next(iter(jb)) + k_
+        p = self.prec(node)
+        cb = self.const(node.input[1])
+        if cb is not None and cb.ndim == 2 and not adj_x:  # x @ constant: FULLY_CONNECTED
+            w = cb if adj_y else cb.T
+            return self._fc(node, node.input[0], np.ascontiguousarray(w.astype(np.float32)),
+                            np.zeros(w.shape[0], np.float32), None)
+        if self.const(node.input[0]) is not None or cb is not None:
+            raise _unsupported(node, "a constant operand is supported only as the right-hand 2-D matrix")
+        ta, _ = self.get(node.input[0], "plain")
+        tb, _ = self.get(node.input[1], "plain")
+        y = self.act(node.output[0], self.shapes[node.output[0]])
+        self.op("BATCH_MATMUL", [ta, tb], [y], node, p, adjX=adj_x, adjY=adj_y)
+        self.vals[node.output[0]] = (y, "plain")
+
 
 def build_ir(model: onnx.ModelProto, input_shapes: Mapping[str, list[int]] | None = None,
              precision_of: Mapping[str, str] | None = None, default: str = "fp32") -> IR:
@@ -1048,13 +1623,16 @@ def activation_qparams(ir: IR, ranges: Mapping[int, tuple[float, float]], op_pre
             continue
         if op.code in FIXED_PARAMS:
             fixed[op.outputs[0]] = FIXED_PARAMS[op.code]
+        if op.code == "GATHER" and ir.tensors[op.inputs[0]].role != "act":  # a constant table: its own range
+            table = ir.tensors[op.inputs[0]].data
+            fixed[op.outputs[0]] = _qparams(float(table.min()), float(table.max()))
         if op.code in SAME_PARAMS:
-            acts = [i for i in op.inputs if i >= 0 and ir.tensors[i].role == "act"] + op.outputs
+            acts = [i for i in op.inputs + op.outputs if i >= 0 and ir.is_float(i)]
             for t in acts[1:]:
                 parent[find(t)] = find(acts[0])
     groups: dict[int, list[int]] = defaultdict(list)
     for t in ir.tensors:
-        if t.role == "act":
+        if ir.is_float(t.id):
             groups[find(t.id)].append(t.id)
     out: dict[int, tuple[float, int]] = {}
     for members in groups.values():
@@ -1110,7 +1688,7 @@ class _AlignedBuffer:
         return s.BufferEnd(builder)
 
 
-_TYPES = {"float32": 0, "float16": 1, "int32": 2, "int8": 9}
+_TYPES = {"float32": 0, "float16": 1, "int32": 2, "bool": 6, "int8": 9}
 
 
 @dataclass
@@ -1181,6 +1759,8 @@ class _Emitter:
 
     # activations: one float and/or one int8 version per IR tensor
     def act(self, tid: int, kind: str) -> int:
+        if self.ir.tensors[tid].dtype != "float32":
+            kind = "f"  # int32 indices and bool masks are never quantized
         key = (tid, kind)
         if key in self.versions:
             return self.versions[key]
@@ -1193,6 +1773,10 @@ class _Emitter:
 
     def new_act(self, tid: int, kind: str, suffix: str = "") -> int:
         t = self.ir.tensors[tid]
+        if t.dtype != "float32":
+            idx = self.tensor(t.name + suffix, t.shape, t.dtype)
+            self.versions[(tid, "f")] = self.versions[(tid, "q")] = idx
+            return idx
         if kind == "q":
             scale, zp = self.qp[tid]
             idx = self.tensor(t.name + suffix, t.shape, "int8", q=([scale], [zp], 0))
@@ -1213,22 +1797,25 @@ class _Emitter:
 
     def const_input(self, op: Op, k: int, tid: int, quant: bool, fp16: bool) -> int:
         t = self.ir.tensors[tid]
-        if t.role == "int":
-            key = ("int", tid)
+        if t.role in ("int", "bool"):
+            key = (t.role, tid)
             if key not in self.cache:
-                self.cache[key] = self.tensor(t.name, t.shape, "int32", t.data.astype(np.int32))
+                dt = "int32" if t.role == "int" else "bool"
+                self.cache[key] = self.tensor(t.name, t.shape, dt, t.data.astype(np.int32 if t.role == "int" else np.bool_))
             return self.cache[key]
         if t.role == "weight":
             if quant:
-                axis = op.options.get("axis") if op.code in ("CONV_2D", "DEPTHWISE_CONV_2D") else None
+                axis = op.options.get("axis") if op.code in ("CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV") else None
                 q, scales = quantize_weight(t.data, axis)
                 self.wscales[tid] = scales
                 return self.tensor(t.name, t.shape, "int8", q, (scales, [0] * len(scales), axis or 0))
             return self.fp16_const(tid) if fp16 else self.tensor(t.name, t.shape, "float32", t.data)
         if t.role == "bias":
             if quant:
-                in_scale = np.float64(self.qp[op.inputs[0]][0])
-                scales = in_scale * self.wscales[op.inputs[1]].astype(np.float64)  # one per channel, or one
+                x_in = next(i for i in op.inputs if i >= 0 and self.ir.tensors[i].role == "act")
+                w_in = next(i for i in op.inputs if i >= 0 and self.ir.tensors[i].role == "weight")
+                in_scale = np.float64(self.qp[x_in][0])
+                scales = in_scale * self.wscales[w_in].astype(np.float64)  # one per channel, or one
                 q = np.round(t.data.astype(np.float64) / np.broadcast_to(scales, t.data.shape))
                 q = np.clip(q, -(2**31), 2**31 - 1).astype(np.int32)
                 return self.tensor(t.name, t.shape, "int32", q, (scales.astype(np.float32), [0] * len(scales), 0))
@@ -1241,6 +1828,8 @@ class _Emitter:
                 scale, zp = _qparams(float(t.data.min()), float(t.data.max()))
             q = np.clip(np.round(t.data.astype(np.float64) / scale) + zp, -128, 127).astype(np.int8)
             return self.tensor(t.name, t.shape, "int8", q, ([scale], [zp], 0))
+        if fp16 and op.code == "GATHER":  # an embedding table: fp16 like the weights
+            return self.fp16_const(tid)
         return self.tensor(t.name, t.shape, "float32", t.data)
 
     def run(self) -> Emitted:
@@ -1293,7 +1882,7 @@ class _Emitter:
     def _io(self, spec: IOSpec, idx: int, kind: str) -> dict:
         t = self.ir.tensors[spec.tensor]
         d = {"name": spec.name, "index": idx, "onnx_shape": spec.onnx_shape, "tflite_shape": list(t.shape),
-             "layout": "nhwc" if spec.nhwc else "onnx", "dtype": "int8" if kind == "q" else "float32"}
+             "layout": "nhwc" if spec.nhwc else "onnx", "dtype": t.dtype if t.dtype != "float32" else ("int8" if kind == "q" else "float32")}
         if kind == "q":
             d["scale"], d["zero_point"] = self.qp[spec.tensor]
         return d
@@ -1309,6 +1898,9 @@ def emit(ir: IR, op_precision: list[str] | str, qp: Mapping[int, tuple[float, in
 
 
 # --------------------------------------------------------------------------- calibration and the whole conversion
+
+
+_NP = {"float32": np.float32, "int8": np.float32, "int32": np.int32, "bool": np.bool_}
 
 
 def to_tflite_layout(x: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:
@@ -1332,13 +1924,13 @@ def calibrate(ir: IR, calib: CalibrationData, limit: int = 256) -> dict[int, tup
     lo: dict[int, float] = {}
     hi: dict[int, float] = {}
     sentinel = {o for op in ir.ops if op.options.get("sentinel") for o in op.outputs}
-    tracked = [(tid, idx) for tid, idx in em.tensor_index.items() if ir.tensors[tid].role == "act" and tid not in sentinel]
+    tracked = [(tid, idx) for tid, idx in em.tensor_index.items() if ir.is_float(tid) and tid not in sentinel]
     feeds = calib.feeds()
     n = min(len(calib), limit)
     b = max(batch.values()) if batch else 1
     for start in range(0, n - b + 1, b):
         for d in em.inputs:
-            interp.set_tensor(d["index"], to_tflite_layout(np.asarray(feeds[d["name"]][start:start + b], np.float32), d))
+            interp.set_tensor(d["index"], to_tflite_layout(np.asarray(feeds[d["name"]][start:start + b]).astype(_NP[d["dtype"]]), d))
         interp.invoke()
         for tid, idx in tracked:
             v = interp.get_tensor(idx)

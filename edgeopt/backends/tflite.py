@@ -134,7 +134,8 @@ class TfliteRunner(Runner):
         missing = [n for n in self.input_names if n not in feeds]
         if missing:
             raise EdgeoptError(f"missing input(s) {missing}; the model takes {self.input_names}")
-        arrays = [np.asarray(feeds[d["name"]], np.float32) for d in self.inputs]
+        arrays = [np.asarray(feeds[d["name"]]).astype(np.int32 if d["dtype"] == "int32" else np.float32, copy=False)
+                  for d in self.inputs]  # int32: index inputs (token ids); the rest float, int8 quantized below
         n = arrays[0].shape[0] if arrays and arrays[0].ndim else 1
         b = self.inputs[0]["onnx_shape"][0] if self.inputs and self.inputs[0]["onnx_shape"] else 1
         for d, a in zip(self.inputs, arrays):

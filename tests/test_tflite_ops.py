@@ -1,0 +1,295 @@
+"""Op coverage of edgeopt's ONNX -> TFLite writer (GELU, layer norm, Gather, Softmax on any axis, Resize, comparisons,
+Where, logical ops, TopK, ConvTranspose, Einsum): each small model converted and run in LiteRT (and TFLite Micro)
+against onnxruntime."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from conftest import init, make_model, vi
+from onnx import TensorProto, helper
+
+pytest.importorskip("ai_edge_litert")
+
+from edgeopt.backends import _tflite_writer as writer  # noqa: E402
+from edgeopt.backends.tflite import TfliteRunner  # noqa: E402
+from edgeopt.calibration import as_calibration  # noqa: E402
+from edgeopt.fidelity import session  # noqa: E402
+
+node = helper.make_node
+
+
+def _r(rng, *shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def _c(name, v):
+    return init(name, np.asarray(v, np.float32))
+
+
+# --------------------------------------------------------------------------- models: (model, feeds)
+
+
+def gelu_erf(order: str):
+    """The two usual PyTorch exports of exact GELU: F.gelu (Div, Mul x, Mul 0.5) and HF's 0.5*x*(1+erf(x/sqrt2))."""
+    if order == "torch":
+        nodes = [node("Div", ["x", "sq2"], ["u"]), node("Erf", ["u"], ["e"]), node("Add", ["e", "one"], ["a"]),
+                 node("Mul", ["x", "a"], ["m"]), node("Mul", ["m", "half"], ["y"])]
+        inits = [_c("sq2", math.sqrt(2)), _c("one", 1.0), _c("half", 0.5)]
+    else:
+        nodes = [node("Mul", ["half", "x"], ["h"]), node("Mul", ["isq2", "x"], ["u"]), node("Erf", ["u"], ["e"]),
+                 node("Add", ["one", "e"], ["a"]), node("Mul", ["a", "h"], ["y"])]
+        inits = [_c("isq2", 1 / math.sqrt(2)), _c("one", 1.0), _c("half", 0.5)]
+    return _mlp(nodes, inits)
+
+
+def gelu_tanh(order: str):
+    """Tanh-approximated GELU: torch's export (x*(x*x), Mul(0.5, Mul(x, .))) and HF's NewGELU (Pow 3, (0.5*x)*.)."""
+    if order == "torch":
+        cube = [node("Mul", ["x", "x"], ["x2"]), node("Mul", ["x", "x2"], ["x3"])]
+        tail = [node("Add", ["one", "t"], ["a"]), node("Mul", ["x", "a"], ["m"]), node("Mul", ["half", "m"], ["y"])]
+    else:
+        cube = [node("Pow", ["x", "three"], ["x3"])]
+        tail = [node("Mul", ["half", "x"], ["h"]), node("Add", ["t", "one"], ["a"]), node("Mul", ["h", "a"], ["y"])]
+    nodes = [*cube, node("Mul", ["kappa", "x3"], ["k"]), node("Add", ["x", "k"], ["w"]), node("Mul", ["w", "beta"], ["v"]),
+             node("Tanh", ["v"], ["t"]), *tail]
+    inits = [_c("three", 3.0), _c("kappa", 0.044715), _c("beta", math.sqrt(2 / math.pi)), _c("one", 1.0), _c("half", 0.5)]
+    return _mlp(nodes, inits)
+
+
+def _mlp(act_nodes, act_inits, in_name="x"):
+    """x0 [1, 8, 16] -> MatMul -> (the activation on x) -> MatMul -> y2: the activation between two FC layers."""
+    rng = np.random.default_rng(1)
+    nodes = [node("MatMul", ["x0", "w0"], [in_name]), *act_nodes, node("MatMul", ["y", "w1"], ["out"])]
+    inits = [init("w0", _r(rng, 16, 32, scale=0.5)), *act_inits, init("w1", _r(rng, 32, 8, scale=0.3))]
+    m = make_model(nodes, [vi("x0", ["N", 8, 16])], [vi("out", None)], inits)
+    return m, {"x0": _r(rng, 64, 8, 16)}
+
+
+def gelu_op(approximate: str):
+    """The opset-20 Gelu op itself."""
+    rng = np.random.default_rng(1)
+    nodes = [node("MatMul", ["x0", "w0"], ["x"]), node("Gelu", ["x"], ["y"], approximate=approximate),
+             node("MatMul", ["y", "w1"], ["out"])]
+    inits = [init("w0", _r(rng, 16, 32, scale=0.5)), init("w1", _r(rng, 32, 8, scale=0.3))]
+    return make_model(nodes, [vi("x0", ["N", 8, 16])], [vi("out", None)], inits, opset=20), {"x0": _r(rng, 64, 8, 16)}
+
+
+def layernorm(kind: str):
+    """LayerNormalization (opset 17) and its decomposed export (ReduceMean, Sub, Pow|Mul, ReduceMean, Add, Sqrt, Div,
+    Mul gamma, Add beta) after a MatMul, on the last axis; ``conv``: over W of an NCHW conv output (NHWC inside)."""
+    rng = np.random.default_rng(2)
+    gamma, beta = init("gamma", 1 + _r(rng, 32, scale=0.2)), init("beta", _r(rng, 32, scale=0.2))
+    if kind == "conv":
+        nodes = [node("Conv", ["x0", "wc"], ["x"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+                 node("LayerNormalization", ["x", "gamma2", "beta2"], ["y"], axis=-1, epsilon=1e-5),
+                 node("Relu", ["y"], ["out"])]
+        inits = [init("wc", _r(rng, 4, 3, 3, 3, scale=0.4)), init("gamma2", 1 + _r(rng, 8, scale=0.2)),
+                 init("beta2", _r(rng, 8, scale=0.2))]
+        return make_model(nodes, [vi("x0", ["N", 3, 8, 8])], [vi("out", None)], inits), {"x0": _r(rng, 32, 3, 8, 8)}
+    if kind == "op":
+        act = [node("LayerNormalization", ["x", "gamma", "beta"], ["y"], axis=-1, epsilon=1e-5)]
+        inits = [gamma, beta]
+    else:
+        sq = node("Pow", ["d", "two"], ["d2"]) if kind == "pow" else node("Mul", ["d", "d"], ["d2"])
+        act = [node("ReduceMean", ["x"], ["mu"], axes=[-1]), node("Sub", ["x", "mu"], ["d"]), sq,
+               node("ReduceMean", ["d2"], ["var"], axes=[-1]), node("Add", ["var", "eps"], ["ve"]), node("Sqrt", ["ve"], ["sd"]),
+               node("Div", ["d", "sd"], ["n"]), node("Mul", ["n", "gamma"], ["g"]), node("Add", ["g", "beta"], ["y"])]
+        inits = [_c("two", 2.0), _c("eps", 1e-5), gamma, beta]
+    return _mlp(act, inits)
+
+
+def gather(kind: str):
+    rng = np.random.default_rng(3)
+    if kind == "embedding":  # token ids (int64 input) into a constant table, then a MatMul
+        nodes = [node("Gather", ["table", "ids"], ["e"], axis=0), node("MatMul", ["e", "w"], ["out"])]
+        m = make_model(nodes, [vi("ids", ["N", 6], TensorProto.INT64)], [vi("out", None)],
+                       [init("table", _r(rng, 50, 16)), init("w", _r(rng, 16, 8, scale=0.3))])
+        return m, {"ids": rng.integers(0, 50, (64, 6)).astype(np.int64)}
+    conv = node("Conv", ["x0", "wc"], ["x"], kernel_shape=[1, 1])
+    wc = init("wc", _r(rng, 6, 3, 1, 1))
+    if kind == "channels":  # index gather along C of an NCHW tensor (NHWC inside), negative index included
+        nodes = [conv, node("Gather", ["x", "idx"], ["out"], axis=1)]
+        idx = init("idx", np.array([4, 0, -1], np.int64))
+    else:  # a scalar index along H: the rank drops
+        nodes = [conv, node("Gather", ["x", "idx"], ["out"], axis=2)]
+        idx = init("idx", np.array(2, np.int64))
+    m = make_model(nodes, [vi("x0", ["N", 3, 5, 5])], [vi("out", None)], [wc, idx])
+    return m, {"x0": _r(rng, 32, 3, 5, 5)}
+
+
+def softmax(kind: str):
+    """Softmax/LogSoftmax over an axis that is not TFLite's last: NCHW channels (last in NHWC), H, a 3-D middle axis,
+    and opset 11's flatten-at-axis semantics."""
+    rng = np.random.default_rng(4)
+    op, axis, opset = {"channels": ("Softmax", 1, 17), "height": ("Softmax", 2, 17), "log_height": ("LogSoftmax", 2, 17),
+                       "middle": ("Softmax", 1, 17), "opset11": ("Softmax", 1, 11)}[kind]
+    if kind in ("middle", "opset11"):
+        nodes = [node("MatMul", ["x0", "w"], ["x"]), node(op, ["x"], ["out"], axis=axis)]
+        m = make_model(nodes, [vi("x0", ["N", 6, 8])], [vi("out", None)], [init("w", _r(rng, 8, 5))], opset=opset)
+        return m, {"x0": _r(rng, 32, 6, 8)}
+    nodes = [node("Conv", ["x0", "wc"], ["x"], kernel_shape=[1, 1]), node(op, ["x"], ["out"], axis=axis)]
+    m = make_model(nodes, [vi("x0", ["N", 3, 6, 5])], [vi("out", None)], [init("wc", _r(rng, 4, 3, 1, 1))], opset=opset)
+    return m, {"x0": _r(rng, 32, 3, 6, 5)}
+
+
+RESIZES = {  # name: (mode, coordinate_transformation_mode, nearest_mode, scales or None, sizes or None)
+    "nearest_torch": ("nearest", "asymmetric", "floor", [1, 1, 2, 2], None),
+    "nearest_half_pixel": ("nearest", "half_pixel", "round_prefer_floor", None, [1, 4, 12, 10]),
+    "nearest_align_corners": ("nearest", "align_corners", "round_prefer_ceil", None, [1, 4, 11, 9]),
+    "bilinear_half_pixel": ("linear", "half_pixel", "round_prefer_floor", [1, 1, 2, 2], None),
+    "bilinear_pytorch_half_pixel": ("linear", "pytorch_half_pixel", "round_prefer_floor", None, [1, 4, 9, 7]),
+    "bilinear_align_corners": ("linear", "align_corners", "round_prefer_floor", None, [1, 4, 11, 13]),
+    "bilinear_asymmetric": ("linear", "asymmetric", "round_prefer_floor", [1, 1, 2, 2], None),
+    "bilinear_down": ("linear", "half_pixel", "round_prefer_floor", None, [1, 4, 3, 2]),
+}
+
+
+def resize(kind: str):
+    rng = np.random.default_rng(5)
+    mode, ctm, nearest, scales, sizes = RESIZES[kind]
+    attrs = {"mode": mode, "coordinate_transformation_mode": ctm}
+    if mode == "nearest":
+        attrs["nearest_mode"] = nearest
+    ins = ["x", "", "scales"] if scales else ["x", "", "", "sizes"]
+    nodes = [node("Conv", ["x0", "wc"], ["x"], kernel_shape=[1, 1]), node("Resize", ins, ["out"], **attrs)]
+    inits = [init("wc", _r(rng, 4, 3, 1, 1)),
+             init("scales", np.array(scales, np.float32)) if scales else init("sizes", np.array(sizes, np.int64))]
+    m = make_model(nodes, [vi("x0", [1, 3, 6, 5])], [vi("out", None)], inits)
+    return m, {"x0": _r(rng, 32, 3, 6, 5)}
+
+
+def logic():
+    """Greater/Less/Equal masks combined with Not/And/Or choose between two tensors (Where); NCHW, NHWC inside."""
+    rng = np.random.default_rng(6)
+    nodes = [node("Conv", ["x0", "wc"], ["x"], kernel_shape=[1, 1]), node("Greater", ["x", "zero"], ["g"]),
+             node("Less", ["x", "lim"], ["l"]), node("And", ["g", "l"], ["band"]), node("Not", ["band"], ["nb"]),
+             node("Floor", ["x0"], ["x0r"]), node("Floor", ["x0b"], ["x0r2"]),
+             node("Equal", ["x0r", "x0r2"], ["eq"]), node("Or", ["nb", "eq"], ["cond"]),
+             node("Mul", ["x", "two"], ["x2"]), node("Where", ["cond", "x", "x2"], ["out"]),
+             node("GreaterOrEqual", ["x", "zero"], ["ge"]), node("LessOrEqual", ["x", "lim"], ["le"]),
+             node("And", ["ge", "le"], ["mask"])]
+    inits = [init("wc", _r(rng, 3, 3, 1, 1)), _c("zero", 0.0), init("lim", np.array([0.5, 1.0, 1.5], np.float32).reshape(3, 1, 1)),
+             _c("two", 2.0)]
+    m = make_model(nodes, [vi("x0", ["N", 3, 4, 4]), vi("x0b", ["N", 3, 4, 4])],
+                   [vi("out", None), vi("mask", None, TensorProto.BOOL)], inits)
+    x0 = _r(rng, 32, 3, 4, 4, scale=2)
+    x0b = np.where(rng.random(x0.shape) < 0.5, x0, x0 + 1).astype(np.float32)
+    return m, {"x0": x0, "x0b": x0b}
+
+
+def topk(kind: str):
+    rng = np.random.default_rng(7)
+    axis = -1 if kind == "last" else 1
+    nodes = [node("MatMul", ["x0", "w"], ["x"]), node("TopK", ["x", "k"], ["values", "indices"], axis=axis)]
+    m = make_model(nodes, [vi("x0", ["N", 6, 10])], [vi("values", None), vi("indices", None, TensorProto.INT64)],
+                   [init("w", _r(rng, 10, 12)), init("k", np.array([3], np.int64))])
+    return m, {"x0": _r(rng, 32, 6, 10)}
+
+
+CONV_T = {  # name: (kernel, stride, pads, output_padding)
+    "k4s2p1": (4, 2, [1, 1, 1, 1], [0, 0]),  # TFLite SAME
+    "k3s2p0": (3, 2, [0, 0, 0, 0], [0, 0]),  # VALID
+    "k3s2p1op1": (3, 2, [1, 1, 1, 1], [1, 1]),  # cropped from a larger VALID output
+    "k2s2": (2, 2, [0, 0, 0, 0], [0, 0]),
+}
+
+
+def conv_transpose(kind: str):
+    rng = np.random.default_rng(8)
+    k, s, pads, op = CONV_T[kind]
+    nodes = [node("ConvTranspose", ["x", "w", "b"], ["ct"], kernel_shape=[k, k], strides=[s, s], pads=pads, output_padding=op),
+             node("Relu", ["ct"], ["out"])]
+    m = make_model(nodes, [vi("x", ["N", 4, 5, 6])], [vi("out", None)],
+                   [init("w", _r(rng, 4, 3, k, k, scale=0.4)), init("b", _r(rng, 3, scale=0.1))])
+    return m, {"x": _r(rng, 32, 4, 5, 6)}
+
+
+def einsum(eq: str):
+    rng = np.random.default_rng(9)
+    if eq == "bij,jk->bik":
+        nodes = [node("Einsum", ["x", "w"], ["out"], equation=eq)]
+        m = make_model(nodes, [vi("x", ["N", 5, 8])], [vi("out", None)], [init("w", _r(rng, 8, 6))], opset=17)
+        return m, {"x": _r(rng, 32, 5, 8)}
+    if eq == "bij,bjk->bik":
+        shapes = ([1, 5, 8], [1, 8, 6])
+    else:  # attention scores: bhid,bhjd->bhij (the right operand transposed)
+        shapes = ([1, 2, 5, 8], [1, 2, 7, 8])
+    nodes = [node("Einsum", ["a", "b"], ["out"], equation=eq)]
+    m = make_model(nodes, [vi("a", ["N", *shapes[0][1:]]), vi("b", ["N", *shapes[1][1:]])], [vi("out", None)], [], opset=17)
+    return m, {"a": _r(rng, 16, *shapes[0][1:]), "b": _r(rng, 16, *shapes[1][1:])}
+
+
+MODELS = {
+    **{f"gelu_erf_{o}": (gelu_erf, o) for o in ("torch", "hf")},
+    **{f"gelu_tanh_{o}": (gelu_tanh, o) for o in ("torch", "hf")},
+    **{f"gelu_op_{a}": (gelu_op, a) for a in ("none", "tanh")},
+    **{f"layernorm_{k}": (layernorm, k) for k in ("op", "pow", "mul", "conv")},
+    **{f"gather_{k}": (gather, k) for k in ("embedding", "channels", "scalar")},
+    **{f"softmax_{k}": (softmax, k) for k in ("channels", "height", "log_height", "middle", "opset11")},
+    **{f"resize_{k}": (resize, k) for k in RESIZES},
+    "logic": (logic, None),
+    **{f"topk_{k}": (topk, k) for k in ("last", "middle")},
+    **{f"conv_transpose_{k}": (conv_transpose, k) for k in CONV_T},
+    **{f"einsum_{e.replace(',', '_').replace('->', '_')}": (einsum, e) for e in ("bij,jk->bik", "bij,bjk->bik", "bhid,bhjd->bhij")},
+}
+
+
+#: builtins each model must become (the pattern was recognised, not translated node by node)
+EXPECT = {"gelu": {"GELU"}, "layernorm": {"MEAN", "SQUARED_DIFFERENCE", "RSQRT"}, "gather": {"GATHER"},
+          **{f"softmax_{k}": {"SOFTMAX"} for k in ("channels", "height", "middle", "opset11")}, "softmax_log_height": {"LOG_SOFTMAX", "TRANSPOSE"}, "softmax_height": {"TRANSPOSE"},
+          "resize_nearest": {"RESIZE_NEAREST_NEIGHBOR"}, "resize_bilinear": {"RESIZE_BILINEAR"},
+          "logic": {"GREATER", "LESS", "EQUAL", "LOGICAL_NOT", "LOGICAL_AND", "LOGICAL_OR", "SELECT_V2", "GREATER_EQUAL"},
+          "topk": {"TOPK_V2"}, "conv_transpose": {"TRANSPOSE_CONV"}, "einsum_bij_jk": {"FULLY_CONNECTED"},
+          "einsum_bij_bjk": {"BATCH_MATMUL"}, "einsum_bhid": {"BATCH_MATMUL"}}
+#: builtins a recognised pattern leaves out
+NOT_EXPECT = {"gelu": {"TANH", "POW", "MUL", "ADD", "DIV"}, "layernorm": {"POW", "SQRT", "DIV"}}
+
+
+def _expected(name: str) -> tuple[set[str], set[str]]:
+    want = set().union(*[v for k, v in EXPECT.items() if name.startswith(k)])
+    return want, set().union(*[v for k, v in NOT_EXPECT.items() if name.startswith(k)])
+
+
+def _model(name):
+    fn, arg = MODELS[name]
+    return fn() if arg is None else fn(arg)
+
+
+def _convert(tmp_path, model, feeds, precision="fp32", full_integer=False, tag="m"):
+    shapes = {i.name: [1, *[d.dim_value for d in i.type.tensor_type.shape.dim][1:]] for i in model.graph.input}
+    calib = as_calibration(feeds if len(feeds) > 1 else next(iter(feeds.values())), model) if precision == "int8" else None
+    conv = writer.convert(model, input_shapes=shapes, default=precision, calib=calib, full_integer=full_integer)
+    path = tmp_path / f"{tag}.tflite"
+    path.write_bytes(conv.data)
+    return conv, path
+
+
+def _reference(model, feeds):
+    """onnxruntime's outputs, sample by sample (some models have a fixed batch of 1)."""
+    sess = session(model)
+    n = len(next(iter(feeds.values())))
+    runs = [sess.run(None, {k: v[i:i + 1] for k, v in feeds.items()}) for i in range(n)]
+    return [np.concatenate(o) for o in zip(*runs)]
+
+
+def _run(tmp_path, name, precision="fp32", full_integer=False):
+    model, feeds = _model(name)
+    ref = _reference(model, feeds)
+    conv, path = _convert(tmp_path, model, feeds, precision, full_integer, tag=name)
+    got = TfliteRunner(path, conv.info).run(feeds)
+    return conv, ref, got
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_fp32_matches_onnxruntime(tmp_path, name):
+    conv, ref, got = _run(tmp_path, name)
+    want, unwanted = _expected(name)
+    ops = set(conv.info["ops"])
+    assert want <= ops and not (unwanted & ops), (name, ops)
+    for r, g in zip(ref, got):
+        assert r.shape == g.shape, (r.shape, g.shape)
+        err = float(np.abs(r.astype(np.float32) - g).max())
+        assert err <= 1e-4 * max(1.0, float(np.abs(r).max())), (name, err)
