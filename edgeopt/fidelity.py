@@ -36,8 +36,9 @@ def session(model: onnx.ModelProto | str | os.PathLike, threads: int | None = No
     """An onnxruntime CPU session for a proto (saved to a temp file when it is too big for bytes) or a path."""
     import onnxruntime as ort
 
+    ort.set_default_logger_severity(3)  # nothing from onnxruntime's C++ logger below errors
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # a failing run raises; its [E:onnxruntime] lines would only duplicate that on stderr
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1

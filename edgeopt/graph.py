@@ -865,7 +865,8 @@ def fold_constants(model: onnx.ModelProto, shapes: Mapping[str, list[int]]) -> s
             const.update(node.output)
         elif node.op_type in ("Shape", "Size") and node.input[0] in shapes and all(d > 0 for d in shapes[node.input[0]]):
             const.update(node.output)
-        elif node.input and all(i in const for i in node.input) and not node.op_type.startswith("Random"):
+        elif node.input and all(i in const for i in node.input) and not node.op_type.startswith("Random") \
+                and not any(a.HasField("g") or a.graphs for a in node.attribute):  # If/Loop bodies read outer values
             const.update(node.output)
     const.discard("")
     return const
@@ -1036,8 +1037,9 @@ try:
             m.graph.output.add().name = n
     data = m.SerializeToString()
     del m
+    ort.set_default_logger_severity(3)
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.enable_cpu_mem_arena = False
     so.enable_mem_pattern = False
@@ -1176,11 +1178,20 @@ def analyze(path: str | Path, input_shapes: Mapping[str, list[int]] | None = Non
     model = load_model(p) if model is None else model
     work = _skeleton(model)
     fixed = fix_input_shapes(work, input_shapes)
+    from .passes.fold_control import fold_control_flow, has_control_flow
+
+    control_folded = fold_control_flow(model, fixed) if has_control_flow(model) else []
+    if control_folded:  # static If/Loop inlined in ``model`` itself: what is built is what is analysed
+        work = _skeleton(model)
+        fixed = fix_input_shapes(work, input_shapes)
     shapes, dtypes = _infer_shapes(work, p, input_shapes)
     shapes.update(fixed)
     const = fold_constants(work, shapes)
     ctx = _Ctx(shapes, dtypes, const)
     notes: list[str] = []
+    if control_folded:
+        notes.append(f"{len(control_folded)} If/Loop node(s) with a condition or trip count static at these input shapes "
+                     f"folded into the graph (e.g. {control_folded[0]})")
 
     # roots: the stored tensors each constant depends on
     init_bytes = {t.name: _tensor_bytes(t) for t in work.graph.initializer}
@@ -1230,7 +1241,14 @@ def analyze(path: str | Path, input_shapes: Mapping[str, list[int]] | None = Non
                 f"running the model once to find them needs at least {fmt_bytes(need)} (inputs {fmt_bytes(in_bytes)}, "
                 f"weights {fmt_bytes(w_bytes)}, activations {fmt_bytes(act)}), more than the memory limit of "
                 f"{fmt_bytes(limit)}; give smaller --input-shape values, or {limit_hint()}")
-        found, why = _shapes_by_running(p, missing, run_inputs, limit=limit)
+        if control_folded and not _has_external(model):  # run what is analysed: the file still has the If/Loop
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as d:
+                onnx.save(model, os.path.join(d, p.name))
+                found, why = _shapes_by_running(Path(d) / p.name, missing, run_inputs, limit=limit)
+        else:
+            found, why = _shapes_by_running(p, missing, run_inputs, limit=limit)
         shapes.update(found)
         still = [o for o in missing if not known(o)]
         if still:

@@ -114,12 +114,39 @@ def grouped_conv(layer: LayerInfo, option: BackendOption, analysis: ModelAnalysi
     return f"is a grouped convolution (group={group}); TFLite/TFLM have only regular and depthwise conv"
 
 
+#: Control-flow ops (sub-graphs).  Analysis folds those static at the input shapes (edgeopt.passes.fold_control);
+#: the ones left run on values, which only runtimes that interpret the graph (onnxruntime, OpenVINO, TensorRT's
+#: conditionals and loops) can do.
+CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
+
+
+def control_flow_reason(layer: LayerInfo, backend: str) -> str:
+    """The one-line refusal of a control-flow layer by a backend without control flow."""
+    if layer.op_type == "If":
+        what = f"`If` on a condition computed from input values (node {layer.name})"
+    elif layer.op_type == "Loop" and layer.inputs and layer.inputs[0] in layer.weights and \
+            (len(layer.inputs) < 2 or not layer.inputs[1] or layer.inputs[1] in layer.weights):
+        what = f"`Loop` of a static trip count edgeopt does not unroll (over 16 iterations, or a nested body) (node {layer.name})"
+    elif layer.op_type == "Loop":
+        what = f"`Loop` on a trip count or condition computed from input values (node {layer.name})"
+    else:
+        what = f"`{layer.op_type}` (node {layer.name})"
+    return (f"{what}: {backend} cannot run data-dependent control flow (edgeopt's {backend} translation has no "
+            f"sub-graphs); give input shapes that make it static "
+            f"(--input-shape) if it depends only on them, or use a backend that runs it (onnxruntime, openvino)")
+
+
 def check_layers(analysis: ModelAnalysis, option: BackendOption, supported: frozenset[str] | Callable[[str, str], bool],
                  checks: list[NodeCheck]) -> list[str]:
-    """Reasons the backend option cannot run the model, one per failing layer (empty: all supported)."""
+    """Reasons the backend option cannot run the model, one per failing layer (empty: all supported); control flow
+    the backend cannot run is the one reason given when there is any (the ops around it do not matter then)."""
     reasons = []
+    control = []
     for ly in analysis.layers:
         ok = supported(ly.op_type, ly.domain) if callable(supported) else (ly.domain in ("", "ai.onnx") and ly.op_type in supported)
+        if not ok and ly.op_type in CONTROL_FLOW and ly.domain in ("", "ai.onnx"):
+            control.append(ly)
+            continue
         if not ok:
             dom = f"{ly.domain}." if ly.domain else ""
             reasons.append(f"{ly.name}: op {dom}{ly.op_type} is not supported by {option.backend}")
@@ -129,4 +156,7 @@ def check_layers(analysis: ModelAnalysis, option: BackendOption, supported: froz
             if why:
                 reasons.append(f"{ly.name}: {ly.op_type} {why}")
                 break
+    if control:
+        more = f" ({len(control) - 1} more control-flow node(s) like it)" if len(control) > 1 else ""
+        return [f"{control[0].name}: {control_flow_reason(control[0], option.backend)}{more}"]
     return reasons

@@ -83,8 +83,9 @@ class OrtRunner(Runner):
                  profile_dir: Path | None = None, optimize: bool = True):
         import onnxruntime as ort
 
+        ort.set_default_logger_severity(3)
         so = ort.SessionOptions()
-        so.log_severity_level = 3
+        so.log_severity_level = 4  # failures raise; nothing from onnxruntime's logger on stderr
         if not optimize:  # no fusion into QLinear*/integer kernels: QDQ runs as written, exact on any CPU
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         if threads:

@@ -1,5 +1,5 @@
-"""Graph cleanup: Constant nodes -> initializers, constant folding (static
-``Shape`` included), Conv+BatchNormalization fusion, Identity/Dropout removal.
+"""Graph cleanup: static control flow folded (:mod:`.fold_control`), Constant nodes -> initializers, constant
+folding (static ``Shape`` included), Conv+BatchNormalization fusion, Identity/Dropout removal.
 
 :func:`normalize` is the one normalization the passes and the TFLite / Core ML
 translators run.  The generic graph plumbing is onnx-ir's (constant lifting, dead
@@ -29,6 +29,7 @@ NEEDS_CALIBRATION = False
 
 
 class Config(PassConfig):
+    fold_control_flow: bool = True
     constants_to_initializers: bool = True
     fold_constants: bool = True
     fuse_batchnorm: bool = True
@@ -88,14 +89,16 @@ def tidy(model: onnx.ModelProto) -> None:
 
 
 #: normalize() step names, as reports print them
-STEPS = {"constants": "Constant -> initializer", "fold": "constant folding",
+STEPS = {"control": "static If/Loop folded", "constants": "Constant -> initializer", "fold": "constant folding",
          "batchnorm": "BatchNormalization fused into Conv", "identity": "Identity/Dropout removed"}
 
 
 def normalize(model: onnx.ModelProto, config: PassConfig | None = None, *, constants: bool = True, fold: bool = True,
               batchnorm: bool = True, identity: bool = True, rounds: int = 3,
-              outcome: PassOutcome | None = None) -> dict[str, list[str]]:
-    """The graph normalization every pass and translator runs, in place: nodes named, Constant nodes lifted to
+              outcome: PassOutcome | None = None, control: bool = True) -> dict[str, list[str]]:
+    """The graph normalization every pass and translator runs, in place: nodes named, ``If`` nodes whose condition
+    and ``Loop`` nodes whose trip count are static at the model's input shapes folded into the graph
+    (:func:`.fold_control.fold_control_flow`; control flow on input values stays), Constant nodes lifted to
     initializers, constants folded (static ``Shape`` included; up to ``rounds`` rounds, since ``Shape -> Cast ->
     Slice -> Concat`` chains fold step by step), BatchNormalization fused into the Conv before it, Identity/Dropout
     removed, then dead nodes removed and the nodes sorted.
@@ -109,13 +112,17 @@ def normalize(model: onnx.ModelProto, config: PassConfig | None = None, *, const
         identity: remove Identity and inference-mode Dropout nodes (not those producing a graph output).
         rounds: folding rounds at most.
         outcome: where fusion records the convolutions it had to skip.
+        control: fold static control flow.
 
     Returns:
         Step name (:data:`STEPS`) -> the nodes it changed (empty lists for steps that changed nothing).
     """
+    from .fold_control import fold_control_flow
+
     ensure_names(model)
-    done = {"constants": constants_to_initializers(model) if constants else [], "fold": [], "batchnorm": [],
-            "identity": []}
+    done = {"control": fold_control_flow(model) if control else []}
+    done.update({"constants": constants_to_initializers(model) if constants else [], "fold": [], "batchnorm": [],
+                 "identity": []})
     if fold:
         for _ in range(rounds):
             names = fold_constants(model, config)
@@ -302,7 +309,8 @@ def apply(model: onnx.ModelProto, config: Config, calib=None) -> PassOutcome:
     """
     out = PassOutcome(model)
     done = normalize(model, config, constants=config.constants_to_initializers, fold=config.fold_constants,
-                     batchnorm=config.fuse_batchnorm, identity=config.remove_identity, outcome=out)
+                     batchnorm=config.fuse_batchnorm, identity=config.remove_identity, outcome=out,
+                     control=config.fold_control_flow)
     for key, names in done.items():
         if names:
             out.applied.extend(names)
