@@ -210,6 +210,8 @@ class _Translator:
             outs = []
             for o in self.model.graph.output:
                 v = self.value(o.name)
+                if hasattr(v, "op") and not mtypes.is_float(v.dtype):  # Core ML outputs here are fp32 arrays
+                    v = mb.cast(x=v, dtype="fp32", name=self.outputs[o.name])
                 if not hasattr(v, "op") or v.name != self.outputs[o.name]:
                     v = mb.identity(x=v, name=self.outputs[o.name])
                 outs.append(v)
@@ -387,7 +389,8 @@ def _binary(t, node, a, ins):
 
 _UNARY = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Exp": "exp", "Log": "log", "Sqrt": "sqrt", "Abs": "abs",
           "Erf": "erf", "Floor": "floor", "Ceil": "ceil", "Sin": "sin", "Cos": "cos", "Softplus": "softplus",
-          "Softsign": "softsign", "Sign": "sign", "Atan": "atan", "Identity": "identity", "Dropout": "identity"}
+          "Softsign": "softsign", "Sign": "sign", "Atan": "atan", "Identity": "identity", "Dropout": "identity",
+          "Round": "round"}  # MIL round: half to even, as ONNX
 
 
 @_h(*_UNARY)
@@ -405,11 +408,21 @@ def _reciprocal(t, node, a, ins):
     return _mb().real_div(x=np.float32(1), y=ins[0], name=t.name(main=True))
 
 
+#: ONNX integer/bool element types -> MIL dtype (MIL computes integers in int32)
+_INT_TYPES = {9: "bool", 6: "int32", 7: "int32", 12: "int32", 13: "int32", 2: "int32", 3: "int32", 4: "int32", 5: "int32"}
+
+
 @_h("Cast")
 def _cast(t, node, a, ins):
-    if int(a["to"]) not in _FLOAT_TYPES:
-        raise UnsupportedOpError(f"node {node.name}: Cast to non-float type {a['to']} is not translated to Core ML")
-    return _mb().identity(x=ins[0], name=t.name(main=True))
+    to = int(a["to"])
+    x = ins[0]
+    if to in _FLOAT_TYPES:
+        if _is_float_var(x):
+            return _mb().identity(x=x, name=t.name(main=True))
+        return _mb().cast(x=x, dtype="fp32", name=t.name(main=True))
+    if to not in _INT_TYPES:
+        raise UnsupportedOpError(f"node {node.name}: Cast to type {to} is not translated to Core ML")
+    return _mb().cast(x=x, dtype=_INT_TYPES[to], name=t.name(main=True))
 
 
 @_h("Clip")
@@ -497,7 +510,8 @@ def _global_pool(t, node, a, ins):
 
 
 _REDUCE = {"ReduceMean": "reduce_mean", "ReduceMax": "reduce_max", "ReduceMin": "reduce_min", "ReduceSum": "reduce_sum",
-           "ReduceProd": "reduce_prod", "ReduceL2": "reduce_l2_norm", "ReduceLogSumExp": "reduce_log_sum_exp"}
+           "ReduceProd": "reduce_prod", "ReduceL2": "reduce_l2_norm", "ReduceLogSumExp": "reduce_log_sum_exp",
+           "ReduceL1": "reduce_l1_norm", "ReduceSumSquare": "reduce_sum_square", "ReduceLogSum": "reduce_log_sum"}
 
 
 @_h(*_REDUCE)
@@ -698,13 +712,345 @@ def _split(t, node, a, ins):
 def _gather(t, node, a, ins):
     mb = _mb()
     x = ins[0]
-    idx = t.const(node.input[1], "indices").astype(np.int64)
     axis = int(a.get("axis", 0)) % x.rank
+    if not isinstance(ins[1], np.ndarray):  # computed indices (ArgMax, TopK): int32 in MIL
+        return mb.gather(x=x, indices=ins[1], axis=axis, name=t.name(main=True))
+    idx = t.const(node.input[1], "indices").astype(np.int64)
     idx = np.where(idx < 0, idx + x.shape[axis], idx).astype(np.int32)
     if idx.ndim == 0:
         g = mb.gather(x=x, indices=idx.reshape(1), axis=axis, name=t.name())
         return mb.squeeze(x=g, axes=[axis], name=t.name(main=True))
     return mb.gather(x=x, indices=idx, axis=axis, name=t.name(main=True))
+
+
+def _operand(v, like=None):
+    """A constant operand in a MIL-friendly dtype (fp32, int32, bool); vars pass through."""
+    if not isinstance(v, np.ndarray):
+        return v
+    if v.dtype.kind == "f":
+        return v.astype(np.float32)
+    if v.dtype.kind in "iu":
+        if like is not None and hasattr(like, "dtype") and _is_float_var(like):
+            return v.astype(np.float32)
+        return v.astype(np.int32)
+    return v
+
+
+def _is_float_var(v) -> bool:
+    from coremltools.converters.mil.mil import types as mtypes
+
+    return mtypes.is_float(getattr(v, "dtype", None)) if hasattr(v, "op") else (
+        isinstance(v, np.ndarray) and v.dtype.kind == "f")
+
+
+def _pair(t, node, ins):
+    x, y = ins[0], ins[1]
+    if isinstance(x, np.ndarray) and isinstance(y, np.ndarray):
+        raise InternalError(f"{node.name}: all inputs are constant (constant folding should have removed it)")
+    return _operand(x, y), _operand(y, x)
+
+
+_COMPARE = {"Equal": "equal", "Greater": "greater", "Less": "less", "GreaterOrEqual": "greater_equal",
+            "LessOrEqual": "less_equal"}
+_LOGICAL = {"And": "logical_and", "Or": "logical_or", "Xor": "logical_xor"}
+
+
+@_h(*_COMPARE, *_LOGICAL)
+def _compare(t, node, a, ins):
+    x, y = _pair(t, node, ins)
+    fn = getattr(_mb(), _COMPARE.get(node.op_type) or _LOGICAL[node.op_type])
+    return fn(x=x, y=y, name=t.name(main=True))
+
+
+@_h("Not")
+def _not(t, node, a, ins):
+    return _mb().logical_not(x=ins[0], name=t.name(main=True))
+
+
+@_h("Where")
+def _where(t, node, a, ins):
+    c, x, y = ins
+    x, y = _operand(x, y), _operand(y, x)
+    return _mb().select(cond=c, a=x, b=y, name=t.name(main=True))
+
+
+@_h("Gelu")
+def _gelu(t, node, a, ins):
+    mode = "TANH_APPROXIMATION" if a.get("approximate", "none") == "tanh" else "EXACT"
+    return _mb().gelu(x=ins[0], mode=mode, name=t.name(main=True))
+
+
+@_h("Selu")
+def _selu(t, node, a, ins):
+    mb = _mb()
+    alpha, gamma = float(a.get("alpha", 1.67326319217681884765625)), float(a.get("gamma", 1.05070102214813232421875))
+    e = mb.elu(x=ins[0], alpha=np.float32(alpha), name=t.name(main=True))
+    return mb.mul(x=e, y=np.float32(gamma), name=t.name())
+
+
+@_h("TopK")
+def _topk(t, node, a, ins):
+    x = ins[0]
+    k = int(t.scalar(node.input[1], "k"))
+    axis = int(a.get("axis", -1)) % x.rank
+    if not a.get("sorted", 1):
+        raise UnsupportedOpError(f"node {node.name}: unsorted TopK is not translated to Core ML")
+    vals, idx = _mb().topk(x=x, k=k, axis=axis, ascending=not a.get("largest", 1), name=t.name(main=True))
+    return [vals, idx]
+
+
+@_h("ArgMax", "ArgMin")
+def _argmax(t, node, a, ins):
+    if a.get("select_last_index", 0):
+        raise UnsupportedOpError(f"node {node.name}: {node.op_type} select_last_index is not translated to Core ML")
+    mb = _mb()
+    fn = mb.reduce_argmax if node.op_type == "ArgMax" else mb.reduce_argmin
+    return fn(x=ins[0], axis=int(a.get("axis", 0)), keep_dims=bool(a.get("keepdims", 1)), name=t.name(main=True))
+
+
+@_h("CumSum")
+def _cumsum(t, node, a, ins):
+    axis = int(t.scalar(node.input[1], "axis"))
+    return _mb().cumsum(x=ins[0], axis=axis, exclusive=bool(a.get("exclusive", 0)), reverse=bool(a.get("reverse", 0)),
+                        name=t.name(main=True))
+
+
+@_h("GatherElements")
+def _gather_elements(t, node, a, ins):
+    x, idx = ins
+    axis = int(a.get("axis", 0)) % x.rank
+    if isinstance(idx, np.ndarray):
+        idx = np.where(idx < 0, idx + x.shape[axis], idx).astype(np.int32)
+    return _mb().gather_along_axis(x=x, indices=idx, axis=axis, name=t.name(main=True))
+
+
+@_h("Tile")
+def _tile(t, node, a, ins):
+    reps = t.const(node.input[1], "repeats").astype(int).tolist()
+    return _mb().tile(x=ins[0], reps=reps, name=t.name(main=True))
+
+
+@_h("Expand")
+def _expand(t, node, a, ins):
+    mb = _mb()
+    x = ins[0]
+    shape = t.const(node.input[1], "shape").astype(int).tolist()
+    out = list(np.broadcast_shapes(tuple(x.shape), tuple(shape)))
+    if len(out) > x.rank:
+        x = mb.reshape(x=x, shape=[1] * (len(out) - x.rank) + list(x.shape), name=t.name())
+    reps = [o // i for o, i in zip(out, x.shape)]
+    if all(r == 1 for r in reps):
+        return mb.identity(x=x, name=t.name(main=True))
+    return mb.tile(x=x, reps=reps, name=t.name(main=True))
+
+
+@_h("DepthToSpace")
+def _depth_to_space(t, node, a, ins):
+    mb = _mb()
+    b = int(a["blocksize"])
+    if a.get("mode", "DCR") == "CRD":  # PyTorch's pixel shuffle
+        return mb.pixel_shuffle(x=ins[0], upscale_factor=b, name=t.name(main=True))
+    return mb.depth_to_space(x=ins[0], block_size=b, name=t.name(main=True))
+
+
+@_h("SpaceToDepth")
+def _space_to_depth(t, node, a, ins):
+    return _mb().space_to_depth(x=ins[0], block_size=int(a["blocksize"]), name=t.name(main=True))
+
+
+@_h("LRN")
+def _lrn(t, node, a, ins):
+    return _mb().local_response_norm(x=ins[0], size=int(a["size"]), alpha=np.float32(a.get("alpha", 1e-4)),
+                                     beta=np.float32(a.get("beta", 0.75)), k=np.float32(a.get("bias", 1.0)),
+                                     name=t.name(main=True))
+
+
+@_h("LpNormalization")
+def _lp_norm(t, node, a, ins):
+    mb = _mb()
+    x = ins[0]
+    p = int(a.get("p", 2))
+    if p not in (1, 2):
+        raise UnsupportedOpError(f"node {node.name}: LpNormalization p={p} is not translated to Core ML")
+    fn = mb.reduce_l2_norm if p == 2 else mb.reduce_l1_norm
+    n = fn(x=x, axes=[int(a.get("axis", -1))], keep_dims=True, name=t.name())
+    return mb.real_div(x=x, y=n, name=t.name(main=True))
+
+
+@_h("GroupNormalization")
+def _group_norm(t, node, a, ins):
+    mb = _mb()
+    x = ins[0]
+    g = int(a["num_groups"])
+    n, c = x.shape[0], x.shape[1]
+    scale, bias = (t.f32(t.const(i, "parameter")).reshape(-1) for i in node.input[1:3])
+    if scale.size != c:  # opset 18: one scale/bias per group
+        scale, bias = np.repeat(scale, c // g), np.repeat(bias, c // g)
+    r = mb.reshape(x=x, shape=[n, g, int(np.prod(x.shape[1:])) // g, 1], name=t.name())
+    r = mb.instance_norm(x=r, epsilon=np.float32(a.get("epsilon", 1e-5)), name=t.name(main=True))
+    r = mb.reshape(x=r, shape=list(x.shape), name=t.name())
+    bshape = [c] + [1] * (x.rank - 2)
+    r = mb.mul(x=r, y=scale.reshape(bshape).astype(np.float32), name=t.name())
+    return mb.add(x=r, y=bias.reshape(bshape).astype(np.float32), name=t.name())
+
+
+def _einsum_plan(eq: str):
+    """The letters of a plain (batched) matmul ``A[batch, m.., k..] B[batch, k.., n..]`` (any order, no
+    repeated letter in an operand, no broadcasting, no ellipsis): (a, b, batch, m, k, n, out), or None."""
+    lhs, arrow, out = eq.replace(" ", "").partition("->")
+    ins = lhs.split(",")
+    if len(ins) != 2 or "." in eq or not arrow:
+        return None
+    a, b = ins
+    if len(set(a)) != len(a) or len(set(b)) != len(b) or len(set(out)) != len(out):
+        return None
+    batch = [c for c in out if c in a and c in b]
+    m = [c for c in out if c in a and c not in b]
+    n = [c for c in out if c in b and c not in a]
+    k = [c for c in a if c in b and c not in out]
+    if not k or set(a) != {*batch, *m, *k} or set(b) != {*batch, *n, *k} or set(out) != {*batch, *m, *n}:
+        return None
+    return a, b, batch, m, k, n, out
+
+
+@_h("Einsum")
+def _einsum(t, node, a, ins):
+    mb = _mb()
+    plan = _einsum_plan(str(a["equation"]))
+    if plan is None:
+        raise UnsupportedOpError(f"node {node.name}: Einsum {a['equation']!r} is not a plain matmul (not translated to Core ML)")
+    sa, sb, batch, m, k, n, out = plan
+    x, y = (_operand(v) for v in ins)
+    size = {c: d for s_, v in ((sa, x), (sb, y)) for c, d in zip(s_, v.shape)}
+
+    def arrange(v, letters, order, shape):
+        perm = [letters.index(c) for c in order]
+        if perm != list(range(len(perm))):
+            v = v.transpose(perm) if isinstance(v, np.ndarray) else mb.transpose(x=v, perm=perm, name=t.name())
+        if list(v.shape) != shape:
+            v = v.reshape(shape) if isinstance(v, np.ndarray) else mb.reshape(x=v, shape=shape, name=t.name())
+        return v
+
+    def prod(letters):
+        return int(np.prod([size[c] for c in letters]))
+
+    bshape = [size[c] for c in batch]
+    x = arrange(x, sa, [*batch, *m, *k], [*bshape, prod(m), prod(k)])
+    y = arrange(y, sb, [*batch, *k, *n], [*bshape, prod(k), prod(n)])
+    name = t.name(main=True)
+    if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
+        t.weights[name] = "y" if isinstance(y, np.ndarray) else "x"
+    r = mb.matmul(x=x, y=y, name=name)
+    got = [*batch, *m, *n]
+    full = [size[c] for c in got]
+    if list(r.shape) != full:
+        r = mb.reshape(x=r, shape=full, name=t.name())
+    perm = [got.index(c) for c in out]
+    return r if perm == list(range(len(perm))) else mb.transpose(x=r, perm=perm, name=t.name())
+
+
+def _resize_index(mode: str, nearest: str, n: int, m: int, scale: float) -> np.ndarray:
+    """ONNX Resize's nearest source index per output index (one axis)."""
+    i = np.arange(m, dtype=np.float64)
+    if mode == "half_pixel":
+        xo = (i + 0.5) / scale - 0.5
+    elif mode == "pytorch_half_pixel":
+        xo = (i + 0.5) / scale - 0.5 if m > 1 else np.zeros(m)
+    elif mode == "align_corners":
+        xo = i * (n - 1) / (m - 1) if m > 1 else np.zeros(m)
+    elif mode == "asymmetric":
+        xo = i / scale
+    elif mode == "half_pixel_symmetric":
+        adj = m / (scale * n)
+        xo = n / 2 * (1 - adj) + (i + 0.5) / scale - 0.5
+    else:
+        raise ValueError(mode)
+    if nearest == "floor":
+        j = np.floor(xo)
+    elif nearest == "ceil":
+        j = np.ceil(xo)
+    elif nearest == "round_prefer_ceil":
+        j = np.floor(xo + 0.5)
+    else:  # round_prefer_floor (default)
+        j = np.ceil(xo - 0.5)
+    return np.clip(j, 0, n - 1).astype(np.int32)
+
+
+def _resize(t, node, x, mode: str, coord: str, nearest: str, scales, sizes):
+    mb = _mb()
+    shape = list(x.shape)
+    r = x.rank
+    if sizes is not None:
+        out = [int(v) for v in sizes]
+        scales = [o / i for o, i in zip(out, shape)]
+    else:
+        scales = [float(v) for v in scales]
+        out = [int(np.floor(i * s + 1e-6)) for i, s in zip(shape, scales)]
+    want = t.shapes.get(node.output[0])
+    if want is not None:
+        out = list(want)
+    if r < 3 or out[:-2] != shape[:-2]:
+        raise UnsupportedOpError(f"node {node.name}: Resize of other than the last two axes is not translated to Core ML")
+    (h, w), (oh, ow), (sh, sw) = shape[-2:], out[-2:], scales[-2:]
+    if mode == "nearest":
+        idx = [_resize_index(coord, nearest, n, m, s) for n, m, s in ((h, oh, sh), (w, ow, sw))]
+        ints = [float(s).is_integer() and s >= 1 for s in (sh, sw)]
+        if all(ints) and all(np.array_equal(ix, np.arange(m) // int(s)) for ix, m, s in zip(idx, (oh, ow), (sh, sw))):
+            return mb.upsample_nearest_neighbor(x=x, scale_factor_height=int(sh), scale_factor_width=int(sw),
+                                                name=t.name(main=True))
+        # any other sampling: the exact ONNX source indices, gathered per axis
+        y = x
+        for ax, ix, n in ((r - 2, idx[0], h), (r - 1, idx[1], w)):
+            if not np.array_equal(ix, np.arange(n)):
+                y = mb.gather(x=y, indices=ix, axis=ax, name=t.name(main=True))
+        return y if y is not x else mb.identity(x=x, name=t.name(main=True))
+    if mode != "linear":
+        raise UnsupportedOpError(f"node {node.name}: Resize mode {mode} is not translated to Core ML")
+    if any(abs(s - m / n) > 1e-6 for s, n, m in ((sh, h, oh), (sw, w, ow))):
+        raise UnsupportedOpError(f"node {node.name}: linear Resize with scales not equal to output/input sizes "
+                                 "is not translated to Core ML")
+    if coord == "pytorch_half_pixel" and (oh == 1 or ow == 1):
+        raise UnsupportedOpError(f"node {node.name}: pytorch_half_pixel Resize to size 1 is not translated to Core ML")
+    modes = {"half_pixel": "UNALIGN_CORNERS", "pytorch_half_pixel": "UNALIGN_CORNERS", "align_corners": "STRICT_ALIGN_CORNERS",
+             "asymmetric": "DEFAULT"}
+    if coord not in modes:
+        raise UnsupportedOpError(f"node {node.name}: Resize coordinate_transformation_mode {coord} is not translated to Core ML")
+    if coord != "asymmetric" and all(float(s).is_integer() and s >= 1 for s in (sh, sw)):
+        return mb.upsample_bilinear(x=x, scale_factor_height=int(sh), scale_factor_width=int(sw),
+                                    align_corners=coord == "align_corners", name=t.name(main=True))
+    return mb.resize_bilinear(x=x, target_size_height=oh, target_size_width=ow, sampling_mode=modes[coord],
+                              name=t.name(main=True))
+
+
+@_h("Resize")
+def _resize_op(t, node, a, ins):
+    x = ins[0]
+    if a.get("antialias", 0) or a.get("axes") is not None or a.get("keep_aspect_ratio_policy", "stretch") != "stretch":
+        raise UnsupportedOpError(f"node {node.name}: Resize with antialias/axes/keep_aspect_ratio_policy is not "
+                                 "translated to Core ML")
+    mode = a.get("mode", "nearest")
+    coord = a.get("coordinate_transformation_mode", "half_pixel" if t.opset >= 11 else "asymmetric")
+    nearest = a.get("nearest_mode", "round_prefer_floor" if t.opset >= 11 else "floor")
+    scales = sizes = None
+    if t.opset < 11:
+        scales = t.const(node.input[1], "scales").tolist()
+    else:
+        if len(node.input) > 3 and node.input[3]:
+            sizes = t.const(node.input[3], "sizes").tolist()
+        if sizes is None or not sizes:
+            sizes = None
+            scales = t.const(node.input[2], "scales").tolist() if len(node.input) > 2 and node.input[2] else None
+            if not scales:
+                raise UnsupportedOpError(f"node {node.name}: Resize needs constant scales or sizes for Core ML")
+    return _resize(t, node, x, mode, coord, nearest, scales, sizes)
+
+
+@_h("Upsample")
+def _upsample(t, node, a, ins):
+    scales = a.get("scales") if t.opset < 9 else t.const(node.input[1], "scales").tolist()
+    mode = {"bilinear": "linear"}.get(a.get("mode", "nearest"), a.get("mode", "nearest"))
+    return _resize(t, node, ins[0], mode, "asymmetric", "floor", list(scales), None)
+
 
 
 #: ONNX ops :func:`to_mil` translates (the planner's table for this backend).
@@ -776,7 +1122,8 @@ class _Exporter:
             return var.name
         v = weight_value(var)
         if v is not None and (var.op is None or var.op.op_type == "const" or var.op.op_type.startswith("constexpr_")):
-            arr = v.astype(np.float32) if v.dtype.kind == "f" else v
+            # floats compute in fp32 (rounded per op), integers (indices: int16/uint16 after coremltools' casts) in int32
+            arr = v.astype(np.float32) if v.dtype.kind == "f" else v.astype(np.int32) if v.dtype.kind in "iu" else v
             self.inits[var.name] = self.onnx.numpy_helper.from_array(np.ascontiguousarray(arr), var.name)
         return var.name
 
@@ -811,13 +1158,179 @@ _ONNX_REDUCE = {"reduce_mean": "ReduceMean", "reduce_max": "ReduceMax", "reduce_
                 "reduce_prod": "ReduceProd", "reduce_l2_norm": "ReduceL2", "reduce_log_sum_exp": "ReduceLogSumExp"}
 
 
-def _export_op(e: _Exporter, op, out: str) -> None:  # noqa: C901 - one branch per MIL op
+_ONNX_COMPARE = {"equal": "Equal", "greater": "Greater", "greater_equal": "GreaterOrEqual", "less": "Less",
+                 "less_equal": "LessOrEqual", "logical_and": "And", "logical_or": "Or", "logical_xor": "Xor"}
+_ONNX_REDUCE_MORE = {"reduce_l1_norm": "ReduceL1", "reduce_sum_square": "ReduceSumSquare", "reduce_log_sum": "ReduceLogSum"}
+#: MIL dtype name -> ONNX element type in the equivalent (floats compute in fp32, integers in int32)
+_ONNX_DTYPES = {"fp16": 1, "fp32": 1, "fp64": 1, "bool": 9, "int32": 6, "int16": 6, "int8": 6, "uint8": 6, "uint16": 6,
+                "int64": 6}
+
+
+def _export_gelu(e: _Exporter, x: str, out: str, mode: str) -> None:
+    def c(v):
+        return e.init(np.float32(v), out)
+
+    if mode == "SIGMOID_APPROXIMATION":  # x * sigmoid(1.702 x)
+        a, s = e.tmp(out), e.tmp(out)
+        e.node("Mul", [x, c(1.702)], [a])
+        e.node("Sigmoid", [a], [s])
+        e.node("Mul", [x, s], [out])
+        return
+    h = e.tmp(out)
+    e.node("Mul", [x, c(0.5)], [h])
+    if mode == "TANH_APPROXIMATION":  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+        x3, p, q, r = e.tmp(out), e.tmp(out), e.tmp(out), e.tmp(out)
+        e.node("Pow", [x, c(3.0)], [x3])
+        e.node("Mul", [x3, c(0.044715)], [p])
+        e.node("Add", [x, p], [q])
+        e.node("Mul", [q, c(np.sqrt(2 / np.pi))], [r])
+        f = e.tmp(out)
+        e.node("Tanh", [r], [f])
+    elif mode == "EXACT":  # 0.5 x (1 + erf(x / sqrt 2))
+        r, f = e.tmp(out), e.tmp(out)
+        e.node("Mul", [x, c(1 / np.sqrt(2))], [r])
+        e.node("Erf", [r], [f])
+    else:
+        raise EdgeoptError(f"MIL gelu mode {mode} is not exported to ONNX")
+    g = e.tmp(out)
+    e.node("Add", [f, c(1.0)], [g])
+    e.node("Mul", [h, g], [out])
+
+
+def _export_resize(e: _Exporter, op, x: str, out: str) -> None:
     t = op.op_type
+    xv = op.inputs["x"]
+    nd = xv.rank
+    oshape = list(op.outputs[0].shape)
+    empty = ""
+    sizes = e.init(np.array(oshape, np.int64), out)
+    if t == "upsample_nearest_neighbor":  # out[i] = in[floor(i / scale)]
+        sc = [1.0] * (nd - 2) + [float(_param(op, "scale_factor_height", 1)), float(_param(op, "scale_factor_width", 1))]
+        e.node("Resize", [x, empty, e.init(np.array(sc, np.float32), out)], [out], mode="nearest",
+               coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+        return
+    if t == "resize_nearest_neighbor":
+        e.node("Resize", [x, empty, empty, sizes], [out], mode="nearest", coordinate_transformation_mode="asymmetric",
+               nearest_mode="floor")
+        return
+    if t == "upsample_bilinear":  # the scale is recomputed from the sizes (MIL doc)
+        align = bool(_param(op, "align_corners", True))
+        half = _param(op, "half_pixel_centers", None)
+        half = (not align) if half is None else bool(half)
+        coord = "align_corners" if align else ("half_pixel" if half else "asymmetric")
+    elif t == "resize_bilinear":
+        mode = str(_param(op, "sampling_mode", "DEFAULT"))
+        coord = {"STRICT_ALIGN_CORNERS": "align_corners", "DEFAULT": "asymmetric", "UNALIGN_CORNERS": "half_pixel"}.get(mode)
+        if mode == "ALIGN_CORNERS" and oshape[-1] > 1 and oshape[-2] > 1:
+            coord = "align_corners"
+        if coord is None:
+            raise EdgeoptError(f"MIL op {op.name}: resize_bilinear sampling_mode {mode} is not exported to ONNX")
+    else:
+        raise EdgeoptError(f"MIL op {op.name} ({t}) is not exported to ONNX")
+    e.node("Resize", [x, empty, empty, sizes], [out], mode="linear", coordinate_transformation_mode=coord)
+
+
+def _export_op(e: _Exporter, op, outs: list[str]) -> None:  # noqa: C901 - one branch per MIL op
+    t = op.op_type
+    out = outs[0]
     x = e.tensor(op.inputs["x"]) if "x" in op.inputs and not isinstance(op.inputs["x"], (list, tuple)) else None
     if t in _ONNX_UNARY:
         e.node(_ONNX_UNARY[t], [x], [out])
     elif t == "cast":
-        e.node("Identity", [x], [out])  # float <-> float: the fp16 rounding is applied after every op
+        to = _ONNX_DTYPES.get(str(_param(op, "dtype")))
+        if to is None:
+            raise EdgeoptError(f"MIL op {op.name}: cast to {_param(op, 'dtype')} is not exported to ONNX")
+        e.node("Cast", [x], [out], to=to)  # float <-> float: the fp16 rounding is applied after every op
+    elif t == "gelu":
+        _export_gelu(e, x, out, str(_param(op, "mode", "EXACT")))
+    elif t == "silu":
+        s = e.tmp(out)
+        e.node("Sigmoid", [x], [s])
+        e.node("Mul", [x, s], [out])
+    elif t == "square":
+        e.node("Mul", [x, x], [out])
+    elif t == "rsqrt":
+        s, q = e.tmp(out), e.tmp(out)
+        e.node("Add", [x, e.init(np.float32(_param(op, "epsilon", 1e-12)), out)], [s])
+        e.node("Sqrt", [s], [q])
+        e.node("Reciprocal", [q], [out])
+    elif t == "threshold":
+        e.node("Max", [x, e.init(np.float32(_param(op, "alpha")), out)], [out])
+    elif t == "thresholded_relu":
+        e.node("ThresholdedRelu", [x], [out], alpha=float(_param(op, "alpha", 1.0)))
+    elif t == "scaled_tanh":
+        s, q = e.tmp(out), e.tmp(out)
+        e.node("Mul", [x, e.init(np.float32(_param(op, "beta", 1.0)), out)], [s])
+        e.node("Tanh", [s], [q])
+        e.node("Mul", [q, e.init(np.float32(_param(op, "alpha", 1.0)), out)], [out])
+    elif t == "linear_activation":
+        s = e.tmp(out)
+        e.node("Mul", [x, e.init(np.float32(_param(op, "alpha", 1.0)), out)], [s])
+        e.node("Add", [s, e.init(np.float32(_param(op, "beta", 0.0)), out)], [out])
+    elif t in _ONNX_COMPARE:
+        e.node(_ONNX_COMPARE[t], [e.tensor(op.inputs["x"]), e.tensor(op.inputs["y"])], [out])
+    elif t == "not_equal":
+        s = e.tmp(out)
+        e.node("Equal", [e.tensor(op.inputs["x"]), e.tensor(op.inputs["y"])], [s])
+        e.node("Not", [s], [out])
+    elif t == "logical_not":
+        e.node("Not", [x], [out])
+    elif t == "select":
+        e.node("Where", [e.tensor(op.inputs["cond"]), e.tensor(op.inputs["a"]), e.tensor(op.inputs["b"])], [out])
+    elif t == "floor_div":
+        s = e.tmp(out)
+        e.node("Div", [e.tensor(op.inputs["x"]), e.tensor(op.inputs["y"])], [s])
+        e.node("Floor", [s], [out])
+    elif t == "topk":
+        axis = int(_param(op, "axis", -1))
+        k = int(_param(op, "k", 1))
+        if k < 0:
+            k = op.inputs["x"].shape[axis]
+        i64 = e.tmp(out)
+        e.node("TopK", [x, e.init(np.array([k], np.int64), out)], [out, i64], axis=axis,
+               largest=int(not _param(op, "ascending", False)), sorted=1)
+        if len(outs) > 1:
+            e.node("Cast", [i64], [outs[1]], to=6)
+    elif t in ("reduce_argmax", "reduce_argmin"):
+        i64 = e.tmp(out)
+        e.node("ArgMax" if t == "reduce_argmax" else "ArgMin", [x], [i64], axis=int(_param(op, "axis", -1)),
+               keepdims=int(bool(_param(op, "keep_dims", False))))
+        e.node("Cast", [i64], [out], to=6)
+    elif t == "cumsum":
+        e.node("CumSum", [x, e.init(np.array(int(_param(op, "axis", 0)), np.int64), out)], [out],
+               exclusive=int(bool(_param(op, "exclusive", False))), reverse=int(bool(_param(op, "reverse", False))))
+    elif t == "gather_along_axis":
+        e.node("GatherElements", [x, e.tensor(op.inputs["indices"])], [out], axis=int(_param(op, "axis", 0)))
+    elif t == "tile":
+        e.node("Tile", [x, e.init(np.array([int(v) for v in _param(op, "reps")], np.int64), out)], [out])
+    elif t == "depth_to_space":
+        e.node("DepthToSpace", [x], [out], blocksize=int(_param(op, "block_size")), mode="DCR")
+    elif t == "pixel_shuffle":
+        e.node("DepthToSpace", [x], [out], blocksize=int(_param(op, "upscale_factor")), mode="CRD")
+    elif t == "space_to_depth":
+        e.node("SpaceToDepth", [x], [out], blocksize=int(_param(op, "block_size")))
+    elif t == "local_response_norm":
+        e.node("LRN", [x], [out], size=int(_param(op, "size")), alpha=float(_param(op, "alpha", 1e-4)),
+               beta=float(_param(op, "beta", 0.75)), bias=float(_param(op, "k", 1.0)))
+    elif t in ("upsample_nearest_neighbor", "resize_nearest_neighbor", "upsample_bilinear", "resize_bilinear"):
+        _export_resize(e, op, x, out)
+    elif t == "einsum":
+        e.node("Einsum", [e.tensor(v) for v in op.inputs["values"]], [out], equation=str(_param(op, "equation")))
+    elif t == "stack":
+        axis = int(_param(op, "axis")) % op.outputs[0].rank
+        parts = []
+        for v in op.inputs["values"]:
+            u = e.tmp(out)
+            e.node("Unsqueeze", [e.tensor(v), e.init(np.array([axis], np.int64), out)], [u])
+            parts.append(u)
+        e.node("Concat", parts, [out], axis=axis)
+    elif t == "slice_by_size":
+        shape = op.inputs["x"].shape
+        begin = [int(v) for v in _param(op, "begin")]
+        size = [int(v) for v in _param(op, "size")]
+        ends = [shape[i] if size[i] < 0 else begin[i] + size[i] for i in range(len(shape))]
+        e.node("Slice", [x, e.init(np.array(begin, np.int64), out), e.init(np.array(ends, np.int64), out),
+                         e.init(np.arange(len(shape), dtype=np.int64), out)], [out])
     elif t == "relu6":
         e.node("Clip", [x, e.init(np.float32(0), out), e.init(np.float32(6), out)], [out])
     elif t == "clip":
@@ -887,22 +1400,31 @@ def _export_op(e: _Exporter, op, out: str) -> None:  # noqa: C901 - one branch p
         if t == "avg_pool":
             attrs["count_include_pad"] = int(not _param(op, "exclude_padding_from_average", False))
         e.node("MaxPool" if t == "max_pool" else "AveragePool", [x], [out], **attrs)
-    elif t in _ONNX_REDUCE:
+    elif t in _ONNX_REDUCE or t in _ONNX_REDUCE_MORE:
         axes = _param(op, "axes")
         axes = list(range(op.inputs["x"].rank)) if axes is None else [int(v) for v in axes]
         keep = int(bool(_param(op, "keep_dims", False)))
         if t == "reduce_sum":
             e.node("ReduceSum", [x, e.init(np.array(axes, np.int64), out)], [out], keepdims=keep)
         else:
-            e.node(_ONNX_REDUCE[t], [x], [out], axes=axes, keepdims=keep)
+            e.node(_ONNX_REDUCE.get(t) or _ONNX_REDUCE_MORE[t], [x], [out], axes=axes, keepdims=keep)
     elif t == "reshape":
         e.node("Reshape", [x, e.init(np.array(op.outputs[0].shape, np.int64), out)], [out])
     elif t == "transpose":
         e.node("Transpose", [x], [out], perm=[int(v) for v in _param(op, "perm")])
     elif t == "concat":
-        if _param(op, "interleave", False):
-            raise EdgeoptError(f"MIL op {op.name}: interleaved concat is not exported to ONNX")
-        e.node("Concat", [e.tensor(v) for v in op.inputs["values"]], [out], axis=int(_param(op, "axis")))
+        axis = int(_param(op, "axis")) % op.outputs[0].rank
+        if _param(op, "interleave", False):  # [a0, b0, a1, b1, ...] along axis: stack behind it, then merge
+            parts = []
+            for v in op.inputs["values"]:
+                u = e.tmp(out)
+                e.node("Unsqueeze", [e.tensor(v), e.init(np.array([axis + 1], np.int64), out)], [u])
+                parts.append(u)
+            s = e.tmp(out)
+            e.node("Concat", parts, [s], axis=axis + 1)
+            e.node("Reshape", [s, e.init(np.array(op.outputs[0].shape, np.int64), out)], [out])
+        else:
+            e.node("Concat", [e.tensor(v) for v in op.inputs["values"]], [out], axis=axis)
     elif t == "softmax":
         e.node("Softmax", [x], [out], axis=int(_param(op, "axis", -1)))
     elif t in ("squeeze", "expand_dims"):
@@ -918,10 +1440,16 @@ def _export_op(e: _Exporter, op, out: str) -> None:  # noqa: C901 - one branch p
                e.tensor(op.inputs["mean"]), e.tensor(op.inputs["variance"])]
         e.node("BatchNormalization", ins, [out], epsilon=float(_param(op, "epsilon", 1e-5)))
     elif t == "instance_norm":
-        e.node("InstanceNormalization", [x, e.tensor(op.inputs["gamma"]), e.tensor(op.inputs["beta"])], [out],
+        c = op.inputs["x"].shape[1]
+        g, b = op.inputs.get("gamma"), op.inputs.get("beta")
+        e.node("InstanceNormalization", [x, e.tensor(g) if g is not None else e.init(np.ones(c), out),
+                                         e.tensor(b) if b is not None else e.init(np.zeros(c), out)], [out],
                epsilon=float(_param(op, "epsilon", 1e-5)))
     elif t == "layer_norm":
-        axes = [int(v) % op.inputs["x"].rank for v in _param(op, "axes")]
+        rank = op.inputs["x"].rank
+        axes = sorted(int(v) % rank for v in _param(op, "axes"))
+        if axes != list(range(axes[0], rank)):
+            raise EdgeoptError(f"MIL op {op.name}: layer_norm over axes {axes} (not trailing) is not exported to ONNX")
         norm = tuple(op.inputs["x"].shape[min(axes):])
         g, b = _param(op, "gamma"), _param(op, "beta")
         e.node("LayerNormalization", [x, e.init(np.ones(norm) if g is None else g, out),
@@ -957,10 +1485,14 @@ def _export_op(e: _Exporter, op, out: str) -> None:  # noqa: C901 - one branch p
         if any(sm):
             e.node("Squeeze", [sl, e.init(np.array([i for i in range(r) if sm[i]], np.int64), out)], [out])
     elif t == "gather":
-        e.node("Gather", [x, e.init(np.asarray(_param(op, "indices")), out, dtype=np.int64)], [out],
-               axis=int(_param(op, "axis", 0)))
+        iv = op.inputs["indices"]
+        idx = e.tensor(iv) if iv.val is None else e.init(np.asarray(iv.val), out, dtype=np.int64)
+        e.node("Gather", [x, idx], [out], axis=int(_param(op, "axis", 0)))
     else:
         raise EdgeoptError(f"MIL op {op.name} ({t}) is not exported to ONNX")
+
+
+_MULTI_OUTPUT = ("topk",)
 
 
 def to_onnx(prog, round_fp16: bool = True) -> onnx.ModelProto:
@@ -986,12 +1518,10 @@ def to_onnx(prog, round_fp16: bool = True) -> onnx.ModelProto:
             e.node("Split", [x, e.init(np.array(sizes, np.int64), op.name)], outs, axis=int(_param(op, "axis")))
             raw = outs
         else:
-            out = op.outputs[0]
-            fp16 = round_fp16 and out.dtype == mtypes.fp16
-            raw = [e.tmp(out.name) if fp16 else out.name]
-            if len(op.outputs) != 1:
+            raw = [e.tmp(v.name) if round_fp16 and v.dtype == mtypes.fp16 else v.name for v in op.outputs]
+            if len(op.outputs) != 1 and op.op_type not in _MULTI_OUTPUT:
                 raise EdgeoptError(f"MIL op {op.name} ({op.op_type}) has {len(op.outputs)} outputs; not exported")
-            _export_op(e, op, raw[0])
+            _export_op(e, op, raw)
         for v, r in zip(op.outputs, raw):
             if r != v.name:  # round to fp16, then compute on in fp32
                 h = e.tmp(v.name)

@@ -43,17 +43,18 @@ TFLM_OPS = frozenset(
     "SpaceToDepth QuantizeLinear DequantizeLinear Shape Constant".split()
 )
 
-#: ONNX ops our Core ML (MIL) builder maps.
+#: ONNX ops our Core ML (MIL) builder maps (edgeopt/backends/_coreml_mil.py; the pre-flight check keeps
+#: only those it translates or folds, tests/test_coreml_ops.py converts each as a one-node model).
 COREML_OPS = frozenset(
     (
         "Conv ConvTranspose Gemm MatMul Add Sub Mul Div Relu Clip Sigmoid Tanh HardSigmoid HardSwish LeakyRelu "
         "PRelu Elu Selu Softplus Softsign MaxPool AveragePool GlobalAveragePool GlobalMaxPool Reshape Flatten "
         "Transpose Concat Softmax LogSoftmax Squeeze Unsqueeze Pad Resize Upsample Slice Split BatchNormalization "
         "InstanceNormalization LayerNormalization GroupNormalization Identity Dropout ReduceMean ReduceMax ReduceMin "
-        "ReduceSum ReduceProd ReduceL2 Exp Log Sqrt Reciprocal Pow Neg Abs Max Min ArgMax ArgMin Gather GatherElements "
-        "Cast Shape Constant ConstantOfShape DepthToSpace SpaceToDepth Tile Expand Where Equal Less Greater Not And Or "
-        "Erf Gelu Floor Ceil Round Sin Cos Einsum Range TopK CumSum Sign Atan LpNormalization LRN "
-        "QuantizeLinear DequantizeLinear"
+        "ReduceSum ReduceProd ReduceL1 ReduceL2 ReduceSumSquare ReduceLogSum ReduceLogSumExp Exp Log Sqrt Reciprocal "
+        "Pow Neg Abs Max Min ArgMax ArgMin Gather GatherElements Cast Shape Size Constant ConstantOfShape DepthToSpace "
+        "SpaceToDepth Tile Expand Where Equal Less Greater LessOrEqual GreaterOrEqual Not And Or Xor Erf Gelu Floor "
+        "Ceil Round Sin Cos Einsum Range TopK CumSum Sign Atan LpNormalization LRN"
     ).split()
 )
 

@@ -321,6 +321,17 @@ class CoreMLRunner(Runner):
         return [np.concatenate([p[j] for p in parts], axis=0) for j in range(len(self.output_names))]
 
 
+def validation_statement(record: Mapping[str, Any]) -> str:
+    """What the build checked of the package's computation, from its ``coreml.json`` record: only a build
+    that ran the ONNX equivalent on data says the artifact was validated against it."""
+    eq = (record.get("validation") or {}).get("onnx_equivalent")
+    if eq:
+        snr = eq.get("snr_db")
+        return ("the artifact was validated against its ONNX equivalent"
+                + (f" (SNR {snr:.1f} dB vs the source model)" if isinstance(snr, (int, float)) else ""))
+    return "the artifact was NOT validated (built without evaluation data: only its spec was checked)"
+
+
 class CoreMLBackend(Backend):
     precisions = frozenset({"fp32", "fp16", "wint8", "wint4"})
     name = "coreml"
@@ -350,11 +361,10 @@ class CoreMLBackend(Backend):
         self._no_threads(threads)
         self.require()
         artifact_dir = Path(artifact_dir)
-        if platform.system() != "Darwin":
-            raise RuntimeUnavailable(
-                f"Core ML prediction needs macOS; the artifact was validated against its ONNX equivalent "
-                f"(edgeopt.backends.coreml.onnx_equivalent('{artifact_dir}') runs it in onnxruntime here)")
         record = json.loads((artifact_dir / RECORD).read_text())
+        if platform.system() != "Darwin":
+            raise RuntimeUnavailable(f"Core ML prediction needs macOS; {validation_statement(record)} "
+                                     f"(edgeopt.backends.coreml.onnx_equivalent('{artifact_dir}') runs it in onnxruntime here)")
         return CoreMLRunner(artifact_dir / artifact.primary, record)
 
     def reference(self, artifact: Artifact, artifact_dir: Path) -> Runner | None:

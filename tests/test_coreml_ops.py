@@ -1,0 +1,244 @@
+"""Core ML backend op coverage: each ONNX op as a small model (fixed seed), converted to an .mlpackage
+through the coreml backend, then the package's ONNX equivalent (rebuilt from its saved MIL program:
+the backend's ``reference()``) run in onnxruntime against the original ONNX model.
+
+Tolerances: fp16 packages are compared with ``max|ref - got| <= FP16_TOL * max(1, max|ref|)``; the
+largest error measured over these cases is ~4e-3 (one fp16 rounding per op, values ~1), so FP16_TOL
+= 1e-2.  fp32 packages (the translation's semantics, no fp16 noise) are held to 1e-4.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import init, make_model, save, vi
+from onnx import TensorProto, helper
+
+from edgeopt.backends import _coreml_mil as cm
+from edgeopt.backends import _ops, coreml
+from edgeopt.backends.base import build_artifact, read_manifest
+from edgeopt.fidelity import session
+from edgeopt.graph import analyze
+from edgeopt.planner import make_plan
+from edgeopt.targets import load_target
+
+pytest.importorskip("coremltools")
+
+FP16_TOL = 1e-2
+FP32_TOL = 1e-4
+
+
+def _rng():
+    return np.random.default_rng(0)
+
+
+def _r(shape, scale=1.0, seed=0):
+    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
+
+
+def _build(tmp_path, model, precision="fp16"):
+    """The artifact directory of ``model`` built for ios by the coreml backend."""
+    path = save(model, tmp_path / "m.onnx")
+    plan = make_plan(analyze(path), load_target("ios"), backend="coreml", precision=precision, enforce_budgets=False)
+    out = tmp_path / f"a_{precision}"
+    build_artifact(model, plan, out)
+    return out
+
+
+def _error(tmp_path, model, feeds, precision="fp16"):
+    """(relative max error of the package's ONNX equivalent vs ``model``, the saved MIL op types)."""
+    out = _build(tmp_path, model, precision)
+    runner = coreml.BACKEND.reference(read_manifest(out), out)
+    assert runner is not None, "the package has no ONNX equivalent"
+    got = runner.run(feeds)
+    ref = session(model).run(None, feeds)
+    err = 0.0
+    for a, b in zip(ref, got):
+        a = np.asarray(a).astype(np.float32)  # bool/int outputs: the package's are fp32 arrays
+        assert a.shape == b.shape, (a.shape, b.shape)
+        err = max(err, float(np.abs(a - b).max() / max(1.0, float(np.abs(a).max()))))
+    ops = json.loads((out / coreml.RECORD).read_text())["validation"]["ops"]
+    return err, ops
+
+
+def _out(name):
+    """A graph output whose type and shape come from shape inference (bool, int64, float16 outputs too)."""
+    return helper.make_empty_tensor_value_info(name)
+
+
+def _one(op, inputs, attrs=None, consts=(), outputs=1, opset=17, out_shape=None):
+    """A one-node model: ``inputs`` are (name, array) feeds, ``consts`` (name, array) initializers."""
+    names = [n for n, _ in inputs] + [n for n, _ in consts]
+    outs = [f"y{i}" for i in range(outputs)]
+    node = helper.make_node(op, names, outs, name=f"{op.lower()}/node", **(attrs or {}))
+    ins = [vi(n, list(a.shape)) for n, a in inputs]
+    ovi = [_out(o) if out_shape is None else vi(o, out_shape) for o in outs]
+    return make_model([node], ins, ovi, [init(n, a) for n, a in consts], opset=opset)
+
+
+def _check(tmp_path, model, feeds, precisions=("fp16", "fp32")):
+    errs = {}
+    for p in precisions:
+        errs[p], ops = _error(tmp_path, model, feeds, p)
+    if "fp16" in errs:
+        assert errs["fp16"] <= FP16_TOL, errs
+    if "fp32" in errs:
+        assert errs["fp32"] <= FP32_TOL, errs
+    return errs, ops
+
+
+# --------------------------------------------------------------------------- one-node models of every accepted op
+
+X4 = (1, 4, 6, 5)
+
+
+def _x(shape=X4, seed=1, scale=1.0):
+    return _r(shape, scale, seed)
+
+
+def _i64(v):
+    return np.array(v, np.int64)
+
+
+def _f32(v):
+    return np.array(v, np.float32)
+
+
+def _unary(op, positive=False, **attrs):
+    def make():
+        x = np.abs(_x()) + 0.1 if positive else _x()
+        return _one(op, [("x", x)], attrs), {"x": x}
+    return make
+
+
+def _binary(op, positive=False):
+    def make():
+        x, y = _x(seed=1), _x(seed=2)
+        if positive:
+            x, y = np.abs(x) + 0.5, y * 0.5
+        return _one(op, [("x", x), ("y", y)]), {"x": x, "y": y}
+    return make
+
+
+def _with_consts(op, consts, attrs=None, shape=X4, opset=17, outputs=1, out_shape=None):
+    def make():
+        x = _x(shape)
+        return _one(op, [("x", x)], attrs, consts, outputs=outputs, opset=opset, out_shape=out_shape), {"x": x}
+    return make
+
+
+def _chain(nodes, consts=(), shape=X4, opset=17, out="y"):
+    """A small model around one op that needs neighbours (bool/int tensors, folded shape ops)."""
+    def make():
+        x = _x(shape)
+        m = make_model([helper.make_node(*n[:3], name=f"n{i}", **(n[3] if len(n) > 3 else {})) for i, n in enumerate(nodes)],
+                       [vi("x", list(shape))], [_out(out)], [init(k, v) for k, v in consts], opset=opset)
+        return m, {"x": x}
+    return make
+
+
+_W = _r((6, 4, 3, 3), 0.3, seed=3)
+SAMPLES = {
+    **{op: _unary(op) for op in ("Abs", "Atan", "Ceil", "Cos", "Erf", "Exp", "Floor", "Identity", "Neg", "Relu",
+                                 "Sigmoid", "Sign", "Sin", "Softplus", "Softsign", "Tanh", "Round", "Dropout",
+                                 "HardSwish")},
+    **{op: _unary(op, positive=True) for op in ("Log", "Sqrt", "Reciprocal")},
+    **{op: _binary(op) for op in ("Add", "Sub", "Mul", "Max", "Min")},
+    "Div": _binary("Div", positive=True),
+    "Pow": _binary("Pow", positive=True),
+    "Elu": _unary("Elu", alpha=0.7),
+    "Selu": _unary("Selu"),
+    "LeakyRelu": _unary("LeakyRelu", alpha=0.2),
+    "HardSigmoid": _unary("HardSigmoid", alpha=0.3, beta=0.4),
+    "Gelu": _with_consts("Gelu", [], {"approximate": "tanh"}, opset=20),
+    "Clip": _with_consts("Clip", [("lo", _f32(-0.5)), ("hi", _f32(0.7))]),
+    "PRelu": _with_consts("PRelu", [("s", _r((4, 1, 1), 0.3, seed=4))]),
+    "Cast": _with_consts("Cast", [], {"to": TensorProto.FLOAT16}),
+    "Conv": _with_consts("Conv", [("w", _W), ("b", _r(6, seed=5))], {"pads": [1, 1, 1, 1]}),
+    "ConvTranspose": _with_consts("ConvTranspose", [("w", _r((4, 3, 3, 3), 0.3, seed=6)), ("b", _r(3, seed=7))],
+                                  {"strides": [2, 2], "pads": [1, 1, 1, 1], "output_padding": [1, 1]}),
+    "Gemm": _with_consts("Gemm", [("w", _r((7, 5), 0.3, seed=8)), ("b", _r(7, seed=9))], {"transB": 1}, shape=(3, 5)),
+    "MatMul": _with_consts("MatMul", [("w", _r((5, 7), 0.3, seed=8))]),
+    "Einsum": _with_consts("Einsum", [("w", _r((5, 3), 0.3, seed=8))], {"equation": "bchw,wk->bckh"}),
+    "MaxPool": _with_consts("MaxPool", [], {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}),
+    "AveragePool": _with_consts("AveragePool", [], {"kernel_shape": [2, 2], "strides": [2, 1]}),
+    "GlobalAveragePool": _unary("GlobalAveragePool"),
+    "GlobalMaxPool": _unary("GlobalMaxPool"),
+    "BatchNormalization": _with_consts("BatchNormalization", [
+        ("s", _f32([1.0, 0.5, 2.0, 1.5])), ("b", _f32([0.1, -0.2, 0.3, 0.0])), ("m", _f32([0.0, 0.1, -0.1, 0.2])),
+        ("v", _f32([1.0, 0.5, 2.0, 0.8]))]),
+    "InstanceNormalization": _with_consts("InstanceNormalization", [("s", _f32([1.0, 0.5, 2.0, 1.5])),
+                                                                    ("b", _f32([0.1, -0.2, 0.3, 0.0]))]),
+    "LayerNormalization": _with_consts("LayerNormalization", [("s", _r((6, 5), seed=4) * 0.2 + 1), ("b", _r((6, 5), 0.1, seed=5))],
+                                       {"axis": -2}),
+    "GroupNormalization": _with_consts("GroupNormalization", [("s", _f32([1.0, 0.5, 2.0, 1.5])),
+                                                              ("b", _f32([0.1, -0.2, 0.3, 0.0]))],
+                                       {"num_groups": 2}, opset=21, out_shape=list(X4)),
+    "LRN": _with_consts("LRN", [], {"size": 3, "alpha": 1e-2, "beta": 0.75, "bias": 1.0}),
+    "LpNormalization": _with_consts("LpNormalization", [], {"axis": 1, "p": 2}),
+    "Reshape": _with_consts("Reshape", [("s", _i64([0, -1, 5]))]),
+    "Flatten": _with_consts("Flatten", [], {"axis": 2}),
+    "Transpose": _with_consts("Transpose", [], {"perm": [0, 2, 3, 1]}),
+    "Concat": _with_consts("Concat", [("c", _r((1, 2, 6, 5), seed=3))], {"axis": 1}),
+    "Softmax": _with_consts("Softmax", [], {"axis": 1}),
+    "LogSoftmax": _with_consts("LogSoftmax", [], {"axis": 2}),
+    "Squeeze": _with_consts("Squeeze", [("a", _i64([0]))]),
+    "Unsqueeze": _with_consts("Unsqueeze", [("a", _i64([2]))]),
+    "Pad": _with_consts("Pad", [("p", _i64([0, 0, 1, 2, 0, 0, 2, 1]))], {"mode": "constant"}),
+    "Slice": _with_consts("Slice", [("s", _i64([1, 0])), ("e", _i64([4, 5])), ("a", _i64([1, 3])), ("t", _i64([2, 2]))]),
+    "Split": _with_consts("Split", [("s", _i64([1, 3]))], {"axis": 1}, outputs=2),
+    "Resize": _with_consts("Resize", [("roi", np.zeros(0, np.float32)), ("sc", _f32([1, 1, 2, 2]))], {"mode": "linear"}),
+    "Upsample": _with_consts("Upsample", [("sc", _f32([1, 1, 2, 3]))], {"mode": "nearest"}, opset=9),
+    "Gather": _with_consts("Gather", [("i", _i64([[0, 2], [3, -1]]))], {"axis": 2}),
+    "GatherElements": _with_consts("GatherElements", [("i", np.random.default_rng(3).integers(0, 6, (1, 4, 2, 5)))],
+                                   {"axis": 2}),
+    "Tile": _with_consts("Tile", [("r", _i64([1, 2, 1, 3]))]),
+    "Expand": _with_consts("Expand", [("s", _i64([2, 1, 4, 1, 1]))], shape=(4, 1, 5)),
+    "DepthToSpace": _with_consts("DepthToSpace", [], {"blocksize": 2, "mode": "CRD"}, shape=(1, 8, 3, 2)),
+    "SpaceToDepth": _with_consts("SpaceToDepth", [], {"blocksize": 2}, shape=(1, 2, 4, 6)),
+    "CumSum": _with_consts("CumSum", [("a", _i64(2))], {"reverse": 1}),
+    "TopK": _with_consts("TopK", [("k", _i64([3]))], {"axis": 2}, outputs=2),
+    "ArgMax": _with_consts("ArgMax", [], {"axis": 1, "keepdims": 0}),
+    "ArgMin": _with_consts("ArgMin", [], {"axis": 3}),
+    **{op: _with_consts(op, [("a", _i64([1, 3]))] if op == "ReduceSum" else [], {"keepdims": 1} if op == "ReduceSum" else
+                        {"axes": [1, 3], "keepdims": 0})
+       for op in ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd", "ReduceL1", "ReduceL2",
+                  "ReduceSumSquare", "ReduceLogSumExp")},
+    "ReduceLogSum": _chain([("Abs", ["x"], ["a"]), ("ReduceLogSum", ["a"], ["y"], {"axes": [2]})]),
+    **{op: _chain([(op, ["x", "z"], ["y"])], [("z", _r(X4, seed=7))])
+       for op in ("Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual")},
+    "Where": _chain([("Greater", ["x", "z"], ["c"]), ("Where", ["c", "x", "z"], ["y"])], [("z", _r(X4, seed=7))]),
+    "Not": _chain([("Greater", ["x", "z"], ["c"]), ("Not", ["c"], ["y"])], [("z", _f32(0.2))]),
+    **{op: _chain([("Greater", ["x", "z"], ["c"]), ("Less", ["x", "w"], ["d"]), (op, ["c", "d"], ["y"])],
+                  [("z", _f32(-0.3)), ("w", _f32(0.4))]) for op in ("And", "Or", "Xor")},
+    # folded before translation (static shapes): each feeds a translated op
+    "Shape": _chain([("Shape", ["x"], ["s"]), ("Reshape", ["x", "s"], ["y"])]),
+    "Size": _chain([("Size", ["x"], ["s"]), ("Cast", ["s"], ["f"], {"to": TensorProto.FLOAT}), ("Add", ["x", "f"], ["y"])]),
+    "Constant": _chain([("Constant", [], ["c"], {"value": helper.make_tensor("v", TensorProto.FLOAT, [1], [2.0])}),
+                        ("Mul", ["x", "c"], ["y"])]),
+    "ConstantOfShape": _chain([("ConstantOfShape", ["s"], ["c"], {"value": helper.make_tensor("v", TensorProto.FLOAT, [1], [3.0])}),
+                               ("Add", ["x", "c"], ["y"])], [("s", _i64([5]))]),
+    "Range": _chain([("Range", ["a", "b", "d"], ["c"]), ("Add", ["x", "c"], ["y"])],
+                    [("a", _f32(0.0)), ("b", _f32(2.5)), ("d", _f32(0.5))]),
+}
+
+
+def _accepted() -> list[str]:
+    return sorted(_ops.COREML_OPS & (cm.SUPPORTED_OPS | coreml.FOLDED_OPS))
+
+
+def test_every_accepted_op_has_a_sample():
+    assert set(SAMPLES) == set(_accepted()), set(SAMPLES) ^ set(_accepted())
+    assert not _ops.COREML_OPS - (cm.SUPPORTED_OPS | coreml.FOLDED_OPS), "listed for ios but not translated"
+
+
+@pytest.mark.parametrize("op", sorted(SAMPLES))
+def test_each_accepted_op_converts_one_node(tmp_path, op):
+    model, feeds = SAMPLES[op]()
+    errs, _ = _check(tmp_path, model, feeds, precisions=("fp16",))
+    MEASURED[op] = errs["fp16"]
+
+
+MEASURED: dict[str, float] = {}
