@@ -216,8 +216,10 @@ def _input_dtypes(runner) -> dict[str, str]:
 
 
 def make_feeds(artifact, runner, inputs=None, seed: int = 0) -> dict[str, np.ndarray]:
-    """Inputs for one run: ``inputs`` (a mapping, or a .npz/.npy path) checked against the model, else random
-    data in the shapes of the artifact's plan (uniform [0, 1) floats, zeros/ones for integer and bool inputs)."""
+    """Inputs for one run: ``inputs`` (a mapping, or a .npz/.npy path: one sample in the model's exact input shapes,
+    as ``build --inputs`` takes) checked against the model, else random data in the shapes of the artifact's plan
+    (uniform [0, 1) floats, zeros/ones for integer and bool inputs: give ``inputs`` for a model whose integer input
+    selects a mode)."""
     names = list(runner.input_names)
     if inputs is not None:
         if isinstance(inputs, (str, os.PathLike)):
@@ -237,11 +239,20 @@ def make_feeds(artifact, runner, inputs=None, seed: int = 0) -> dict[str, np.nda
         if missing:
             raise EdgeoptError(f"inputs lack {missing}; the model takes {names}")
         feeds = {n: np.asarray(inputs[n]) for n in names}
+        shapes = getattr(getattr(artifact, "plan", None), "input_shapes", None) or {}
         for n, a in feeds.items():
             if a.dtype.kind not in "biuf":
                 raise EdgeoptError(f"input '{n}' has dtype {a.dtype}; give numbers")
             if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
                 raise EdgeoptError(f"input '{n}' holds NaN/Inf; give finite values")
+            want = shapes.get(n)
+            if want is None:
+                continue
+            if a.ndim == len(want) - 1 and len(names) == 1 and want[0] in (1, -1):  # one sample without its batch of 1
+                a = feeds[n] = a[None]
+            if a.ndim != len(want) or any(d > 0 and d != s for d, s in zip(want, a.shape)):
+                raise EdgeoptError(f"input '{n}' has shape {list(a.shape)}, the artifact takes {want} (-1: any); give "
+                                   "one run's inputs in exactly the model's input shapes (a scalar input as a 0-d array)")
         return feeds
     rng = np.random.default_rng(seed)
     dtypes = _input_dtypes(runner)

@@ -359,3 +359,18 @@ def test_quantizer_shape_inference_failure_retries_then_is_one_pass_error(gru, m
     p._RANGES.clear()
     with pytest.raises(PassError, match="shape inference"):
         p.activation_ranges(m, p.Config(), cd)
+
+
+def test_profile_takes_the_same_inputs_as_build(work, tmp_path, capsys):
+    """profile --inputs feeds the artifact one real sample (a scalar as a 0-d array); a wrongly shaped one is a
+    one-line error."""
+    model = _mode_model(work / "mode-profile.onnx")
+    np.savez(tmp_path / "in.npz", x=np.ones((1, 16), np.float32), rate=np.array(16000, np.int64))
+    out = tmp_path / "out"
+    assert _build(model, out, "--target", "x86-cpu", "--inputs", str(tmp_path / "in.npz")) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert cli.main(["profile", str(out), "--inputs", str(tmp_path / "in.npz"), "--no-save", "--repeats", "3",
+                     "--warmup", "1"]) == 0, capsys.readouterr().err
+    np.savez(tmp_path / "bad.npz", x=np.ones((2, 16), np.float32), rate=np.array(16000, np.int64))
+    assert cli.main(["profile", str(out), "--inputs", str(tmp_path / "bad.npz"), "--no-save"]) == 2
+    assert "shape" in _one_line_error(capsys)
