@@ -166,8 +166,7 @@ def logic():
     rng = np.random.default_rng(6)
     nodes = [node("Conv", ["x0", "wc"], ["x"], kernel_shape=[1, 1]), node("Greater", ["x", "zero"], ["g"]),
              node("Less", ["x", "lim"], ["l"]), node("And", ["g", "l"], ["band"]), node("Not", ["band"], ["nb"]),
-             node("Floor", ["x0"], ["x0r"]), node("Floor", ["x0b"], ["x0r2"]),
-             node("Equal", ["x0r", "x0r2"], ["eq"]), node("Or", ["nb", "eq"], ["cond"]),
+             node("Equal", ["x0", "x0b"], ["eq"]), node("Or", ["nb", "eq"], ["cond"]),
              node("Mul", ["x", "two"], ["x2"]), node("Where", ["cond", "x", "x2"], ["out"]),
              node("GreaterOrEqual", ["x", "zero"], ["ge"]), node("LessOrEqual", ["x", "lim"], ["le"]),
              node("And", ["ge", "le"], ["mask"])]
@@ -258,10 +257,10 @@ def _model(name):
     return fn() if arg is None else fn(arg)
 
 
-def _convert(tmp_path, model, feeds, precision="fp32", full_integer=False, tag="m"):
+def _convert(tmp_path, model, feeds, precision="fp32", full_integer=False, tag="m", micro=False):
     shapes = {i.name: [1, *[d.dim_value for d in i.type.tensor_type.shape.dim][1:]] for i in model.graph.input}
     calib = as_calibration(feeds if len(feeds) > 1 else next(iter(feeds.values())), model) if precision == "int8" else None
-    conv = writer.convert(model, input_shapes=shapes, default=precision, calib=calib, full_integer=full_integer)
+    conv = writer.convert(model, input_shapes=shapes, default=precision, calib=calib, full_integer=full_integer, micro=micro)
     path = tmp_path / f"{tag}.tflite"
     path.write_bytes(conv.data)
     return conv, path

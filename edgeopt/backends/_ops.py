@@ -25,22 +25,26 @@ NEVER = frozenset(
 )
 
 #: ONNX ops our TFLite writer maps to TFLite builtins (BatchNormalization is folded
-#: into the preceding conv, shape computations on static shapes are folded).
+#: into the preceding conv, shape computations on static shapes are folded).  The pre-flight
+#: takes these AND the writer's own ``_tflite_writer.SUPPORTED_OPS`` (the truth about what converts);
+#: Erf passes only inside a GELU pattern (``tflite.check_ops``).
 TFLITE_OPS = frozenset(
     "Conv ConvTranspose Gemm MatMul Add Sub Mul Div Relu Clip Sigmoid Tanh HardSigmoid HardSwish LeakyRelu PRelu "
     "Elu MaxPool AveragePool GlobalAveragePool GlobalMaxPool Reshape Flatten Transpose Concat Softmax LogSoftmax "
     "Squeeze Unsqueeze Pad Resize Slice Split BatchNormalization Identity Dropout ReduceMean ReduceMax ReduceMin "
     "ReduceSum ReduceProd Exp Log Sqrt Rsqrt Pow Neg Abs Max Min ArgMax ArgMin Gather Cast Shape Constant "
     "DepthToSpace SpaceToDepth Tile Expand Where Equal Less Greater LessOrEqual GreaterOrEqual Not And Or Erf "
-    "Gelu LayerNormalization Floor Ceil Round Sin Cos Softplus Sign Range QuantizeLinear DequantizeLinear".split()
+    "Gelu LayerNormalization Floor Ceil Round Sin Cos Softplus Sign Range QuantizeLinear DequantizeLinear TopK Einsum".split()
 )
 
-#: TFLite Micro kernels (int8 reference / CMSIS-NN) reached from ONNX.
+#: TFLite Micro kernels (int8 reference / CMSIS-NN) reached from ONNX.  GELU has no TFLite Micro kernel: the
+#: writer lowers it (Erf/Gelu) to MUL/ADD/TANH for TFLM; TopK has none either.
 TFLM_OPS = frozenset(
     "Conv ConvTranspose Gemm MatMul Add Sub Mul Div Relu Clip Sigmoid Tanh HardSwish HardSigmoid LeakyRelu PRelu "
     "MaxPool AveragePool GlobalAveragePool Reshape Flatten Transpose Concat Softmax Squeeze Unsqueeze Pad Resize "
     "Slice Split BatchNormalization Identity Dropout ReduceMean ReduceMax Max Min ArgMax DepthToSpace "
-    "SpaceToDepth QuantizeLinear DequantizeLinear Shape Constant".split()
+    "SpaceToDepth QuantizeLinear DequantizeLinear Shape Constant LogSoftmax Erf Gelu LayerNormalization Gather "
+    "Equal Greater Less GreaterOrEqual LessOrEqual Where Not And Or Einsum".split()
 )
 
 #: ONNX ops our Core ML (MIL) builder maps (edgeopt/backends/_coreml_mil.py; the pre-flight check keeps

@@ -219,9 +219,11 @@ def prepare_onnx(model: onnx.ModelProto, input_shapes: Mapping[str, list[int]] |
 
 
 class _Builder:
-    def __init__(self, model: onnx.ModelProto, info: dict, precision_of: Mapping[str, str], default: str):
+    def __init__(self, model: onnx.ModelProto, info: dict, precision_of: Mapping[str, str], default: str,
+                 micro: bool = False):
         import onnx
 
+        self.micro = micro  # TFLite Micro: builtins it lacks (GELU) are lowered to ones it has
         self.onnx = onnx
         self.model = model
         self.g = model.graph
@@ -1232,8 +1234,26 @@ class _Builder:
 
     def _emit_gelu(self, node, x: str, out: str, approximate: bool):
         tid, layout = self.get(x, "any")
-        y = self.act(out, self.ir.tensors[tid].shape)
-        self.op("GELU", [tid], [y], node, self.cur_prec, approximate=bool(approximate))
+        shape = self.ir.tensors[tid].shape
+        y = self.act(out, shape)
+        if not self.micro:
+            self.op("GELU", [tid], [y], node, self.cur_prec, approximate=bool(approximate))
+            return self._set(out, y, layout, tid)
+        # TFLite Micro has no GELU kernel: its tanh form 0.5x(1 + tanh(x(a + b x^2))) in int8 builtins
+        p = self.cur_prec
+        a, b = math.sqrt(2 / math.pi), math.sqrt(2 / math.pi) * 0.044715
+
+        def step(code, ins, tag, const=None):
+            if const is not None:
+                ins = [*ins, self.cst(f"{out}/gelu/{tag}_c", np.array([const], np.float32))]
+            t = y if tag == "out" else self.act(f"{out}/gelu/{tag}", shape)
+            self.op(code, ins, [t], node, p, **({} if code == "TANH" else {"fusedActivationFunction": 0}))
+            return t
+
+        sq = step("MUL", [tid, tid], "x2")
+        poly = step("ADD", [step("MUL", [sq], "bx2", b)], "poly", a)
+        th = step("TANH", [step("MUL", [tid, poly], "inner")], "tanh")
+        step("MUL", [step("MUL", [tid], "half_x", 0.5), step("ADD", [th], "one_plus", 1.0)], "out")
         self._set(out, y, layout, tid)
 
     def _emit_layernorm(self, node, x: str, axes: list[int], eps: float, gamma, beta, out: str):
@@ -1587,10 +1607,11 @@ class _Builder:
 
 
 def build_ir(model: onnx.ModelProto, input_shapes: Mapping[str, list[int]] | None = None,
-             precision_of: Mapping[str, str] | None = None, default: str = "fp32") -> IR:
-    """Translate ``model`` (float ONNX) to the IR; ``precision_of`` maps ONNX node names to fp32/fp16/int8."""
+             precision_of: Mapping[str, str] | None = None, default: str = "fp32", micro: bool = False) -> IR:
+    """Translate ``model`` (float ONNX) to the IR; ``precision_of`` maps ONNX node names to fp32/fp16/int8;
+    ``micro``: for TFLite Micro (GELU lowered to the builtins it has)."""
     m, info = prepare_onnx(model, input_shapes)
-    return _Builder(m, info, precision_of or {}, default).build()
+    return _Builder(m, info, precision_of or {}, default, micro).build()
 
 
 # --------------------------------------------------------------------------- quantization parameters
@@ -1883,7 +1904,7 @@ class _Emitter:
         t = self.ir.tensors[spec.tensor]
         d = {"name": spec.name, "index": idx, "onnx_shape": spec.onnx_shape, "tflite_shape": list(t.shape),
              "layout": "nhwc" if spec.nhwc else "onnx", "dtype": t.dtype if t.dtype != "float32" else ("int8" if kind == "q" else "float32")}
-        if kind == "q":
+        if d["dtype"] == "int8":
             d["scale"], d["zero_point"] = self.qp[spec.tensor]
         return d
 
@@ -1963,9 +1984,10 @@ def op_precisions(ir: IR, full_integer: bool) -> list[str]:
 
 def convert(model: onnx.ModelProto, *, input_shapes: Mapping[str, list[int]] | None = None,
             precision_of: Mapping[str, str] | None = None, default: str = "fp32", calib: CalibrationData | None = None,
-            full_integer: bool = False, calib_limit: int = 256) -> Conversion:
-    """ONNX -> .tflite bytes plus a JSON-able record (I/O layouts and quantization, op counts, notes)."""
-    ir = build_ir(model, input_shapes, precision_of, default)
+            full_integer: bool = False, calib_limit: int = 256, micro: bool = False) -> Conversion:
+    """ONNX -> .tflite bytes plus a JSON-able record (I/O layouts and quantization, op counts, notes);
+    ``micro``: for TFLite Micro's kernels."""
+    ir = build_ir(model, input_shapes, precision_of, default, micro)
     precs = op_precisions(ir, full_integer)
     qp = None
     if full_integer or "int8" in precs:

@@ -43,8 +43,33 @@ def check_ops(analysis: ModelAnalysis, option: BackendOption) -> list[str]:
 
     if option.settings.delegate == "nnapi":
         return _ops.check_layers(analysis, option, NNAPI_OPS & WRITER_OPS,
-                                 [_ops.static_shapes, _ops.div_by_constant, _ops.max_rank(4), _ops.grouped_conv])
-    return _ops.check_layers(analysis, option, _ops.TFLITE_OPS & WRITER_OPS, [_ops.static_shapes, _ops.max_rank(5), _ops.grouped_conv])
+                                 [_ops.static_shapes, _ops.div_by_constant, _ops.max_rank(4), _ops.grouped_conv]) \
+            + lone_erfs(analysis, option.backend)
+    return _ops.check_layers(analysis, option, _ops.TFLITE_OPS & WRITER_OPS, [_ops.static_shapes, _ops.max_rank(5), _ops.grouped_conv]) \
+        + lone_erfs(analysis, option.backend)
+
+
+def lone_erfs(analysis: ModelAnalysis, backend: str) -> list[str]:
+    """Erf layers outside a GELU: TFLite has no ERF builtin; the writer turns only
+    ``x * 0.5 * (1 + Erf(x / sqrt(2)))`` into GELU.  Checked on the graph's structure (Div or Mul before the Erf,
+    Add then Mul after it); the writer also checks the constants and refuses a near-miss by name."""
+    producer = {o: ly for ly in analysis.layers for o in ly.outputs}
+    consumers: dict[str, list] = {}
+    for ly in analysis.layers:
+        for i in dict.fromkeys(ly.inputs):
+            consumers.setdefault(i, []).append(ly)
+    reasons = []
+    for ly in analysis.layers:
+        if ly.op_type != "Erf" or ly.domain not in ("", "ai.onnx"):
+            continue
+        src = producer.get(ly.inputs[0]) if ly.inputs else None
+        after = consumers.get(ly.outputs[0], []) if ly.outputs else []
+        gelu = (src is not None and src.op_type in ("Div", "Mul") and len(after) == 1 and after[0].op_type == "Add"
+                and any(c.op_type == "Mul" for c in consumers.get(after[0].outputs[0], [])))
+        if not gelu:
+            reasons.append(f"{ly.name}: op Erf is not supported by {backend}: TFLite has no ERF builtin; only Erf inside "
+                           "GELU (x * 0.5 * (1 + Erf(x / sqrt(2)))) converts, to GELU")
+    return reasons
 
 
 # --------------------------------------------------------------------------- building
@@ -82,7 +107,7 @@ def convert_plan(model: onnx.ModelProto, plan: Plan, calib: CalibrationData | No
         n = sum(p == "int8" for p in precision_of.values())
         raise EdgeoptError(f"the plan quantizes {n} layer(s) to int8: give calibration data")
     return _tflite_writer.convert(model, input_shapes=plan.input_shapes, precision_of=precision_of, default=default,
-                                  calib=calib, full_integer=full_integer, calib_limit=calib_limit)
+                                  calib=calib, full_integer=full_integer, calib_limit=calib_limit, micro=backend == "tflm")
 
 
 # --------------------------------------------------------------------------- running

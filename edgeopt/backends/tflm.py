@@ -42,9 +42,11 @@ SDK_LABEL = "ai-edge-litert"
 
 def check_ops(analysis: ModelAnalysis, option: BackendOption) -> list[str]:
     from ._tflite_writer import SUPPORTED_OPS as WRITER_OPS  # what the .tflite writer translates
+    from .tflite import lone_erfs
 
     return _ops.check_layers(analysis, option, _ops.TFLM_OPS & WRITER_OPS,
-                             [_ops.static_shapes, _ops.const_weight, _ops.div_by_constant, _ops.max_rank(4), _ops.grouped_conv])
+                             [_ops.static_shapes, _ops.const_weight, _ops.div_by_constant, _ops.max_rank(4), _ops.grouped_conv]) \
+        + lone_erfs(analysis, option.backend)
 
 
 # --------------------------------------------------------------------------- building
@@ -116,6 +118,26 @@ def _allocates(data: bytes, size: int) -> bool:
         return False
 
 
+_PROBE = """
+import sys
+from tflite_micro import runtime as micro
+data = open(sys.argv[1], "rb").read()
+try:
+    micro.Interpreter.from_bytes(data, arena_size=int(sys.argv[2]))
+except RuntimeError:
+    sys.exit(3)
+"""
+
+
+def _allocates_isolated(path: str, size: int) -> bool:
+    """:func:`_allocates` in a child process: an arena just too small can crash TFLite Micro (a kernel's Prepare
+    reading a failed temporary allocation), which must not take this process with it."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", _PROBE, path, str(int(size))], capture_output=True).returncode == 0
+
+
 def measure_arena(data: bytes, n_inputs: int = 1) -> dict[str, Any] | None:
     """The smallest tensor arena TFLite Micro allocates this model in (None without tflite-micro).
 
@@ -145,12 +167,23 @@ def measure_arena(data: bytes, n_inputs: int = 1) -> dict[str, Any] | None:
     found = {k: int(v) for k, v in re.findall(r"Arena allocation (total|head|tail) (\d+) bytes", report)}
     total = found.get("total")
     method = "recording allocator"
-    if total is None or not _allocates(data, total):
-        lo, hi = 0, upper  # invariant: hi allocates, lo does not
-        while hi - lo > ARENA_ALIGN:
-            mid = (lo + hi) // 2 // ARENA_ALIGN * ARENA_ALIGN
-            lo, hi = (lo, mid) if _allocates(data, mid) else (mid, hi)
-        total, method = hi, "binary search"
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "model.tflite")
+        Path(path).write_bytes(data)
+        if total is None or not _allocates_isolated(path, total):
+            # the recording misses the temporaries of the kernels' Prepare (models with tiny activations):
+            # double up from it, then bisect, every probe in a child process
+            lo = total or 0  # invariant: hi allocates, lo does not
+            hi = max(2 * lo, 1024)
+            while hi < upper and not _allocates_isolated(path, hi):
+                lo, hi = hi, 2 * hi
+            hi = min(hi, upper)
+            while hi - lo > ARENA_ALIGN:
+                mid = (lo + hi) // 2 // ARENA_ALIGN * ARENA_ALIGN
+                lo, hi = (lo, mid) if _allocates_isolated(path, mid) else (mid, hi)
+            total, method = hi, "binary search (the recording allocator's total does not allocate)"
     return {"measured_bytes": total, "head_bytes": found.get("head"), "tail_bytes": found.get("tail"), "method": method,
             "report": [ln.strip() for ln in report.splitlines() if ln.strip()]}
 
