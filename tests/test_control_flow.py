@@ -67,6 +67,28 @@ class Stream(nn.Module):
         return self.out(y), h, c
 
 
+class WidthSwitch(nn.Module):
+    """The branch not taken at width 32 cannot run at width 32 (shape inference of the whole If fails on it)."""
+
+    def forward(self, x):
+        if x.shape[1] == 14:
+            return x.reshape(1, 7, 2).sum(2)
+        return x[:, :7] * 3.0
+
+
+class StepLoop(nn.Module):
+    """``for t in range(x.shape[1])``: a Loop whose trip count is static once x's shape is known."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.Linear(16, 8)
+
+    def forward(self, x, h):
+        for t in range(x.shape[1]):
+            h = torch.tanh(self.cell(x[:, t]) + h) + t
+        return h
+
+
 def _export(module, args, path, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -85,6 +107,10 @@ def models(tmp_path_factory):
         "stream": _export(Stream(), (torch.randn(1, 10, 16), torch.zeros(1, 1, 24), torch.zeros(1, 1, 24)),
                           d / "stream.onnx", input_names=["x", "h0", "c0"], output_names=["y", "hN", "cN"],
                           dynamic_axes={"x": {1: "T"}}),
+        "width_switch": _export(WidthSwitch(), (torch.randn(1, 14),), d / "width_switch.onnx", input_names=["x"],
+                                output_names=["y"], dynamic_axes={"x": {1: "width"}}),
+        "loop": _export(StepLoop(), (torch.randn(1, 5, 16), torch.zeros(1, 8)), d / "loop.onnx", input_names=["x", "h"],
+                        output_names=["hN"], dynamic_axes={"x": {1: "T"}}),
     }
 
 
@@ -158,6 +184,54 @@ def test_analyze_folds_and_keeps_shapes(models):
     assert lstm.output_shapes[0] == [8, 1, 1, 24]  # the window the folded branch cut, seen by shape inference
     assert a.outputs["y"] == [1, 8, 4]
     assert _ops(m).count("If") == 1  # the model given is the one analysed (and built)
+
+
+def test_untaken_branch_invalid_at_these_shapes(models):
+    """Folding comes before shape inference: the branch a width of 32 does not take (a reshape to 7x2) is gone."""
+    a = analyze(models["width_switch"], {"x": [1, 32]})
+    ops = [ly.op_type for ly in a.layers]
+    assert "If" not in ops and "Reshape" not in ops and ops[-1] == "Mul" and a.outputs["y"] == [1, 7]
+
+
+def test_torch_loop_unrolled(models):
+    original = onnx.load(str(models["loop"]))
+    assert "Loop" in _ops(original)
+    m = onnx.ModelProto()
+    m.CopyFrom(original)
+    assert fold_control_flow(m, {"x": [1, 5, 16]}) and "Loop" not in _ops(m)
+    assert _ops(m).count("Gemm") == 5 and len([t for t in m.graph.initializer if len(t.dims) == 2]) == 1  # one weight
+    feeds = {"x": np.random.default_rng(2).standard_normal((1, 5, 16)).astype(np.float32),
+             "h": np.ones((1, 8), np.float32)}
+    np.testing.assert_allclose(_run(m, feeds)[0], _run(original, feeds)[0], rtol=0, atol=1e-6)
+    a = analyze(models["loop"], {"x": [1, 5, 16]})
+    assert [ly.op_type for ly in a.layers].count("Gemm") == 5 and a.outputs["hN"] == [1, 8]
+
+
+def test_dynamo_exported_cond_folds(tmp_path):
+    """torch.export's ``torch.cond`` on a shape (the dynamo exporter, which needs onnxscript)."""
+    pytest.importorskip("onnxscript")
+
+    class Cond(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(16, 8)
+
+        def forward(self, x):
+            return torch.cond(x.shape[1] > 16, lambda t: self.a(t[:, :16]) * 2, lambda t: torch.relu(self.a(t[:, -16:])), (x,))
+
+    path = tmp_path / "cond.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Cond(), (torch.randn(1, 32),), str(path), dynamo=True, input_names=["x"],
+                          dynamic_shapes={"x": {1: torch.export.Dim("w", min=2, max=1024)}})
+    original = onnx.load(str(path))
+    assert "If" in _ops(original)
+    for width in (32, 16):
+        m = onnx.ModelProto()
+        m.CopyFrom(original)
+        assert fold_control_flow(m, {"x": [1, width]}) and "If" not in _ops(m)
+        x = np.random.default_rng(width).standard_normal((1, width)).astype(np.float32)
+        np.testing.assert_allclose(_run(m, {"x": x})[0], _run(original, {"x": x})[0], rtol=0, atol=1e-6)
 
 
 def _loop_model(trips: int) -> onnx.ModelProto:

@@ -17,6 +17,7 @@ nodes that compute them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -224,7 +225,7 @@ def _inline(model: onnx.ModelProto, body: onnx.GraphProto, bind: Mapping[str, st
         if v in targets:
             rename[v] = targets[v]
         elif always_rename or v in names.values:
-            rename[v] = names.fresh(f"{prefix}/{v}" if always_rename else v, names.values)
+            rename[v] = names.fresh(f"{prefix}/{v.lstrip('/')}" if always_rename else v, names.values)
         else:
             names.values.add(v)
             names.main.add(v)
@@ -236,7 +237,8 @@ def _inline(model: onnx.ModelProto, body: onnx.GraphProto, bind: Mapping[str, st
             model.graph.value_info.append(vi)
     nodes = list(b.node)
     for n in nodes:
-        n.name = names.fresh(n.name if n.name and not always_rename else f"{prefix}/{n.name or n.op_type}", names.nodes)
+        n.name = names.fresh(n.name if n.name and not always_rename else f"{prefix}/{(n.name or n.op_type).lstrip('/')}",
+                             names.nodes)
     for bo, dst in outputs:
         if dst and targets.get(bo) != dst:
             nodes.append(helper.make_node("Identity", [rename.get(bo, bo)], [dst],
@@ -248,7 +250,8 @@ def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
-def _unroll(model: onnx.ModelProto, node: onnx.NodeProto, trips: int, names: _Names) -> list[onnx.NodeProto] | None:
+def _unroll(model: onnx.ModelProto, node: onnx.NodeProto, trips: int, names: _Names,
+            outer_value) -> list[onnx.NodeProto] | None:
     """``node`` (a Loop) unrolled ``trips`` times, or None when its body is not one that unrolls plainly."""
     from onnx import helper, numpy_helper
 
@@ -267,9 +270,15 @@ def _unroll(model: onnx.ModelProto, node: onnx.NodeProto, trips: int, names: _Na
         if n.op_type == "Constant" and n.attribute and n.attribute[0].HasField("t") and n.attribute[0].t.data_type == 9:
             if numpy_helper.to_array(n.attribute[0].t).all():
                 const_true.add(n.output[0])
-    passthrough = {cond_in} | {n.output[0] for n in body.node if n.op_type == "Identity" and n.input[0] == cond_in}
-    if cond_out not in passthrough | const_true:
-        return None
+    identity = {n.output[0]: n.input[0] for n in body.node if n.op_type == "Identity"}
+    defined = {o for n in body.node for o in n.output} | {t.name for t in body.initializer}
+    v, hops = cond_out, 0
+    while v in identity and hops < len(body.node):  # the condition passed on, or a constant true, in or outside
+        v, hops = identity[v], hops + 1
+    if v != cond_in and v not in const_true:
+        outer = outer_value(v) if v not in defined else None
+        if outer is None or not outer.all():
+            return None
     prefix = node.name or "Loop"
     true_name = names.fresh(f"{prefix}/true", names.values)
     model.graph.initializer.append(numpy_helper.from_array(np.array(True), true_name))
@@ -398,7 +407,9 @@ def fold_control_flow(model: onnx.ModelProto, input_shapes: Mapping[str, list[in
                 c = _static_value(n.input[1], model, producers, inits, shapes, read) if len(n.input) > 1 and n.input[1] else np.array(True)
                 if m is not None and m.size == 1 and c is not None and c.size == 1 and bool(c.reshape(-1)[0]) \
                         and 0 <= int(m.reshape(-1)[0]) <= MAX_UNROLL:
-                    got = _unroll(model, n, int(m.reshape(-1)[0]), names)
+                    outer = functools.partial(_static_value, model=model, producers=producers, inits=inits,
+                                              shapes=shapes, used_shapes=read)
+                    got = _unroll(model, n, int(m.reshape(-1)[0]), names, outer)
             if got is None:
                 new_nodes.append(n)
                 continue
