@@ -187,8 +187,12 @@ def _opset_limits() -> dict[str, int]:
             import importlib.util
 
             if importlib.util.find_spec("onnxruntime") is not None:
+                import onnxruntime
                 from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
 
+                # the first use of onnxruntime in every flow: its C++ logger's default (what sessions without a
+                # level of their own, e.g. the quantizer's, log at) to errors only
+                onnxruntime.set_default_logger_severity(3)
                 ort_max: dict[str, int] = {}
                 for s in ort_c.get_all_operator_schema():
                     ort_max[s.domain] = max(ort_max.get(s.domain, 0), s.since_version)
