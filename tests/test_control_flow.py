@@ -278,6 +278,18 @@ def test_loop_with_static_trip_count(trips, unrolled):
         np.testing.assert_allclose(g, w, rtol=0, atol=1e-6)
 
 
+def test_long_static_loop_refused_by_tflite(tmp_path, capfd):
+    path = tmp_path / "loop40.onnx"
+    onnx.save(_loop_model(40), str(path))
+    capfd.readouterr()
+    rc, out, err = _cli(capfd, "plan", path, "--target", "android-mid")
+    assert rc == 2, (out, err)
+    assert "`Loop` of a static trip count edgeopt does not unroll (node loop: over 16 iterations" in err
+    assert "tflite cannot run control flow" in err and len(err.strip().splitlines()) == 1
+    rc, out, err = _cli(capfd, "plan", path, "--target", "x86-cpu")
+    assert rc == 0, (out, err)
+
+
 def _cli(capfd, *argv) -> tuple[int, str, str]:
     rc = cli.main([str(a) for a in argv])
     out, err = capfd.readouterr()

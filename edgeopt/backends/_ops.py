@@ -127,18 +127,21 @@ CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
 
 def control_flow_reason(layer: LayerInfo, backend: str) -> str:
     """The one-line refusal of a control-flow layer by a backend without control flow."""
+    dynamic = True
     if layer.op_type == "If":
         what = f"`If` on a condition computed from input values (node {layer.name})"
     elif layer.op_type == "Loop" and layer.inputs and layer.inputs[0] in layer.weights and \
             (len(layer.inputs) < 2 or not layer.inputs[1] or layer.inputs[1] in layer.weights):
-        what = f"`Loop` of a static trip count edgeopt does not unroll (over 16 iterations, or a nested body) (node {layer.name})"
+        what, dynamic = f"`Loop` of a static trip count edgeopt does not unroll (node {layer.name}: over 16 iterations, " \
+                        f"a condition the body changes, or a nested sub-graph)", False
     elif layer.op_type == "Loop":
         what = f"`Loop` on a trip count or condition computed from input values (node {layer.name})"
     else:
-        what = f"`{layer.op_type}` (node {layer.name})"
-    return (f"{what}: {backend} cannot run data-dependent control flow (edgeopt's {backend} translation has no "
-            f"sub-graphs); give input shapes that make it static "
-            f"(--input-shape) if it depends only on them, or use a backend that runs it (onnxruntime, openvino)")
+        what, dynamic = f"`{layer.op_type}` (node {layer.name})", False
+    kind = "data-dependent control flow" if dynamic else "control flow"
+    return (f"{what}: {backend} cannot run {kind} (edgeopt's {backend} translation has no sub-graphs); give input "
+            f"shapes that make it static (--input-shape) if it depends only on them, or use a backend that runs it "
+            f"(onnxruntime, openvino)")
 
 
 def check_layers(analysis: ModelAnalysis, option: BackendOption, supported: frozenset[str] | Callable[[str, str], bool],
