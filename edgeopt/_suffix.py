@@ -117,7 +117,8 @@ class SuffixRunner:
             raise Unsupported("the feeds are not the model's inputs")
         for vi in g.input:  # a fixed batch (run in slices by the caller) or any other fixed dim the feeds do not fit
             dims = [d.dim_value if d.HasField("dim_value") else 0 for d in vi.type.tensor_type.shape.dim]
-            if vi.name in feeds and (len(dims) not in (0, feeds[vi.name].ndim) or any(
+            shaped = vi.type.tensor_type.HasField("shape")  # a rank-0 input has one; per-sample feeds stack it to [N]
+            if vi.name in feeds and (len(dims) not in ((feeds[vi.name].ndim,) if shaped else (0, feeds[vi.name].ndim)) or any(
                     d > 0 and d != f for d, f in zip(dims, feeds[vi.name].shape))):
                 raise Unsupported(f"input {vi.name} has fixed dims {dims} the feeds do not fit")
         self.node_bytes = {n.SerializeToString() for n in g.node}

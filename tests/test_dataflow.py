@@ -374,3 +374,21 @@ def test_profile_takes_the_same_inputs_as_build(work, tmp_path, capsys):
     np.savez(tmp_path / "bad.npz", x=np.ones((2, 16), np.float32), rate=np.array(16000, np.int64))
     assert cli.main(["profile", str(out), "--inputs", str(tmp_path / "bad.npz"), "--no-save"]) == 2
     assert "shape" in _one_line_error(capsys)
+
+
+def test_suffix_runner_refuses_per_sample_feeds_of_a_scalar_only_model():
+    """Sensitivity's fast path must not run per-sample feeds (a scalar input stacked to [N]) as one batch."""
+    from edgeopt._suffix import SuffixRunner, Unsupported
+
+    w = nh.from_array(np.ones((16, 4), np.float32), "w")
+    shape = nh.from_array(np.array([1, 16], np.int64), "shape")
+    g = oh.make_graph([oh.make_node("Expand", ["gain", "shape"], ["e"]), oh.make_node("MatMul", ["e", "w"], ["y"])],
+                      "g", [oh.make_tensor_value_info("gain", TensorProto.FLOAT, [])],
+                      [oh.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w, shape])
+    m = oh.make_model(g, opset_imports=[oh.make_opsetid("", 17)])
+    m.ir_version = 8
+    cd = as_calibration({"gain": np.linspace(0.5, 2, 5, dtype=np.float32)}, m)
+    assert cd.per_sample and len(cd) == 5
+    with pytest.raises(Unsupported):
+        SuffixRunner(m, cd.feeds(), [m.graph.node[1].name or "MatMul"])
+    assert run(m, cd)[0].shape == (5, 4)
