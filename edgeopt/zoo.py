@@ -268,3 +268,88 @@ def minilm_tokens(sentences: list[str], seq: int = MINILM_SEQ) -> tuple[np.ndarr
         ids[row, : len(toks)] = toks
         mask[row, : len(toks)] = 1
     return ids, mask
+
+
+# --------------------------------------------------------------------------- a streaming keyword spotter
+
+KWS_FRAMES, KWS_BANDS, KWS_HIDDEN, KWS_CLASSES = 20, 40, 64, 4
+
+
+def _kws_features(rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
+    """Synthetic log-mel-like chunks [N, frames, bands]: each keyword class is a formant track (a band of energy
+    whose centre moves with its own slope and curvature) over pink-ish noise, at a random level and onset."""
+    n = len(labels)
+    t = np.arange(KWS_FRAMES)[None, :, None]
+    f = np.arange(KWS_BANDS)[None, None, :]
+    slope = np.array([0.9, -0.9, 0.0, 0.45])[labels][:, None, None]
+    curve = np.array([0.0, 0.0, 0.06, -0.04])[labels][:, None, None]
+    start = rng.uniform(8, 30, (n, 1, 1))
+    centre = start + slope * (t - KWS_FRAMES / 2) + curve * (t - KWS_FRAMES / 2) ** 2
+    onset = rng.integers(0, 6, (n, 1, 1))
+    energy = np.exp(-0.5 * ((f - centre) / 2.0) ** 2) * (t >= onset) * rng.uniform(0.6, 1.4, (n, 1, 1))
+    noise = rng.normal(0, 0.25, (n, KWS_FRAMES, KWS_BANDS)) / np.sqrt(1 + f / 8)
+    return (2.0 * energy + noise).astype(np.float32)
+
+
+def _kws_model():
+    import torch.nn as nn
+
+    class Kws(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru = nn.GRU(KWS_BANDS, KWS_HIDDEN, batch_first=True)
+            self.head = nn.Linear(KWS_HIDDEN, KWS_CLASSES)
+
+        def forward(self, feats, h0):
+            y, h = self.gru(feats, h0)
+            return self.head(y[:, -1]), h
+
+    return Kws()
+
+
+def kws_gru_path() -> Path:
+    """A streaming keyword spotter: a GRU over one chunk of features with its state carried in and out (inputs
+    ``feats`` [1, 20, 40], ``h0`` [1, 1, 64] (batch on axis 1); outputs ``logits`` [1, 4], ``h`` [1, 1, 64]), trained
+    here in seconds on :func:`_kws_features` (deterministic), exported with a fixed batch of 1.  Needs torch."""
+    out = cache_dir() / "kws_gru.onnx"
+    if out.is_file():
+        return out
+    try:
+        import torch
+    except ImportError as e:
+        raise EdgeoptError("building the keyword spotter needs torch; pip install torch==2.13.0") from e
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = _kws_model()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        y = rng.integers(0, KWS_CLASSES, 64)
+        x = torch.from_numpy(_kws_features(rng, y))
+        h0 = torch.randn(1, 64, KWS_HIDDEN) * 0.3  # mid-stream states, not only the start
+        loss = torch.nn.functional.cross_entropy(model(x, h0)[0], torch.from_numpy(y))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    tmp = out.with_suffix(".tmp.onnx")
+    torch.onnx.export(model, (torch.zeros(1, KWS_FRAMES, KWS_BANDS), torch.zeros(1, 1, KWS_HIDDEN)), str(tmp),
+                      input_names=["feats", "h0"], output_names=["logits", "h"], opset_version=17, dynamo=False)
+    os.replace(tmp, out)
+    return out
+
+
+def kws_samples(n: int, seed: int = 0) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
+    """``n`` streaming steps of the keyword spotter, one dict per sample in the model's own input shapes (``feats``
+    [1, 20, 40], ``h0`` [1, 1, 64]: the state after a previous chunk, as on a device mid-stream), and their labels."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, KWS_CLASSES, n)
+    before = _kws_features(rng, rng.integers(0, KWS_CLASSES, n))
+    feats = _kws_features(rng, labels)
+    sess = ort.InferenceSession(str(kws_gru_path()), providers=["CPUExecutionProvider"])
+    samples = []
+    for i in range(n):
+        h = sess.run(None, {"feats": before[i : i + 1], "h0": np.zeros((1, 1, KWS_HIDDEN), np.float32)})[1]
+        samples.append({"feats": feats[i : i + 1], "h0": h.astype(np.float32)})
+    return samples, labels
