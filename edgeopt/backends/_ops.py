@@ -132,7 +132,7 @@ def control_flow_reason(layer: LayerInfo, backend: str) -> str:
         what = f"`If` on a condition computed from input values (node {layer.name})"
     elif layer.op_type == "Loop" and layer.inputs and layer.inputs[0] in layer.weights and \
             (len(layer.inputs) < 2 or not layer.inputs[1] or layer.inputs[1] in layer.weights):
-        what, dynamic = f"`Loop` of a static trip count edgeopt does not unroll (node {layer.name}: over 16 iterations, " \
+        what, dynamic = f"`Loop` of a static trip count edgeopt does not unroll (node {layer.name}: over 16 iterations or 4096 nodes, " \
                         f"a condition the body changes, or a nested sub-graph)", False
     elif layer.op_type == "Loop":
         what = f"`Loop` on a trip count or condition computed from input values (node {layer.name})"

@@ -30,6 +30,8 @@ if TYPE_CHECKING:  # pragma: no cover
 CONTROL_OPS = frozenset({"If", "Loop", "Scan"})
 #: Loops with a static trip count up to this are unrolled; longer ones stay Loop nodes.
 MAX_UNROLL = 16
+#: ... and only while the unrolled copies come to at most this many nodes.
+MAX_UNROLL_NODES = 4096
 #: A condition's computation reads constants of at most this many elements (shape arithmetic, not weights).
 _MAX_CONST_ELEMS = 1 << 16
 
@@ -262,7 +264,7 @@ def _unroll(model: onnx.ModelProto, node: onnx.NodeProto, trips: int, names: _Na
         return None
     if any(a.HasField("g") or a.graphs for n in body.node for a in n.attribute):
         return None
-    if trips == 0 and n_scan:
+    if (trips == 0 and n_scan) or trips * len(body.node) > MAX_UNROLL_NODES:
         return None
     cond_in, cond_out = body.input[1].name, body.output[0].name
     const_true = {t.name for t in body.initializer if t.data_type == 9 and numpy_helper.to_array(t).all()}
