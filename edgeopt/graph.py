@@ -1172,6 +1172,10 @@ def analyze(path: str | Path, input_shapes: Mapping[str, list[int]] | None = Non
             model: onnx.ModelProto | None = None) -> ModelAnalysis:
     """Analyse an ONNX model file (``model`` may pass the already-loaded proto of ``path``).
 
+    ``If``/``Loop`` nodes static at these input shapes are folded first, in ``model`` itself (the input dims a folded
+    condition read are pinned in it): what is built from ``model`` afterwards is what was analysed.  Control flow on
+    input values stays, one layer each.
+
     Linear in the graph's size.  Shapes come from onnx's shape inference; only where it cannot derive some is the
     model run once (see :func:`_shapes_by_running`), and only if inputs, weights and the activations whose shapes are
     known fit :func:`max_memory` (:class:`MemoryLimitError` otherwise).
