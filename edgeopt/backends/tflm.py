@@ -118,24 +118,66 @@ def _allocates(data: bytes, size: int) -> bool:
         return False
 
 
-_PROBE = """
+_SEARCH = """
 import sys
 from tflite_micro import runtime as micro
+
 data = open(sys.argv[1], "rb").read()
-try:
-    micro.Interpreter.from_bytes(data, arena_size=int(sys.argv[2]))
-except RuntimeError:
-    sys.exit(3)
+lo, hi, align = (int(a) for a in sys.argv[2:5])
+
+
+def allocates(size):
+    print("try", size, flush=True)  # a crash right after this line: that size does not allocate
+    try:
+        micro.Interpreter.from_bytes(data, arena_size=size)
+        ok = True
+    except RuntimeError:
+        ok = False
+    print("ok" if ok else "fail", size, flush=True)
+    return ok
+
+
+if lo + align < hi and not allocates(lo + align):
+    lo += align
+while hi - lo > align:
+    mid = (lo + hi) // 2 // align * align
+    lo, hi = (lo, mid) if allocates(mid) else (mid, hi)
 """
 
 
-def _allocates_isolated(path: str, size: int) -> bool:
-    """:func:`_allocates` in a child process: an arena just too small can crash TFLite Micro (a kernel's Prepare
-    reading a failed temporary allocation), which must not take this process with it."""
+def _smallest_arena(data: bytes, lo: int, hi: int) -> int:
+    """The smallest arena (a multiple of ARENA_ALIGN in (lo, hi]; ``hi`` allocates) TFLite Micro allocates ``data``
+    in, found in child processes: an arena just too small can crash TFLite Micro (a kernel's Prepare reading a
+    failed temporary allocation), which must not take this process with it.  A crashed child's last size counts
+    as too small and the search goes on from there in a new child."""
     import subprocess
     import sys
+    import tempfile
 
-    return subprocess.run([sys.executable, "-c", _PROBE, path, str(int(size))], capture_output=True).returncode == 0
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.tflite"
+        path.write_bytes(data)
+        for _ in range(64):
+            if hi - lo <= ARENA_ALIGN:
+                break
+            run = subprocess.run([sys.executable, "-c", _SEARCH, str(path), str(lo), str(hi), str(ARENA_ALIGN)],
+                                 capture_output=True, text=True)
+            pending = None
+            for line in run.stdout.splitlines():
+                word, _, size = line.partition(" ")
+                if word == "try":
+                    pending = int(size)
+                elif word in ("ok", "fail"):
+                    pending = None
+                    if word == "ok":
+                        hi = min(hi, int(size))
+                    else:
+                        lo = max(lo, int(size))
+            if pending is not None:  # crashed while allocating it
+                lo = max(lo, pending)
+            elif run.returncode != 0:
+                raise EdgeoptError(f"tflm: measuring the arena failed: {run.stderr.strip()[-300:]}")
+    return hi
 
 
 def measure_arena(data: bytes, n_inputs: int = 1) -> dict[str, Any] | None:
@@ -167,23 +209,12 @@ def measure_arena(data: bytes, n_inputs: int = 1) -> dict[str, Any] | None:
     found = {k: int(v) for k, v in re.findall(r"Arena allocation (total|head|tail) (\d+) bytes", report)}
     total = found.get("total")
     method = "recording allocator"
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = str(Path(tmp) / "model.tflite")
-        Path(path).write_bytes(data)
-        if total is None or not _allocates_isolated(path, total):
-            # the recording misses the temporaries of the kernels' Prepare (models with tiny activations):
-            # double up from it, then bisect, every probe in a child process
-            lo = total or 0  # invariant: hi allocates, lo does not
-            hi = max(2 * lo, 1024)
-            while hi < upper and not _allocates_isolated(path, hi):
-                lo, hi = hi, 2 * hi
-            hi = min(hi, upper)
-            while hi - lo > ARENA_ALIGN:
-                mid = (lo + hi) // 2 // ARENA_ALIGN * ARENA_ALIGN
-                lo, hi = (lo, mid) if _allocates_isolated(path, mid) else (mid, hi)
-            total, method = hi, "binary search (the recording allocator's total does not allocate)"
+    # the recorded total is what the tensors and structs took; it can miss the temporaries of the kernels' Prepare
+    # (models with tiny activations): then the smallest arena at or above it that allocates
+    recorded = total
+    total = _smallest_arena(data, (total - ARENA_ALIGN) if total else 0, upper)
+    if total != recorded:
+        method = "binary search (the recording allocator's total does not allocate)"
     return {"measured_bytes": total, "head_bytes": found.get("head"), "tail_bytes": found.get("tail"), "method": method,
             "report": [ln.strip() for ln in report.splitlines() if ln.strip()]}
 
