@@ -160,9 +160,7 @@ def _manifest(out: Path) -> dict:
     ("x86-cpu", ["--backend", "openvino", "--precision", "int8"], "openvino"),
     ("android-mid", ["--precision", "int8"], "ai_edge_litert"),
     ("mcu-cortex-m7", ["--max-accuracy-drop", "0.5"], "ai_edge_litert"),
-    pytest.param("ios", [], "coremltools", marks=pytest.mark.xfail(
-        reason="backends/coreml.py compare_with_onnx feeds every sample to the reference in one sess.run (not "
-               "this change's file): it needs fidelity.run_feeds", strict=False)),
+    ("ios", [], "coremltools"),
     ("gpu-server", [], None),
 ])
 def test_fixed_batch_1_builds_on_every_backend(fixed_batch_1, tmp_path, capsys, target, extra, needs):
