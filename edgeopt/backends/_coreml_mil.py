@@ -228,8 +228,12 @@ class _Translator:
         self.node = node
         self._base = self._unique(sanitize(node.name))
         self._k, self._node_ops = 0, []
+        attrs = _attrs(node)
+        why = refusal(node.op_type, attrs)
+        if why:
+            raise UnsupportedOpError(f"node {node.name}: {node.op_type} {why} for Core ML")
         try:
-            res = handler(self, node, _attrs(node), [self.value(i) for i in node.input])
+            res = handler(self, node, attrs, [self.value(i) for i in node.input])
         except (EdgeoptError, InternalError):
             raise
         except Exception as e:  # a MIL type/shape error: name the node
@@ -1055,6 +1059,41 @@ def _upsample(t, node, a, ins):
 
 #: ONNX ops :func:`to_mil` translates (the planner's table for this backend).
 SUPPORTED_OPS = frozenset(_HANDLERS)
+
+_RESIZE_LINEAR_COORDS = ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric")
+_RESIZE_NEAREST_COORDS = (*_RESIZE_LINEAR_COORDS, "half_pixel_symmetric")
+
+
+def refusal(op_type: str, attrs: dict[str, Any]) -> str | None:
+    """Why a node of a translated op type is still not translated, from its attributes alone (None: it is);
+    the one rule for both :func:`to_mil` and the pre-flight (``edgeopt analyze --target ios``)."""
+    a = attrs
+    if op_type == "Resize":
+        mode = a.get("mode", "nearest")
+        coord = a.get("coordinate_transformation_mode", "half_pixel")
+        if mode not in ("nearest", "linear"):
+            return f"mode {mode} is not translated (nearest and linear are)"
+        if coord not in (_RESIZE_LINEAR_COORDS if mode == "linear" else _RESIZE_NEAREST_COORDS):
+            return f"coordinate_transformation_mode {coord} with mode {mode} is not translated"
+        if a.get("antialias", 0) or a.get("axes") is not None or a.get("keep_aspect_ratio_policy", "stretch") != "stretch":
+            return "antialias/axes/keep_aspect_ratio_policy are not translated"
+    elif op_type == "Upsample" and a.get("mode", "nearest") not in ("nearest", "linear", "bilinear"):
+        return f"mode {a.get('mode')} is not translated"
+    elif op_type == "Einsum" and _einsum_plan(str(a.get("equation", ""))) is None:
+        return f"equation {a.get('equation')!r} is not a plain (batched) matmul"
+    elif op_type == "TopK" and not a.get("sorted", 1):
+        return "unsorted TopK is not translated"
+    elif op_type in ("ArgMax", "ArgMin") and a.get("select_last_index", 0):
+        return "select_last_index is not translated"
+    elif op_type == "LpNormalization" and int(a.get("p", 2)) not in (1, 2):
+        return f"p={a.get('p')} is not translated (1 and 2 are)"
+    elif op_type == "ConvTranspose" and a.get("auto_pad", "NOTSET") != "NOTSET":
+        return "auto_pad is not translated"
+    elif op_type == "Pad" and a.get("mode", "constant") not in ("constant", "reflect", "edge"):
+        return f"mode {a.get('mode')} is not translated"
+    elif op_type == "Cast" and int(a.get("to", 1)) not in (*_FLOAT_TYPES, *_INT_TYPES):
+        return f"cast to type {a.get('to')} is not translated"
+    return None
 
 
 def to_mil(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> tuple[Translation, onnx.ModelProto]:

@@ -30,6 +30,7 @@ from ..errors import EdgeoptError
 from ..types import Artifact, BackendOption, ModelAnalysis, Plan
 from . import _ops
 from ._coreml_mil import SUPPORTED_OPS as MIL_OPS
+from ._coreml_mil import refusal as mil_refusal
 from .base import Backend, Runner, RuntimeUnavailable, make_artifact, tool_versions
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -44,8 +45,13 @@ SDK_LABEL = "coremltools"
 FOLDED_OPS = frozenset({"Shape", "Size", "Constant", "ConstantOfShape", "Range"})
 
 
+def _attributes(layer, option: BackendOption, analysis: ModelAnalysis) -> str | None:
+    """The translator's own attribute-level refusals (Resize modes, Einsum equations, ...)."""
+    return mil_refusal(layer.op_type, dict(layer.attributes)) if layer.domain in ("", "ai.onnx") else None
+
+
 def check_ops(analysis: ModelAnalysis, option: BackendOption) -> list[str]:
-    return _ops.check_layers(analysis, option, _ops.COREML_OPS & (MIL_OPS | FOLDED_OPS), [_ops.max_rank(5)])
+    return _ops.check_layers(analysis, option, _ops.COREML_OPS & (MIL_OPS | FOLDED_OPS), [_ops.max_rank(5), _attributes])
 
 
 # --------------------------------------------------------------------------- building
@@ -293,7 +299,12 @@ def compare_with_onnx(artifact_dir: Path, reference: onnx.ModelProto, feeds: Map
     """:class:`~edgeopt.fidelity.Fidelity` of the artifact's ONNX equivalent against ``reference`` on ``feeds``."""
     from ..fidelity import compare_outputs, session
 
-    ref = session(reference).run(None, dict(feeds))
+    sess = session(reference)
+    dim = sess.get_inputs()[0].shape[0] if sess.get_inputs()[0].shape else None
+    n = len(next(iter(feeds.values())))
+    step = dim if isinstance(dim, int) and dim > 0 else n  # a fixed-batch source model runs slice by slice
+    parts = [sess.run(None, {k: np.asarray(v[i:i + step]) for k, v in feeds.items()}) for i in range(0, n, step)]
+    ref = [np.concatenate([p[j] for p in parts], axis=0) for j in range(len(parts[0]))]
     out = OnnxEquivalentRunner(artifact_dir).run(feeds)
     return compare_outputs(ref, out, labels)
 
