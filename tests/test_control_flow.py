@@ -328,6 +328,20 @@ def test_value_dependent_if_refused_in_one_line(models, target, backend, capfd):
     _quiet(err)
 
 
+def test_tensorrt_runs_if_on_the_gpu_not_on_a_dla_alone(models):
+    """TensorRT has conditional layers (onnx-tensorrt parses If); the DLA has none, unless it may fall back."""
+    from edgeopt.backends import tensorrt
+    from edgeopt.targets import load_target
+
+    a = analyze(models["value_if"])
+    gpu, dla = load_target("jetson-orin").backends
+    assert tensorrt.check_ops(a, gpu) == [] and tensorrt.check_ops(a, dla) == []
+    alone = dla.model_copy(update={"options": {**dla.options, "gpu_fallback": False}})
+    assert alone.settings.gpu_fallback is False
+    (reason,) = tensorrt.check_ops(a, alone)
+    assert "tensorrt cannot run data-dependent control flow (the DLA has no conditional or loop layers" in reason
+
+
 def test_static_if_plans_on_tflite(models, capfd):
     capfd.readouterr()
     rc, out, err = _cli(capfd, "plan", models["shape_if"], "--target", "android-mid", "--input-shape", "x=1x32")

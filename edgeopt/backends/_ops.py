@@ -125,6 +125,15 @@ def grouped_conv(layer: LayerInfo, option: BackendOption, analysis: ModelAnalysi
 CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
 
 
+#: Why a backend has no control flow (what ``control_flow_reason`` says after "cannot run ...").
+_NO_CONTROL_FLOW = {
+    "tflite": "edgeopt's TFLite writer emits no IF/WHILE sub-graphs",
+    "tflm": "edgeopt's TFLite writer, which TFLM models go through, emits no IF/WHILE sub-graphs",
+    "coreml": "edgeopt's MIL translation maps no cond/while_loop",
+    "tensorrt": "the DLA has no conditional or loop layers (gpu_fallback runs them on the GPU)",
+}
+
+
 def control_flow_reason(layer: LayerInfo, backend: str) -> str:
     """The one-line refusal of a control-flow layer by a backend without control flow."""
     dynamic = True
@@ -139,7 +148,8 @@ def control_flow_reason(layer: LayerInfo, backend: str) -> str:
     else:
         what, dynamic = f"`{layer.op_type}` (node {layer.name})", False
     kind = "data-dependent control flow" if dynamic else "control flow"
-    return (f"{what}: {backend} cannot run {kind} (edgeopt's {backend} translation has no sub-graphs); give input "
+    why = _NO_CONTROL_FLOW.get(backend, f"edgeopt's {backend} translation has no sub-graphs")
+    return (f"{what}: {backend} cannot run {kind} ({why}); give input "
             f"shapes that make it static (--input-shape) if it depends only on them, or use a backend that runs it "
             f"(onnxruntime, openvino)")
 
