@@ -439,6 +439,7 @@ def fold_control_flow(model: onnx.ModelProto, input_shapes: Mapping[str, list[in
         for g in _all_graphs(model.graph):
             if g is not model.graph:
                 used.update(i for n in g.node for i in n.input)
+                used.update(o.name for o in g.output)  # a branch returning an outer initializer as it is
         keep = [t for t in model.graph.initializer if t.name in used or t.name in {i.name for i in model.graph.input}]
         if len(keep) != len(model.graph.initializer):
             del model.graph.initializer[:]
