@@ -234,6 +234,50 @@ def test_dynamo_exported_cond_folds(tmp_path):
         np.testing.assert_allclose(_run(m, {"x": x})[0], _run(original, {"x": x})[0], rtol=0, atol=1e-6)
 
 
+def test_nested_static_ifs_and_name_collisions():
+    """Two static Ifs whose branches define the same names (one holding a static If of its own): all fold, the
+    second copy renamed."""
+    vi = helper.make_tensor_value_info
+
+    def branch(tag: str, nested: bool) -> onnx.GraphProto:
+        nodes = [helper.make_node("Add", ["x", "one"], ["t"], name="add")]
+        if nested:
+            inner_then = helper.make_graph([helper.make_node("Mul", ["t", "x"], ["u"], name="mul")], "inner_then", [],
+                                           [vi("u", TensorProto.FLOAT, [1, 4])])
+            inner_else = helper.make_graph([helper.make_node("Sub", ["t", "x"], ["u2"], name="sub")], "inner_else", [],
+                                           [vi("u2", TensorProto.FLOAT, [1, 4])])
+            nodes.append(helper.make_node("If", ["yes"], ["r"], then_branch=inner_then, else_branch=inner_else,
+                                          name="inner"))
+        else:
+            nodes.append(helper.make_node("Sigmoid", ["t"], ["r"], name="sig"))
+        return helper.make_graph(nodes, f"then_{tag}", [], [vi("r", TensorProto.FLOAT, [1, 4])])
+
+    other = helper.make_graph([helper.make_node("Neg", ["x"], ["n"], name="neg")], "else", [],
+                              [vi("n", TensorProto.FLOAT, [1, 4])])
+    g = helper.make_graph(
+        [helper.make_node("Shape", ["x"], ["s"], start=1), helper.make_node("ReduceMax", ["s"], ["w"], keepdims=0),
+         helper.make_node("Greater", ["w", "two"], ["c"]),
+         helper.make_node("If", ["c"], ["y1"], then_branch=branch("a", True), else_branch=other, name="if_a"),
+         helper.make_node("If", ["c"], ["y2"], then_branch=branch("b", False), else_branch=other, name="if_b"),
+         helper.make_node("Add", ["y1", "y2"], ["z"], name="sum")],
+        "g", [vi("x", TensorProto.FLOAT, [1, 4])], [vi("z", TensorProto.FLOAT, [1, 4])],
+        initializer=[numpy_helper.from_array(np.array(2, np.int64), "two"),
+                     numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+                     numpy_helper.from_array(np.array(True), "yes")])
+    original = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    original.ir_version = 8
+    m = onnx.ModelProto()
+    m.CopyFrom(original)
+    assert fold_control_flow(m) == ["if_a", "if_b", "inner"]
+    assert "If" not in _ops(m)
+    onnx.checker.check_model(m, full_check=True)
+    names = [n.name for n in m.graph.node]
+    outputs = [o for n in m.graph.node for o in n.output]
+    assert len(set(names)) == len(names) and len(set(outputs)) == len(outputs)
+    x = np.array([[-1.0, 0.5, 2.0, -3.0]], np.float32)
+    np.testing.assert_allclose(_run(m, {"x": x})[0], _run(original, {"x": x})[0], rtol=0, atol=1e-6)
+
+
 def _loop_model(trips: int) -> onnx.ModelProto:
     """acc = x; for i in range(trips): acc = acc * 2 + i; scan out acc."""
     body = helper.make_graph(
