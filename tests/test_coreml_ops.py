@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from conftest import init, make_model, save, vi
 from onnx import TensorProto, helper
+from onnx.numpy_helper import to_array as onnx_numpy
 
 from edgeopt.backends import _coreml_mil as cm
 from edgeopt.backends import _ops, coreml
@@ -147,6 +148,30 @@ def _chain(nodes, consts=(), shape=X4, opset=17, out="y"):
     return make
 
 
+def _rnn(op, direction, hidden=5, states=False, peephole=False, layout=0, **attrs):
+    """A one-node LSTM/GRU over x [s=4, b=2, I=3] (layout 0; [b, s, I] for layout 1), all outputs used."""
+    gates = 4 if op == "LSTM" else 3
+    d = 2 if direction == "bidirectional" else 1
+    x = _x((2, 4, 3) if layout else (4, 2, 3), scale=1.5)
+    consts = [("W", _r((d, gates * hidden, 3), 0.5, seed=11)), ("R", _r((d, gates * hidden, hidden), 0.5, seed=12)),
+              ("B", _r((d, 2 * gates * hidden), 0.3, seed=13))]
+    names = ["W", "R", "B"]
+    if states or peephole:
+        consts += [("h0", _r((2, d, hidden) if layout else (d, 2, hidden), 0.5, seed=14))]
+        names += ["", "h0"]
+        if op == "LSTM":
+            consts += [("c0", _r((2, d, hidden) if layout else (d, 2, hidden), 0.5, seed=15))]
+            names += ["c0"]
+    if peephole:
+        consts += [("P", _r((d, 3 * hidden), 0.5, seed=16))]
+        names += ["P"]
+    outs = ["y", "yh"] + (["yc"] if op == "LSTM" else [])
+    node = helper.make_node(op, ["x", *names], outs, name=f"{op.lower()}/node", hidden_size=hidden, direction=direction,
+                            layout=layout, **attrs)
+    m = make_model([node], [vi("x", list(x.shape))], [_out(o) for o in outs], [init(n, v) for n, v in consts])
+    return m, {"x": x}
+
+
 _W = _r((6, 4, 3, 3), 0.3, seed=3)
 SAMPLES = {
     **{op: _unary(op) for op in ("Abs", "Atan", "Ceil", "Cos", "Erf", "Exp", "Floor", "Identity", "Neg", "Relu",
@@ -221,6 +246,8 @@ SAMPLES = {
     "Not": _chain([("Greater", ["x", "z"], ["c"]), ("Not", ["c"], ["y"])], [("z", _f32(0.2))]),
     **{op: _chain([("Greater", ["x", "z"], ["c"]), ("Less", ["x", "w"], ["d"]), (op, ["c", "d"], ["y"])],
                   [("z", _f32(-0.3)), ("w", _f32(0.4))]) for op in ("And", "Or", "Xor")},
+    "LSTM": lambda: _rnn("LSTM", "forward", hidden=4),
+    "GRU": lambda: _rnn("GRU", "forward", hidden=4),
     # folded before translation (static shapes): each feeds a translated op
     "Shape": _chain([("Shape", ["x"], ["s"]), ("Reshape", ["x", "s"], ["y"])]),
     "Size": _chain([("Size", ["x"], ["s"]), ("Cast", ["s"], ["f"], {"to": TensorProto.FLOAT}), ("Add", ["x", "f"], ["y"])]),
@@ -471,3 +498,39 @@ def test_validation_statement_only_when_validated(tmp_path):
     with pytest.raises(RuntimeUnavailable, match="NOT validated") as e:
         open_artifact(tmp_path / "without")
     assert "validated against" not in str(e.value)
+
+
+@pytest.mark.parametrize("op, direction, kw", [
+    ("LSTM", "forward", {}),
+    ("LSTM", "reverse", {"states": True}),
+    ("LSTM", "bidirectional", {"states": True, "peephole": True}),
+    ("LSTM", "forward", {"states": True, "clip": 0.8}),
+    ("GRU", "forward", {"linear_before_reset": 1}),
+    ("GRU", "reverse", {"states": True}),
+    ("GRU", "bidirectional", {"states": True, "linear_before_reset": 1}),
+], ids=["lstm", "lstm-reverse-states", "lstm-bidi-peephole", "lstm-clip", "gru-lbr", "gru-reverse", "gru-bidi"])
+def test_lstm_gru_with_state_in_and_out(tmp_path, op, direction, kw):
+    model, feeds = _rnn(op, direction, **kw)
+    errs, ops = _check(tmp_path, model, feeds)
+    assert ("lstm" in ops) == (op == "LSTM"), ops  # GRU: unrolled (MIL's gru resets outside the recurrent bias)
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+def test_rnn_layout1_batch_first(tmp_path, op):
+    """layout=1 (batch first, onnxruntime has no kernel for it): checked against the layout-0 model."""
+    m1, feeds = _rnn(op, "bidirectional", states=True, layout=1)
+    out = _build(tmp_path, m1, "fp32")
+    got = coreml.BACKEND.reference(read_manifest(out), out).run(feeds)
+    # the same weights, states transposed to [D, b, H], input to [s, b, I]
+    init0 = {t.name: onnx_numpy(t) for t in m1.graph.initializer}
+    init0["h0"] = init0["h0"].transpose(1, 0, 2)
+    if op == "LSTM":
+        init0["c0"] = init0["c0"].transpose(1, 0, 2)
+    node = helper.make_node(op, list(m1.graph.node[0].input), [o.name for o in m1.graph.output], hidden_size=5,
+                            direction="bidirectional")
+    ref_model = make_model([node], [vi("x", [4, 2, 3])], [_out(o.name) for o in m1.graph.output],
+                           [init(k, v) for k, v in init0.items()])
+    ref = session(ref_model).run(None, {"x": feeds["x"].transpose(1, 0, 2)})
+    assert np.allclose(got[0], ref[0].transpose(2, 0, 1, 3), atol=FP32_TOL)  # Y: [b, s, D, H] vs [s, D, b, H]
+    for g, r in zip(got[1:], ref[1:]):
+        assert np.allclose(g, r.transpose(1, 0, 2), atol=FP32_TOL)  # states: [b, D, H] vs [D, b, H]

@@ -1057,6 +1057,153 @@ def _upsample(t, node, a, ins):
 
 
 
+_RNN_ACTS = {"Sigmoid": "sigmoid", "Tanh": "tanh", "Relu": "relu"}
+#: ONNX LSTM gate blocks (i, o, f, c) <-> MIL lstm (i, f, o, z): the same permutation both ways
+_LSTM_GATES = [0, 2, 1, 3]
+
+
+def _blocks(w: np.ndarray, order: list[int], axis: int = 0) -> np.ndarray:
+    return np.concatenate([np.split(w, len(order), axis=axis)[i] for i in order], axis=axis)
+
+
+def _rnn_common(t, node, a, ins):
+    """(x as [s, b, I], directions, hidden size, activations) of an ONNX LSTM/GRU; refuses what MIL lacks."""
+    mb = _mb()
+    if len(node.input) > 4 and node.input[4]:
+        raise UnsupportedOpError(f"node {node.name}: {node.op_type} with sequence_lens is not translated to Core ML")
+    x = ins[0]
+    if a.get("layout", 0):
+        x = mb.transpose(x=x, perm=[1, 0, 2], name=t.name())
+    direction = a.get("direction", "forward")
+    d = 2 if direction == "bidirectional" else 1
+    acts = [str(v.decode() if isinstance(v, bytes) else v) for v in a.get("activations", [])]
+    return x, direction, d, int(a["hidden_size"]), acts
+
+
+def _rnn_state(t, node, ins, i: int, d: int, b: int, h: int, layout: int):
+    """An initial state input ([D, b, H], or [b, D, H] with layout 1) as MIL's [b, D*H] (zeros when absent)."""
+    mb = _mb()
+    v = ins[i] if len(ins) > i else None
+    if v is None:
+        return np.zeros((b, d * h), np.float32)
+    if isinstance(v, np.ndarray):
+        v = v.astype(np.float32)
+        return np.ascontiguousarray((v if layout else v.transpose(1, 0, 2)).reshape(b, d * h))
+    if not layout:
+        v = mb.transpose(x=v, perm=[1, 0, 2], name=t.name())
+    return mb.reshape(x=v, shape=[b, d * h], name=t.name())
+
+
+def _rnn_outputs(t, a, y, hs, d: int, h: int, states):
+    """MIL's [s, b, D*H] sequence and [b, D*H] states as ONNX Y [s, D, b, H] and Y_h/Y_c [D, b, H] (layout 0)."""
+    mb = _mb()
+    s_, b = y.shape[0], y.shape[1]
+    layout = int(a.get("layout", 0))
+    yy = mb.reshape(x=y, shape=[s_, b, d, h], name=t.name())
+    yy = mb.transpose(x=yy, perm=[1, 0, 2, 3] if layout else [0, 2, 1, 3], name=t.name())
+    outs = [yy]
+    for st in states:
+        r = mb.reshape(x=st, shape=[b, d, h], name=t.name())
+        outs.append(r if layout else mb.transpose(x=r, perm=[1, 0, 2], name=t.name()))
+    return outs
+
+
+@_h("LSTM")
+def _lstm(t, node, a, ins):
+    mb = _mb()
+    x, direction, d, h, acts = _rnn_common(t, node, a, ins)
+    if a.get("input_forget", 0):
+        raise UnsupportedOpError(f"node {node.name}: LSTM input_forget is not translated to Core ML")
+    acts = acts or ["Sigmoid", "Tanh", "Tanh"] * d
+    if any(v not in _RNN_ACTS for v in acts) or acts[:3] != acts[3:6] and d == 2:
+        raise UnsupportedOpError(f"node {node.name}: LSTM activations {acts} are not translated to Core ML")
+    w = t.f32(t.const(node.input[1], "W"))
+    r = t.f32(t.const(node.input[2], "R"))
+    bias = (t.f32(t.const(node.input[3], "B")) if len(node.input) > 3 and node.input[3]
+            else np.zeros((d, 8 * h), np.float32))
+    p = t.f32(t.const(node.input[7], "P")) if len(node.input) > 7 and node.input[7] else None
+    b = x.shape[1]
+    kw = {}
+    for k, suffix in ((0, ""), (1, "_back")):
+        if k >= d:
+            break
+        kw[f"weight_ih{suffix}"] = _blocks(w[k], _LSTM_GATES)
+        kw[f"weight_hh{suffix}"] = _blocks(r[k], _LSTM_GATES)
+        kw[f"bias{suffix}"] = _blocks(bias[k][:4 * h] + bias[k][4 * h:], _LSTM_GATES)
+        if p is not None:
+            kw[f"peephole{suffix}"] = _blocks(p[k], [0, 2, 1])  # ONNX i, o, f -> MIL i, f, o
+    if a.get("clip") is not None:
+        kw["clip"] = np.float32(a["clip"])
+    name = t.name(main=True)
+    layout = int(a.get("layout", 0))
+    y, hs, cs = mb.lstm(x=x, initial_h=_rnn_state(t, node, ins, 5, d, b, h, layout),
+                        initial_c=_rnn_state(t, node, ins, 6, d, b, h, layout),
+                        direction=direction, output_sequence=True, recurrent_activation=_RNN_ACTS[acts[0]],
+                        cell_activation=_RNN_ACTS[acts[1]], activation=_RNN_ACTS[acts[2]], name=name, **kw)
+    return _rnn_outputs(t, a, y, hs, d, h, [hs, cs])
+
+
+@_h("GRU")
+def _gru(t, node, a, ins):
+    """Unrolled over the (static) sequence with linear/sigmoid/tanh ops, as coremltools' own PyTorch frontend
+    does: MIL's ``gru`` op applies the reset gate outside the recurrent bias, ONNX's GRUs (both
+    ``linear_before_reset`` forms) do not."""
+    mb = _mb()
+    x, direction, d, h, acts = _rnn_common(t, node, a, ins)
+    acts = acts or ["Sigmoid", "Tanh"] * d
+    if any(v not in _RNN_ACTS for v in acts):
+        raise UnsupportedOpError(f"node {node.name}: GRU activations {acts} are not translated to Core ML")
+    if a.get("clip") is not None:
+        raise UnsupportedOpError(f"node {node.name}: GRU clip is not translated to Core ML")
+    w = t.f32(t.const(node.input[1], "W"))
+    r = t.f32(t.const(node.input[2], "R"))
+    bias = (t.f32(t.const(node.input[3], "B")) if len(node.input) > 3 and node.input[3]
+            else np.zeros((d, 6 * h), np.float32))
+    before = bool(a.get("linear_before_reset", 0))
+    s_, b = x.shape[0], x.shape[1]
+    h0 = ins[5] if len(ins) > 5 and ins[5] is not None else np.zeros((d, b, h), np.float32)
+    if a.get("layout", 0) and len(ins) > 5 and ins[5] is not None:  # [b, D, H] -> [D, b, H]
+        h0 = h0.transpose(1, 0, 2) if isinstance(h0, np.ndarray) else mb.transpose(x=h0, perm=[1, 0, 2], name=t.name())
+    steps = [mb.squeeze(x=v, axes=[0], name=t.name())
+             for v in (mb.split(x=x, num_splits=s_, axis=0, name=t.name()) if s_ > 1 else [x])]
+    seqs, finals = [], []
+    for k in range(d):
+        act_f, act_g = getattr(mb, _RNN_ACTS[acts[2 * k]]), getattr(mb, _RNN_ACTS[acts[2 * k + 1]])
+        wz, wr, wh = np.split(w[k], 3)
+        rz, rr, rh = np.split(r[k], 3)
+        wbz, wbr, wbh, rbz, rbr, rbh = np.split(bias[k], 6)
+        hk = h0[k] if isinstance(h0, np.ndarray) else mb.squeeze(
+            x=mb.slice_by_index(x=h0, begin=[k, 0, 0], end=[k + 1, b, h], name=t.name()), axes=[0], name=t.name())
+        reverse = direction == "reverse" or k == 1
+        outs = [None] * s_
+        for i in (range(s_ - 1, -1, -1) if reverse else range(s_)):
+            xt = steps[i]
+            gz = mb.add(x=mb.linear(x=xt, weight=wz, bias=wbz + rbz, name=t.name()),
+                        y=mb.linear(x=hk, weight=rz, name=t.name()) if not isinstance(hk, np.ndarray) else hk @ rz.T,
+                        name=t.name())
+            gr = mb.add(x=mb.linear(x=xt, weight=wr, bias=wbr + rbr, name=t.name()),
+                        y=mb.linear(x=hk, weight=rr, name=t.name()) if not isinstance(hk, np.ndarray) else hk @ rr.T,
+                        name=t.name())
+            z, rg = act_f(x=gz, name=t.name()), act_f(x=gr, name=t.name())
+            if before:  # g(x Wh + Wbh + r * (h Rh + Rbh))
+                hr = (mb.linear(x=hk, weight=rh, bias=rbh, name=t.name()) if not isinstance(hk, np.ndarray)
+                      else hk @ rh.T + rbh)
+                inner = mb.mul(x=rg, y=hr, name=t.name())
+            else:  # g(x Wh + (r * h) Rh + Rbh + Wbh)
+                inner = mb.linear(x=mb.mul(x=rg, y=hk, name=t.name()), weight=rh, bias=rbh, name=t.name())
+            n = act_g(x=mb.add(x=mb.linear(x=xt, weight=wh, bias=wbh, name=t.name()), y=inner, name=t.name()), name=t.name())
+            # h = (1 - z) * n + z * h_prev = n + z * (h_prev - n)
+            hk = mb.add(x=n, y=mb.mul(x=z, y=mb.sub(x=hk, y=n, name=t.name()), name=t.name()), name=t.name())
+            outs[i] = hk
+        seqs.append(mb.stack(values=outs, axis=0, name=t.name()) if s_ > 1 else mb.expand_dims(x=outs[0], axes=[0],
+                                                                                                 name=t.name()))
+        finals.append(hk)
+    y = seqs[0] if d == 1 else mb.concat(values=seqs, axis=2, name=t.name())
+    hs = finals[0] if d == 1 else mb.concat(values=finals, axis=1, name=t.name())
+    y = mb.identity(x=y, name=t.name(main=True))
+    return _rnn_outputs(t, a, y, hs, d, h, [hs])
+
+
 #: ONNX ops :func:`to_mil` translates (the planner's table for this backend).
 SUPPORTED_OPS = frozenset(_HANDLERS)
 
@@ -1087,6 +1234,10 @@ def refusal(op_type: str, attrs: dict[str, Any]) -> str | None:
         return "select_last_index is not translated"
     elif op_type == "LpNormalization" and int(a.get("p", 2)) not in (1, 2):
         return f"p={a.get('p')} is not translated (1 and 2 are)"
+    elif op_type == "LSTM" and a.get("input_forget", 0):
+        return "input_forget is not translated"
+    elif op_type == "GRU" and a.get("clip") is not None:
+        return "clip is not translated"
     elif op_type == "ConvTranspose" and a.get("auto_pad", "NOTSET") != "NOTSET":
         return "auto_pad is not translated"
     elif op_type == "Pad" and a.get("mode", "constant") not in ("constant", "reflect", "edge"):
@@ -1269,6 +1420,54 @@ def _export_resize(e: _Exporter, op, x: str, out: str) -> None:
     e.node("Resize", [x, empty, empty, sizes], [out], mode="linear", coordinate_transformation_mode=coord)
 
 
+def _export_lstm(e: _Exporter, op, x: str, outs: list[str]) -> None:
+    """MIL lstm -> ONNX LSTM (gates i, f, o, z -> i, o, f, c; states [b, D*H] <-> [D, b, H])."""
+    direction = str(_param(op, "direction", "forward"))
+    d = 2 if direction == "bidirectional" else 1
+    s_, b, _ = op.inputs["x"].shape
+    h = op.inputs["weight_hh"].shape[1]
+    sides = [""] + (["_back"] if d == 2 else [])
+
+    def val(name, default=None):
+        v = op.inputs.get(name)
+        return default if v is None else np.asarray(weight_value(v), np.float32)
+
+    w = np.stack([_blocks(val(f"weight_ih{k}"), _LSTM_GATES) for k in sides])
+    r = np.stack([_blocks(val(f"weight_hh{k}"), _LSTM_GATES) for k in sides])
+    bias = np.stack([np.concatenate([_blocks(val(f"bias{k}", np.zeros(4 * h, np.float32)), _LSTM_GATES),
+                                     np.zeros(4 * h, np.float32)]) for k in sides])
+    ins = [x, e.init(w, outs[0]), e.init(r, outs[0]), e.init(bias, outs[0]), ""]
+    for state in ("initial_h", "initial_c"):  # [b, D*H] -> [D, b, H]
+        rs, tr = e.tmp(outs[0]), e.tmp(outs[0])
+        e.node("Reshape", [e.tensor(op.inputs[state]), e.init(np.array([b, d, h], np.int64), outs[0])], [rs])
+        e.node("Transpose", [rs], [tr], perm=[1, 0, 2])
+        ins.append(tr)
+    if any(op.inputs.get(f"peephole{k}") is not None for k in sides):
+        ins.append(e.init(np.stack([_blocks(val(f"peephole{k}", np.zeros(3 * h, np.float32)), [0, 2, 1]) for k in sides]),
+                          outs[0]))
+    names = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu"}
+    acts = [str(_param(op, k, dflt)) for k, dflt in (("recurrent_activation", "sigmoid"), ("cell_activation", "tanh"),
+                                                     ("activation", "tanh"))]
+    if any(v not in names for v in acts):
+        raise EdgeoptError(f"MIL op {op.name}: lstm activations {acts} are not exported to ONNX")
+    attrs = dict(hidden_size=int(h), direction=direction, activations=[names[v] for v in acts] * d)
+    if op.inputs.get("clip") is not None:
+        attrs["clip"] = float(_param(op, "clip"))
+    y, yh, yc = e.tmp(outs[0]), e.tmp(outs[0]), e.tmp(outs[0])
+    e.node("LSTM", ins, [y, yh, yc], **attrs)
+    # Y [s, D, b, H] -> [s, b, D*H] (every step, or the last hidden state as [1, b, D*H])
+    for src, dst, shape in ((yh, outs[1], [b, d * h]), (yc, outs[2], [b, d * h])):
+        tr = e.tmp(outs[0])
+        e.node("Transpose", [src], [tr], perm=[1, 0, 2])
+        e.node("Reshape", [tr, e.init(np.array(shape, np.int64), outs[0])], [dst])
+    if _param(op, "output_sequence", False):
+        tr = e.tmp(outs[0])
+        e.node("Transpose", [y], [tr], perm=[0, 2, 1, 3])
+        e.node("Reshape", [tr, e.init(np.array([s_, b, d * h], np.int64), outs[0])], [outs[0]])
+    else:
+        e.node("Unsqueeze", [outs[1], e.init(np.array([0], np.int64), outs[0])], [outs[0]])
+
+
 def _export_op(e: _Exporter, op, outs: list[str]) -> None:  # noqa: C901 - one branch per MIL op
     t = op.op_type
     out = outs[0]
@@ -1353,6 +1552,8 @@ def _export_op(e: _Exporter, op, outs: list[str]) -> None:  # noqa: C901 - one b
                beta=float(_param(op, "beta", 0.75)), bias=float(_param(op, "k", 1.0)))
     elif t in ("upsample_nearest_neighbor", "resize_nearest_neighbor", "upsample_bilinear", "resize_bilinear"):
         _export_resize(e, op, x, out)
+    elif t == "lstm":
+        _export_lstm(e, op, x, outs)
     elif t == "einsum":
         e.node("Einsum", [e.tensor(v) for v in op.inputs["values"]], [out], equation=str(_param(op, "equation")))
     elif t == "stack":
@@ -1531,7 +1732,7 @@ def _export_op(e: _Exporter, op, outs: list[str]) -> None:  # noqa: C901 - one b
         raise EdgeoptError(f"MIL op {op.name} ({t}) is not exported to ONNX")
 
 
-_MULTI_OUTPUT = ("topk",)
+_MULTI_OUTPUT = ("topk", "lstm")
 
 
 def to_onnx(prog, round_fp16: bool = True) -> onnx.ModelProto:

@@ -58,7 +58,7 @@ COREML_OPS = frozenset(
         "ReduceSum ReduceProd ReduceL1 ReduceL2 ReduceSumSquare ReduceLogSum ReduceLogSumExp Exp Log Sqrt Reciprocal "
         "Pow Neg Abs Max Min ArgMax ArgMin Gather GatherElements Cast Shape Size Constant ConstantOfShape DepthToSpace "
         "SpaceToDepth Tile Expand Where Equal Less Greater LessOrEqual GreaterOrEqual Not And Or Xor Erf Gelu Floor "
-        "Ceil Round Sin Cos Einsum Range TopK CumSum Sign Atan LpNormalization LRN"
+        "Ceil Round Sin Cos Einsum Range TopK CumSum Sign Atan LpNormalization LRN LSTM GRU"
     ).split()
 )
 
