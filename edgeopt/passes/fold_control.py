@@ -40,14 +40,48 @@ def has_control_flow(model: onnx.ModelProto) -> bool:
     return any(n.op_type in CONTROL_OPS and n.domain in ("", "ai.onnx") for n in model.graph.node)
 
 
-def _shapes(model: onnx.ModelProto, given: Mapping[str, list[int]] | None) -> dict[str, list[int | None]]:
-    """Known dims of the main graph's tensors (None: unknown): ``given`` input shapes, then onnx's lenient shape
-    inference on a copy without weights' data."""
+def _all_graphs(graph: onnx.GraphProto):
+    """A graph and every sub-graph in it, depth first (as :func:`edgeopt.graph._all_graphs`; not imported from there:
+    graph imports this module)."""
+    yield graph
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("g"):
+                yield from _all_graphs(a.g)
+            for g in a.graphs:
+                yield from _all_graphs(g)
+
+
+def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` for shape inference: initializers of more than :data:`_MAX_CONST_ELEMS` elements keep their
+    dims and type, not their data (marked external, which inference does not read)."""
     import onnx
 
-    from ..graph import _skeleton
+    m = onnx.ModelProto(ir_version=model.ir_version)
+    m.opset_import.extend(model.opset_import)
+    m.functions.extend(model.functions)
+    src, g = model.graph, m.graph
+    g.name = src.name
+    for field in ("node", "input", "output", "value_info"):
+        getattr(g, field).extend(getattr(src, field))
+    for t in src.initializer:
+        if int(np.prod(t.dims, dtype=np.int64)) <= _MAX_CONST_ELEMS or t.data_location == onnx.TensorProto.EXTERNAL:
+            g.initializer.append(t)
+            continue
+        light = g.initializer.add()
+        light.name, light.data_type, light.data_location = t.name, t.data_type, onnx.TensorProto.EXTERNAL
+        light.dims.extend(t.dims)
+        e = light.external_data.add()
+        e.key, e.value = "location", "__edgeopt_elided__"
+    return m
 
-    work = _skeleton(model)
+
+def _shapes(model: onnx.ModelProto, given: Mapping[str, list[int]] | None) -> dict[str, list[int | None]]:
+    """Known dims of the main graph's tensors (None: unknown): ``given`` input shapes, then onnx's lenient shape
+    inference on a copy without the data of big weights."""
+    import onnx
+
+    work = _light_copy(model)
     for vi in work.graph.input:
         if given and vi.name in given and vi.type.HasField("tensor_type"):
             shp = vi.type.tensor_type.shape
@@ -143,8 +177,6 @@ class _Names:
     inlined sub-graph of one node must not reuse (everything but that node's own sub-graphs)."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
-        from ..graph import _all_graphs
-
         g = model.graph
         self.main: set[str] = {v.name for v in [*g.input, *g.output, *g.value_info]} | {t.name for t in g.initializer}
         self.main.update(o for n in g.node for o in n.output)
@@ -346,8 +378,6 @@ def _fold_constants(model: onnx.ModelProto, nodes: list[onnx.NodeProto], produce
 
 def _remove_dead(model: onnx.ModelProto) -> None:
     """Drop main-graph nodes whose outputs nothing reads (no side effects in ONNX)."""
-    from ..graph import _all_graphs
-
     while True:
         used = {o.name for o in model.graph.output}
         for g in _all_graphs(model.graph):
@@ -434,8 +464,6 @@ def fold_control_flow(model: onnx.ModelProto, input_shapes: Mapping[str, list[in
                             d.dim_value = int(v)
     if folded:
         used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-        from ..graph import _all_graphs
-
         for g in _all_graphs(model.graph):
             if g is not model.graph:
                 used.update(i for n in g.node for i in n.input)
