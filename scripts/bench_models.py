@@ -76,7 +76,7 @@ def load_model(name: str, cache: Path, n_calib: int, n_eval: int) -> Model:
         return Model(name, p, "cls", _per_sample(bp.rec_lines(n_calib, 0, w=192), "x"),
                      _per_sample(bp.rec_lines(n_eval, 1, w=192), "x"))
     if name == "minilm":
-        words = bp._WORDS.split()
+        words = list(bp._WORDS)
         rng = np.random.default_rng(0)
 
         def sentences(n):
