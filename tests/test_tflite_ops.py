@@ -8,14 +8,16 @@ import math
 
 import numpy as np
 import pytest
-from conftest import init, make_model, vi
+from conftest import init, make_model, save, vi
 from onnx import TensorProto, helper
 
 pytest.importorskip("ai_edge_litert")
 
+from edgeopt.backends import _ops  # noqa: E402
 from edgeopt.backends import _tflite_writer as writer  # noqa: E402
 from edgeopt.backends.tflite import TfliteRunner  # noqa: E402
 from edgeopt.calibration import as_calibration  # noqa: E402
+from edgeopt.errors import UnsupportedOpError  # noqa: E402
 from edgeopt.fidelity import session  # noqa: E402
 
 node = helper.make_node
@@ -365,3 +367,149 @@ def test_full_int8_runs_in_tflite_micro(tmp_path, name):
             assert _snr(r, g) >= INT8_SNR, (name, _snr(r, g))
         else:
             assert float((r.astype(np.float32) == g).mean()) >= 0.9, name
+
+
+# --------------------------------------------------------------------------- the pre-flight agrees with the converter
+
+_UNARY = "Abs Ceil Cos Exp Floor Log Neg Relu Sigmoid Sin Sqrt Tanh HardSwish Identity Dropout Erf".split()
+_BINARY = "Add Sub Mul Div Max Min Pow Equal Greater Less GreaterOrEqual LessOrEqual".split()
+
+
+def one_node(op: str):
+    """A model whose one translated node is ``op`` (plus a comparison feeding the boolean ops, a Reshape consuming
+    Shape, an Add consuming a Constant): (model, feeds, opset)."""
+    rng = np.random.default_rng(10)
+    x4 = ["x"]
+    inputs = [vi("x", [1, 3, 4, 6])]
+    feeds = {"x": _r(rng, 16, 3, 4, 6)}
+    attrs, inits, pre, opset = {}, [], [], 17
+    outs = ["y"]
+    if op in ("Log", "Sqrt", "Pow"):
+        feeds["x"] = np.abs(feeds["x"]) + 0.1
+    if op in _UNARY:
+        ins = x4
+    elif op in _BINARY:
+        inputs.append(vi("x2", [1, 3, 4, 6]))
+        feeds["x2"] = np.where(rng.random((16, 3, 4, 6)) < 0.3, feeds["x"], _r(rng, 16, 3, 4, 6)).astype(np.float32)
+        if op in ("Div", "Pow"):
+            feeds["x2"] = np.abs(feeds["x2"]) + 0.5
+        ins = ["x", "x2"]
+    elif op in ("Not", "And", "Or", "Where"):
+        pre = [node("Greater", ["x", "zero"], ["g"]), node("Less", ["x", "half"], ["l"])]
+        inits = [_c("zero", 0.0), _c("half", 0.5)]
+        ins = {"Not": ["g"], "And": ["g", "l"], "Or": ["g", "l"], "Where": ["g", "x", "half"]}[op]
+    else:
+        spec = {
+            "AveragePool": (x4, {"kernel_shape": [2, 2], "strides": [2, 2]}, []),
+            "MaxPool": (x4, {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}, []),
+            "GlobalAveragePool": (x4, {}, []), "GlobalMaxPool": (x4, {}, []),
+            "BatchNormalization": (["x", "s", "b", "m", "v"], {}, [init("s", _r(rng, 3)), init("b", _r(rng, 3)),
+                                                                   init("m", _r(rng, 3)), init("v", np.abs(_r(rng, 3)) + 0.5)]),
+            "Cast": (x4, {"to": TensorProto.FLOAT}, []),
+            "Clip": (["x", "lo", "hi"], {}, [_c("lo", -0.5), _c("hi", 0.7)]),
+            "Concat": (["x", "x"], {"axis": 1}, []),
+            "Conv": (["x", "w"], {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}, [init("w", _r(rng, 5, 3, 3, 3))]),
+            "ConvTranspose": (["x", "w"], {"kernel_shape": [2, 2], "strides": [2, 2]}, [init("w", _r(rng, 3, 5, 2, 2))]),
+            "Einsum": (["x", "w"], {"equation": "nchw,wk->nchk"}, [init("w", _r(rng, 6, 5))]),
+            "Flatten": (x4, {"axis": 1}, []),
+            "Gather": (["x", "i"], {"axis": 3}, [init("i", np.array([5, 0, 2], np.int64))]),
+            "Gelu": (x4, {}, []),
+            "Gemm": (["x", "w", "b"], {"transB": 1}, [init("w", _r(rng, 5, 72)), init("b", _r(rng, 5))]),
+            "HardSigmoid": (x4, {"alpha": 0.2, "beta": 0.5}, []),
+            "LayerNormalization": (["x", "s", "b"], {"axis": -1}, [init("s", _r(rng, 6)), init("b", _r(rng, 6))]),
+            "LeakyRelu": (x4, {"alpha": 0.1}, []),
+            "LogSoftmax": (x4, {"axis": 1}, []), "Softmax": (x4, {"axis": 2}, []),
+            "MatMul": (["x", "w"], {}, [init("w", _r(rng, 6, 5))]),
+            "Pad": (["x", "p"], {}, [init("p", np.array([0, 0, 1, 2, 0, 1, 0, 0], np.int64))]),
+            "ReduceMax": (x4, {"axes": [1], "keepdims": 1}, []), "ReduceMin": (x4, {"axes": [2, 3], "keepdims": 0}, []),
+            "ReduceMean": (x4, {"axes": [3], "keepdims": 0}, []),
+            "ReduceSum": (["x", "a"], {"keepdims": 1}, [init("a", np.array([1], np.int64))]),
+            "Reshape": (["x", "s"], {}, [init("s", np.array([1, 12, 6], np.int64))]),
+            "Resize": (["x", "", "s"], {"mode": "linear"}, [init("s", np.array([1, 1, 2, 2], np.float32))]),
+            "Slice": (["x", "st", "en", "ax"], {}, [init("st", np.array([1, 1], np.int64)), init("en", np.array([3, 5], np.int64)),
+                                                     init("ax", np.array([1, 3], np.int64))]),
+            "Squeeze": (["x", "a"], {}, [init("a", np.array([0], np.int64))]),
+            "Unsqueeze": (["x", "a"], {}, [init("a", np.array([2], np.int64))]),
+            "TopK": (["x", "k"], {"axis": 1}, [init("k", np.array([2], np.int64))]),
+            "Transpose": (x4, {"perm": [0, 2, 1, 3]}, []),
+        }
+        if op == "Shape":  # folded at the static shape: feeds a Reshape
+            return (make_model([node("Shape", ["x"], ["s"]), node("Reshape", ["x", "s"], ["y"])], inputs,
+                               [vi("y", None)]), feeds, 17)
+        if op == "Constant":
+            c = helper.make_tensor("c", TensorProto.FLOAT, [1], [0.25])
+            return (make_model([node("Constant", [], ["c"], value=c), node("Add", ["x", "c"], ["y"])], inputs,
+                               [vi("y", None)]), feeds, 17)
+        ins, attrs, inits = spec[op]
+        if op == "Gemm":  # 2-D
+            inputs, feeds = [vi("x", [1, 72])], {"x": _r(rng, 16, 72)}
+        if op == "Gelu":
+            opset = 20
+        if op == "TopK":
+            outs = ["y", "idx"]
+    nodes = [*pre, node(op, ins, outs, **attrs)]
+    outputs = [vi("y", None)] + ([vi("idx", None, TensorProto.INT64)] if op == "TopK" else [])
+    if op in ("Not", "And", "Or") or op in ("Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual"):
+        outputs = [vi("y", None, TensorProto.BOOL)]
+    return make_model(nodes, inputs, outputs, inits, opset=opset), feeds, opset
+
+
+PREFLIGHT_OPS = sorted(_ops.TFLITE_OPS & writer.SUPPORTED_OPS)
+
+
+@pytest.mark.parametrize("op", PREFLIGHT_OPS)
+def test_preflight_agrees_with_converter(tmp_path, op):
+    """Every op the tflite pre-flight passes converts as a one-node model and matches onnxruntime in fp32; what it
+    refuses (a lone Erf) the converter refuses too."""
+    from edgeopt.backends import tflite
+    from edgeopt.graph import analyze
+    from edgeopt.targets import load_target
+
+    model, feeds, _ = one_node(op)
+    option = load_target("android-mid").backends[0]
+    assert option.backend == "tflite"
+    reasons = tflite.check_ops(analyze(save(model, tmp_path / f"{op}.onnx")), option)
+    if reasons:
+        assert op == "Erf", reasons
+        assert "only Erf inside GELU" in reasons[0]
+        with pytest.raises(UnsupportedOpError, match=r"\(op Erf\): not supported by the TFLite writer: TFLite has no ERF"):
+            _convert(tmp_path, model, feeds)
+        return
+    ref = _reference(model, feeds)
+    conv, path = _convert(tmp_path, model, feeds)
+    got = TfliteRunner(path, conv.info).run(feeds)
+    for r, g in zip(ref, got):
+        assert r.shape == g.shape, (op, r.shape, g.shape)
+        assert float(np.abs(r.astype(np.float32) - g).max()) <= 1e-4 * max(1.0, float(np.abs(r).max())), op
+
+
+TFLM_PREFLIGHT_OPS = sorted(_ops.TFLM_OPS & writer.SUPPORTED_OPS)
+
+
+@pytest.mark.parametrize("op", TFLM_PREFLIGHT_OPS)
+def test_tflm_preflight_agrees_with_converter(tmp_path, op):
+    """Every op the tflm pre-flight passes converts full-int8 for TFLite Micro as a one-node model and runs in its
+    interpreter close to onnxruntime."""
+    pytest.importorskip("tflite_micro")
+    from edgeopt.backends import tflm
+    from edgeopt.graph import analyze
+    from edgeopt.targets import load_target
+
+    model, feeds, _ = one_node(op)
+    option = load_target("mcu-cortex-m7").backends[0]
+    assert option.backend == "tflm"
+    reasons = tflm.check_ops(analyze(save(model, tmp_path / f"{op}.onnx")), option)
+    if reasons:
+        # a lone Erf; a division by an activation (no int8 DIV); the test's Unsqueeze makes a rank-5 tensor
+        assert op in ("Erf", "Div", "Unsqueeze"), reasons
+        return
+    ref = _reference(model, feeds)
+    conv, path = _convert(tmp_path, model, feeds, "int8", full_integer=True, micro=True)
+    arena = tflm.measure_arena(conv.data, len(conv.info["inputs"]))["measured_bytes"]
+    got = TfliteRunner(path, conv.info, micro_arena=arena).run(feeds)
+    for r, g in zip(ref, got):
+        assert r.shape == g.shape, (op, r.shape, g.shape)
+        if r.dtype.kind == "f":
+            assert _snr(r, g) >= 25, (op, _snr(r, g))
+        else:
+            assert float((r.astype(np.float32) == g).mean()) >= 0.9, op

@@ -79,7 +79,9 @@ INT8_OPS = frozenset(
 #: int8 ops whose output must carry its input's quantization (the kernel does not requantize).
 SAME_PARAMS = frozenset(
     "MAX_POOL_2D AVERAGE_POOL_2D RESHAPE TRANSPOSE PAD PADV2 CONCATENATION STRIDED_SLICE REDUCE_MAX REDUCE_MIN MAXIMUM MINIMUM "
-    "GATHER SELECT_V2 TOPK_V2 RESIZE_NEAREST_NEIGHBOR RESIZE_BILINEAR".split()
+    "GATHER SELECT_V2 TOPK_V2 RESIZE_NEAREST_NEIGHBOR RESIZE_BILINEAR "
+    # comparisons: their kernels rescale, but with one scale for both sides equal floats stay equal in int8
+    "EQUAL GREATER LESS GREATER_EQUAL LESS_EQUAL".split()
 )
 
 #: int8 outputs with fixed quantization (scale, zero point), as TFLite's kernels require.
@@ -459,10 +461,20 @@ class _Builder:
         raise _unsupported(node, "not supported by the TFLite writer")
 
     def _op_Cast(self, node):
-        to = self.attr(node, "to")
-        if to != self.onnx.TensorProto.FLOAT or self.dtypes.get(node.input[0]) != np.float32:
-            raise _unsupported(node, "only float -> float casts are supported")
-        self.vals[node.output[0]] = self.vals[node.input[0]]
+        TP = self.onnx.TensorProto
+        to = {TP.FLOAT: "float32", TP.INT64: "int32", TP.INT32: "int32", TP.BOOL: "bool"}.get(self.attr(node, "to"))
+        src = self.dtype_of(node.input[0])
+        if to is None:
+            raise _unsupported(node, "only casts between float32, int64/int32 (as int32) and bool are supported")
+        if to == src:
+            self.vals[node.output[0]] = self.vals[node.input[0]]
+            return
+        tid, layout = self.get(node.input[0], "any")
+        if layout == "flat":
+            tid, layout = self.get(node.input[0], "plain")
+        y = self.act(node.output[0], self.ir.tensors[tid].shape, to)
+        self.op("CAST", [tid], [y], node, self.prec(node))
+        self.vals[node.output[0]] = (y, layout)
 
     def _op_BatchNormalization(self, node):
         x = node.input[0]
@@ -1844,7 +1856,8 @@ class _Emitter:
         # float operands of elementwise ops / pad values
         if quant:
             if t.role == "padval" or op.code in SAME_PARAMS:  # compared/copied as raw int8: the op's own params
-                scale, zp = self.qp[op.outputs[0]]
+                ref = next(i for i in op.outputs + op.inputs if i >= 0 and self.ir.is_float(i))
+                scale, zp = self.qp[ref]
             else:
                 scale, zp = _qparams(float(t.data.min()), float(t.data.max()))
             q = np.clip(np.round(t.data.astype(np.float64) / scale) + zp, -128, 127).astype(np.int8)
