@@ -115,13 +115,39 @@ class SuffixRunner:
         self.inputs = {i.name for i in g.input if i.name not in self.inits}
         if self.inputs != set(feeds):
             raise Unsupported("the feeds are not the model's inputs")
-        for vi in g.input:  # a fixed batch (run in slices by the caller) or any other fixed dim the feeds do not fit
+        self.batch = self._fixed_batch(g, feeds)
+        n = len(next(iter(feeds.values())))
+        # the samples as the model takes them: slices of its fixed batch (the last filled up with the first samples,
+        # whose outputs are dropped), else all at once; every stage runs slice by slice
+        self.slices = ([(np.arange(i, i + self.batch) % n, min(self.batch, n - i)) for i in range(0, n, self.batch)]
+                       if self.batch else [(slice(None), n)])
+        self.sliced = [{k: v[idx] for k, v in feeds.items()} for idx, _ in self.slices] if self.batch else [feeds]
+        self.node_bytes = {n.SerializeToString() for n in g.node}
+
+    @staticmethod
+    def _fixed_batch(g, feeds: dict[str, np.ndarray]) -> int | None:
+        """The fixed batch the feeds are run in slices of (every input's leading dim fixed to it, the feeds holding
+        more samples), or None where the feeds fit the inputs as they are; Unsupported where they fit neither way (a
+        per-sample layout's feeds, stacked on a new axis, or any other fixed dim)."""
+        batch = None
+        for vi in g.input:
+            if vi.name not in feeds:
+                continue
             dims = [d.dim_value if d.HasField("dim_value") else 0 for d in vi.type.tensor_type.shape.dim]
             shaped = vi.type.tensor_type.HasField("shape")  # a rank-0 input has one; per-sample feeds stack it to [N]
-            if vi.name in feeds and (len(dims) not in ((feeds[vi.name].ndim,) if shaped else (0, feeds[vi.name].ndim)) or any(
-                    d > 0 and d != f for d, f in zip(dims, feeds[vi.name].shape))):
+            f = feeds[vi.name]
+            if len(dims) not in ((f.ndim,) if shaped else (0, f.ndim)) or any(
+                    d > 0 and d != s for d, s in zip(dims[1:], f.shape[1:])):
                 raise Unsupported(f"input {vi.name} has fixed dims {dims} the feeds do not fit")
-        self.node_bytes = {n.SerializeToString() for n in g.node}
+            if dims and dims[0] > 0 and dims[0] != f.shape[0]:
+                if batch not in (None, dims[0]):
+                    raise Unsupported("inputs fixed to different batches")
+                batch = dims[0]
+        if batch is not None and any(
+                vi.name in feeds and not (vi.type.tensor_type.shape.dim and
+                                          vi.type.tensor_type.shape.dim[0].dim_value == batch) for vi in g.input):
+            raise Unsupported("inputs fixed to different batches")
+        return batch
 
     # ------------------------------------------------------------------------------------------ reference activations
     def _clean_init_bytes(self, name: str) -> bytes | None:
@@ -172,7 +198,7 @@ class SuffixRunner:
                 if vi.name in self.feeds:
                     shape = vi.type.tensor_type.shape
                     del shape.dim[:]
-                    for d in self.feeds[vi.name].shape:
+                    for d in self.sliced[0][vi.name].shape:
                         shape.dim.add().dim_value = int(d)
             del m.graph.value_info[:]
             m = onnx.shape_inference.infer_shapes(m)
@@ -181,9 +207,9 @@ class SuffixRunner:
                 if not tt.elem_type or not tt.HasField("shape"):
                     continue
                 dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
-                if all(d >= 0 for d in dims):
+                if all(d >= 0 for d in dims):  # one slice's, times the slices
                     sizes[vi.name] = int(np.prod(dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(
-                        tt.elem_type).itemsize
+                        tt.elem_type).itemsize * len(self.sliced)
         except Exception as e:  # noqa: BLE001 - an estimate only
             log.debug("sensitivity fast path: no shape inference (%s)", e)
         return sizes
@@ -195,8 +221,9 @@ class SuffixRunner:
         known = max(self._sizes.values(), default=0)
         return known or 4 * sum(a.nbytes for a in self.feeds.values())
 
-    def _capture(self, names: set[str], optimize: bool) -> dict[str, np.ndarray]:
-        """These tensors of the clean model on the feeds (one run)."""
+    def _capture(self, names: set[str], optimize: bool) -> dict[str, list[np.ndarray]]:
+        """These tensors of the clean model on the feeds (one session; a run per slice): per tensor, its value on
+        each slice."""
         import onnx
 
         from .fidelity import session
@@ -209,10 +236,11 @@ class SuffixRunner:
         wanted = sorted(names)
         m.graph.output.extend([onnx.ValueInfoProto(name=n) for n in wanted if n not in have])
         self.stats["reference runs"] += 1
-        outs = session(m, optimize=optimize).run(wanted, self.feeds)
-        return dict(zip(wanted, (np.asarray(o) for o in outs)))
+        sess = session(m, optimize=optimize)
+        runs = [sess.run(wanted, feed) for feed in self.sliced]
+        return {t: [np.asarray(r[j]) for r in runs] for j, t in enumerate(wanted)}
 
-    def _ensure(self, layer: str, optimize: bool) -> dict[str, np.ndarray]:
+    def _ensure(self, layer: str, optimize: bool) -> dict[str, list[np.ndarray]]:
         """The reference activations the cut before ``layer`` crosses are held: else capture them for a chunk of
         targets from ``layer`` on, within the budget (dropping the previous chunk's)."""
         if self._frontiers is None:
@@ -349,8 +377,8 @@ class SuffixRunner:
             self.stats["extra captures"] += 1
             cache.update(self._capture(missing, not exact))
 
-        def value(t: str) -> np.ndarray:
-            return self.feeds[t] if t in inputs else cache[t]
+        def value(t: str) -> list[np.ndarray]:  # per slice
+            return [f[t] for f in self.sliced] if t in inputs else cache[t]
 
         def model(members: list[int], ins: list[str], types: dict[str, int], outs: list[str],
                   name: str) -> onnx.ModelProto:
@@ -368,16 +396,23 @@ class SuffixRunner:
             m.graph.output.extend(onnx.ValueInfoProto(name=o) for o in outs)
             return m
 
+        def joined(per_slice: list[np.ndarray]) -> np.ndarray:  # the first output over the samples, filler dropped
+            if not self.batch:
+                return np.asarray(per_slice[0])
+            return np.concatenate([np.asarray(o)[:real] for o, (_, real) in zip(per_slice, self.slices)], axis=0)
+
         r_in = sorted(region_in)
         r_feed = {t: value(t) for t in r_in}
-        r_model = model(region, r_in, {t: _elem_type(a) for t, a in r_feed.items()}, region_out, "region")
-        r_vals = dict(zip(region_out, session(r_model, optimize=not exact).run(region_out, r_feed)))
+        r_model = model(region, r_in, {t: _elem_type(a[0]) for t, a in r_feed.items()}, region_out, "region")
+        r_sess = session(r_model, optimize=not exact)
+        r_runs = [r_sess.run(region_out, {t: a[i] for t, a in r_feed.items()}) for i in range(len(self.sliced))]
+        r_vals = {o: [r[j] for r in r_runs] for j, o in enumerate(region_out)}
         if not tail:
-            return np.asarray(r_vals[self.out0])
+            return joined(r_vals[self.out0])
 
         t_in = sorted(tail_in)
         t_feed = {t: (r_vals[t] if t in r_vals else value(t)) for t in t_in}
-        types = {t: _elem_type(np.asarray(a)) for t, a in t_feed.items()}
+        types = {t: _elem_type(np.asarray(a[0])) for t, a in t_feed.items()}
         optimize = not (exact and any(nodes[k].op_type in _QUANT_OPS for k in tail))
         h = hashlib.sha1()
         for k in tail:
@@ -393,4 +428,4 @@ class SuffixRunner:
                 self._tails.popitem(last=False)
         else:
             self._tails.move_to_end(key)
-        return np.asarray(sess.run([self.out0], t_feed)[0])
+        return joined([sess.run([self.out0], {t: a[i] for t, a in t_feed.items()})[0] for i in range(len(self.sliced))])

@@ -390,3 +390,45 @@ def test_suffix_runner_refuses_per_sample_feeds_of_a_scalar_only_model():
     with pytest.raises(Unsupported):
         SuffixRunner(m, cd.feeds(), [m.graph.node[1].name or "MatMul"])
     assert run(m, cd)[0].shape == (5, 4)
+
+
+def test_sensitivity_fast_path_runs_fixed_batch_slices(fixed_batch_1, monkeypatch):
+    """On a batch-1 export (16 and 7 samples measured) the fast path is taken, runs each stage one batch-1 slice at
+    a time, and gives what running every simulated model whole gives."""
+    import edgeopt.sensitivity as sens
+
+    model, cal = fixed_batch_1
+    m = onnx.load(model)
+    cd = as_calibration(cal, m)
+    for samples in (16, 7):
+        monkeypatch.setattr(sens, "_WHOLE_MODEL", True)
+        whole = sens.measure(m, cd, samples=samples, options=("int8", "fp16", "wint8"), cache=False)
+        monkeypatch.setattr(sens, "_WHOLE_MODEL", False)
+        fast = sens.measure(m, cd, samples=samples, options=("int8", "fp16", "wint8"), cache=False)
+        assert sens._last_stats.get("fast", 0) > 0, dict(sens._last_stats)
+        assert list(whole) == list(fast)
+        for key, a in whole.items():
+            assert (a.applicable, a.flips) == (fast[key].applicable, fast[key].flips), key
+            assert fast[key].noise == pytest.approx(a.noise, rel=1e-3, abs=1e-9), key
+
+
+def test_suffix_runner_fills_the_last_fixed_batch_slice():
+    from edgeopt._suffix import SuffixRunner
+
+    x = oh.make_tensor_value_info("x", TensorProto.FLOAT, [4, 3])
+    y = oh.make_tensor_value_info("y", TensorProto.FLOAT, [4, 2])
+    w1 = nh.from_array(np.random.default_rng(0).standard_normal((3, 3)).astype(np.float32), "w1")
+    w2 = nh.from_array(np.random.default_rng(1).standard_normal((3, 2)).astype(np.float32), "w2")
+    g = oh.make_graph([oh.make_node("MatMul", ["x", "w1"], ["h"], name="a"), oh.make_node("Relu", ["h"], ["r"], name="b"),
+                       oh.make_node("MatMul", ["r", "w2"], ["y"], name="c")], "g", [x], [y], [w1, w2])
+    m = oh.make_model(g, opset_imports=[oh.make_opsetid("", 17)])
+    m.ir_version = 8
+    feeds = {"x": np.random.default_rng(2).standard_normal((10, 3)).astype(np.float32)}
+    r = SuffixRunner(m, feeds, ["c"])
+    assert r.batch == 4 and [real for _, real in r.slices] == [4, 4, 2]
+    sim = onnx.ModelProto()
+    sim.CopyFrom(m)
+    sim.graph.initializer[1].CopyFrom(nh.from_array(2 * nh.to_array(m.graph.initializer[1]), "w2"))
+    out = r.run(sim, "c", False)
+    np.testing.assert_allclose(out, run_feeds(session(sim), feeds)[0], rtol=1e-5)
+    assert out.shape == (10, 2)
