@@ -41,6 +41,7 @@ NNAPI_OPS = _ops.TFLM_OPS | frozenset({"Exp", "Log", "Sqrt", "Pow", "Neg", "Abs"
 def check_ops(analysis: ModelAnalysis, option: BackendOption) -> list[str]:
     from ._tflite_writer import SUPPORTED_OPS as WRITER_OPS  # what the .tflite writer translates
 
+    analysis = without_patterns(analysis)
     if option.settings.delegate == "nnapi":
         return _ops.check_layers(analysis, option, NNAPI_OPS & WRITER_OPS,
                                  [_ops.static_shapes, _ops.div_by_constant, _ops.max_rank(4), _ops.grouped_conv]) \
@@ -49,15 +50,53 @@ def check_ops(analysis: ModelAnalysis, option: BackendOption) -> list[str]:
         + lone_erfs(analysis, option.backend)
 
 
-def lone_erfs(analysis: ModelAnalysis, backend: str) -> list[str]:
-    """Erf layers outside a GELU: TFLite has no ERF builtin; the writer turns only
-    ``x * 0.5 * (1 + Erf(x / sqrt(2)))`` into GELU.  Checked on the graph's structure (Div or Mul before the Erf,
-    Add then Mul after it); the writer also checks the constants and refuses a near-miss by name."""
+def _graph(analysis: ModelAnalysis):
     producer = {o: ly for ly in analysis.layers for o in ly.outputs}
     consumers: dict[str, list] = {}
     for ly in analysis.layers:
         for i in dict.fromkeys(ly.inputs):
             consumers.setdefault(i, []).append(ly)
+    return producer, consumers
+
+
+def without_patterns(analysis: ModelAnalysis) -> ModelAnalysis:
+    """``analysis`` less the layers the writer replaces as a whole, whose own ops need not have kernels: a decomposed
+    layer norm's Pow/Mul, Sqrt and Div by an activation (written as MEAN/SQUARED_DIFFERENCE/RSQRT), a tanh-GELU's
+    x**3 (written as GELU).  Matched on the graph's structure; the writer checks the constants too."""
+    producer, consumers = _graph(analysis)
+
+    def only(tensor: str, op_type: str):
+        c = consumers.get(tensor, [])
+        return c[0] if len(c) == 1 and c[0].op_type == op_type else None
+
+    drop: set[str] = set()
+    for ly in analysis.layers:
+        if ly.op_type == "ReduceMean" and ly.outputs:  # ReduceMean, Sub, Pow|Mul, ReduceMean, Add, Sqrt, Div
+            sub = only(ly.outputs[0], "Sub")
+            uses = consumers.get(sub.outputs[0], []) if sub is not None and sub.inputs[:1] == ly.inputs[:1] else []
+            sq = next((n for n in uses if n.op_type in ("Pow", "Mul")), None)
+            div = next((n for n in uses if n.op_type == "Div"), None)
+            r2 = only(sq.outputs[0], "ReduceMean") if sq is not None and len(uses) == 2 else None
+            add = only(r2.outputs[0], "Add") if r2 is not None else None
+            sqrt = only(add.outputs[0], "Sqrt") if add is not None else None
+            if sqrt is not None and div is not None and div.inputs[1:2] == sqrt.outputs[:1]:
+                drop.update(n.name for n in (ly, sub, sq, r2, add, sqrt, div))
+        if ly.op_type == "Pow" and ly.outputs:  # x**3 -> Mul kappa -> Add x -> Mul beta -> Tanh
+            k = only(ly.outputs[0], "Mul")
+            a = only(k.outputs[0], "Add") if k is not None else None
+            m = only(a.outputs[0], "Mul") if a is not None and ly.inputs[0] in a.inputs else None
+            if m is not None and only(m.outputs[0], "Tanh") is not None:
+                drop.add(ly.name)
+    if not drop:
+        return analysis
+    return analysis.model_copy(update={"layers": [ly for ly in analysis.layers if ly.name not in drop]})
+
+
+def lone_erfs(analysis: ModelAnalysis, backend: str) -> list[str]:
+    """Erf layers outside a GELU: TFLite has no ERF builtin; the writer turns only
+    ``x * 0.5 * (1 + Erf(x / sqrt(2)))`` into GELU.  Checked on the graph's structure (Div or Mul before the Erf,
+    Add then Mul after it); the writer also checks the constants and refuses a near-miss by name."""
+    producer, consumers = _graph(analysis)
     reasons = []
     for ly in analysis.layers:
         if ly.op_type != "Erf" or ly.domain not in ("", "ai.onnx"):
