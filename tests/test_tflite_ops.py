@@ -146,12 +146,18 @@ RESIZES = {  # name: (mode, coordinate_transformation_mode, nearest_mode, scales
     "bilinear_align_corners": ("linear", "align_corners", "round_prefer_floor", None, [1, 4, 11, 13]),
     "bilinear_asymmetric": ("linear", "asymmetric", "round_prefer_floor", [1, 1, 2, 2], None),
     "bilinear_down": ("linear", "half_pixel", "round_prefer_floor", None, [1, 4, 3, 2]),
+    "nearest_opset10": ("nearest", None, None, [1, 1, 2, 3], None),
 }
 
 
 def resize(kind: str):
     rng = np.random.default_rng(5)
     mode, ctm, nearest, scales, sizes = RESIZES[kind]
+    if ctm is None:  # opset 10: Resize(X, scales), no coordinate modes
+        nodes = [node("Conv", ["x0", "wc"], ["x"], kernel_shape=[1, 1]), node("Resize", ["x", "scales"], ["out"], mode=mode)]
+        inits = [init("wc", _r(rng, 4, 3, 1, 1)), init("scales", np.array(scales, np.float32))]
+        m = make_model(nodes, [vi("x0", [1, 3, 6, 5])], [vi("out", None)], inits, opset=10)
+        return m, {"x0": _r(rng, 32, 3, 6, 5)}
     attrs = {"mode": mode, "coordinate_transformation_mode": ctm}
     if mode == "nearest":
         attrs["nearest_mode"] = nearest
@@ -190,18 +196,22 @@ def topk(kind: str):
     return m, {"x0": _r(rng, 32, 6, 10)}
 
 
-CONV_T = {  # name: (kernel, stride, pads, output_padding)
-    "k4s2p1": (4, 2, [1, 1, 1, 1], [0, 0]),  # TFLite SAME
-    "k3s2p0": (3, 2, [0, 0, 0, 0], [0, 0]),  # VALID
-    "k3s2p1op1": (3, 2, [1, 1, 1, 1], [1, 1]),  # cropped from a larger VALID output
-    "k2s2": (2, 2, [0, 0, 0, 0], [0, 0]),
+CONV_T = {  # name: (kernel, stride, pads, output_padding, extra attributes)
+    "k4s2p1": (4, 2, [1, 1, 1, 1], [0, 0], {}),  # TFLite SAME
+    "k3s2p0": (3, 2, [0, 0, 0, 0], [0, 0], {}),  # VALID
+    "k3s2p1op1": (3, 2, [1, 1, 1, 1], [1, 1], {}),  # cropped from a larger VALID output
+    "k2s2": (2, 2, [0, 0, 0, 0], [0, 0], {}),
+    "k3s2_same_upper": (3, 2, None, [0, 0], {"auto_pad": "SAME_UPPER"}),
+    "k3s2_same_lower": (3, 2, None, [0, 0], {"auto_pad": "SAME_LOWER"}),
+    "k3s2_output_shape": (3, 2, None, [0, 0], {"output_shape": [9, 10]}),
 }
 
 
 def conv_transpose(kind: str):
     rng = np.random.default_rng(8)
-    k, s, pads, op = CONV_T[kind]
-    nodes = [node("ConvTranspose", ["x", "w", "b"], ["ct"], kernel_shape=[k, k], strides=[s, s], pads=pads, output_padding=op),
+    k, s, pads, op, extra = CONV_T[kind]
+    extra = {**extra, **({"pads": pads} if pads is not None else {})}
+    nodes = [node("ConvTranspose", ["x", "w", "b"], ["ct"], kernel_shape=[k, k], strides=[s, s], output_padding=op, **extra),
              node("Relu", ["ct"], ["out"])]
     m = make_model(nodes, [vi("x", ["N", 4, 5, 6])], [vi("out", None)],
                    [init("w", _r(rng, 4, 3, k, k, scale=0.4)), init("b", _r(rng, 3, scale=0.1))])
@@ -518,16 +528,22 @@ def test_tflm_preflight_agrees_with_converter(tmp_path, op):
 # --------------------------------------------------------------------------- refusals, end to end
 
 
-@pytest.mark.parametrize("case", ["cubic", "crop_and_resize", "einsum_trace", "einsum_outer", "topk_smallest", "lone_erf",
+@pytest.mark.parametrize("case", ["cubic", "crop_and_resize", "nearest_opset10_down", "einsum_trace", "einsum_outer", "topk_smallest", "lone_erf",
                                   "erf_near_miss"])
 def test_refusals_are_one_line(tmp_path, case):
     rng = np.random.default_rng(11)
     inputs, inits = [vi("x", [1, 3, 4, 4])], []
+    opset = 17
     if case in ("cubic", "crop_and_resize"):
         mode, ctm = ("cubic", "half_pixel") if case == "cubic" else ("linear", "tf_crop_and_resize")
         nodes = [node("Resize", ["x", "", "s"], ["y"], mode=mode, coordinate_transformation_mode=ctm)]
         inits = [init("s", np.array([1, 1, 2, 2], np.float32))]
         why = r"mode cubic has no TFLite builtin" if case == "cubic" else r"samples other pixels than TFLite's"
+    elif case == "nearest_opset10_down":  # onnxruntime rounds up when downsampling (4 -> 2.5 -> 3); TFLite floors
+        nodes, opset = [node("Resize", ["x", "s"], ["y"], mode="nearest")], 10
+        inits = [init("s", np.array([1, 1, 1, 0.4], np.float32))]
+        inputs = [vi("x", [1, 3, 4, 5])]
+        why = r"nearest_mode=ceil at \[4, 5\] -> \[4, 2\] samples other pixels than TFLite's"
     elif case.startswith("einsum"):
         eq = "nchh->nch" if case == "einsum_trace" else "nchw,k->nchwk"
         nodes = [node("Einsum", ["x"] if case == "einsum_trace" else ["x", "k"], ["y"], equation=eq)]
@@ -548,7 +564,7 @@ def test_refusals_are_one_line(tmp_path, case):
         inits.append(_c("d", div))
         why = r"TFLite has no ERF builtin; only Erf inside GELU"
     outputs = [vi("y", None)] + ([vi("i", None, TensorProto.INT64)] if case == "topk_smallest" else [])
-    model = make_model(nodes, inputs, outputs, inits)
+    model = make_model(nodes, inputs, outputs, inits, opset=opset)
     feeds = {i.name: _r(rng, 1, *[d.dim_value for d in i.type.tensor_type.shape.dim][1:]) for i in model.graph.input}
     with pytest.raises(UnsupportedOpError, match=why) as e:
         _convert(tmp_path, model, feeds)

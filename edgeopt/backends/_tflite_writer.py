@@ -1451,7 +1451,9 @@ class _Builder:
             raise _unsupported(node, "only resizing the two spatial axes of a 4-D NCHW tensor maps to TFLite")
         mode = self._str_attr(node, "mode", "nearest")
         ctm = self._str_attr(node, "coordinate_transformation_mode", "half_pixel" if self.opset >= 11 else "asymmetric")
-        nearest_mode = self._str_attr(node, "nearest_mode", "round_prefer_floor")
+        # opset 10: onnxruntime rounds down when upsampling, up when downsampling
+        up = all(o >= i for o, i in zip(out_shape[2:], in_shape[2:]))
+        nearest_mode = self._str_attr(node, "nearest_mode", "round_prefer_floor" if self.opset >= 11 else ("floor" if up else "ceil"))
         if mode not in ("nearest", "linear"):
             raise _unsupported(node, f"mode {mode} has no TFLite builtin (RESIZE_NEAREST_NEIGHBOR / RESIZE_BILINEAR only)")
         if self.attr(node, "antialias", 0):
@@ -1545,17 +1547,25 @@ class _Builder:
         if any(d != 1 for d in self.attr(node, "dilations", [1, 1])):
             raise _unsupported(node, "dilated transposed convolution has no TFLite builtin")
         auto = self._str_attr(node, "auto_pad", "NOTSET")
-        if auto != "NOTSET" and auto != "VALID":
-            raise _unsupported(node, f"auto_pad={auto} is not supported (give explicit pads)")
         cin, cout, kh, kw = w.shape
         b = self.const(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(cout, np.float32)
         if b is None:
             raise _unsupported(node, "the bias must be constant")
         strides = list(self.attr(node, "strides", [1, 1]))
-        pads = [0, 0, 0, 0] if auto == "VALID" else list(self.attr(node, "pads", [0, 0, 0, 0]))
         in_hw = self.shapes[x][2:]
         out_shape = list(self.shapes[node.output[0]])
-        begin = pads[:2]
+        if auto == "VALID":
+            begin = [0, 0]
+        elif auto in ("SAME_UPPER", "SAME_LOWER") or self.attr(node, "output_shape") is not None:
+            # ONNX derives the pads from the output size: the total split evenly, the odd one at the end for
+            # SAME_UPPER, at the start otherwise
+            op_pad = list(self.attr(node, "output_padding", [0, 0]))
+            total = [strides[i] * (in_hw[i] - 1) + op_pad[i] + (kh, kw)[i] - out_shape[2 + i] for i in range(2)]
+            begin = [t // 2 if auto == "SAME_UPPER" else t - t // 2 for t in total]
+        else:
+            begin = list(self.attr(node, "pads", [0, 0, 0, 0]))[:2]
+        if any(b < 0 for b in begin):
+            raise _unsupported(node, "negative padding is not supported")
         # TFLite's output = the full transposed convolution cropped from pad_before (0 for VALID, centred for SAME)
         same_before = [max(((in_hw[i] - 1) * strides[i] + (kh, kw)[i] - out_shape[2 + i]) // 2, 0) for i in range(2)]
         p = self.prec(node)
