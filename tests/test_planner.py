@@ -72,9 +72,10 @@ def test_unsupported_op_names_the_node(tmp_path):
     m = make_model(nodes, [vi("x", [2, 4])], [vi("y", None)], [init("W", np.ones((4, 3), np.float32))])
     a = analyze(save(m, tmp_path / "e.onnx"))
     assert a.layers[0].macs == 2 * 4 * 3
-    with pytest.raises(UnsupportedOpError, match="the_einsum: op Einsum is not supported by tflm"):
-        make_plan(a, load_target("mcu-cortex-m7"))
     assert make_plan(a, load_target("x86-cpu")).backend == "onnxruntime"
+    hard = make_model([helper.make_node("Hardmax", ["x"], ["y"], name="the_hardmax")], [vi("x", [2, 4])], [vi("y", None)])
+    with pytest.raises(UnsupportedOpError, match=r"op Hardmax is not supported by tflm.*\(1 layer: the_hardmax\)"):
+        make_plan(analyze(save(hard, tmp_path / "h.onnx")), load_target("mcu-cortex-m7"))
 
 
 def test_precision_and_backend_forcing(digits_analysis):
