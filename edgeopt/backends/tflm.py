@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BudgetError, EdgeoptError
-from ..types import Artifact, BackendOption, ModelAnalysis, Plan
+from ..types import Artifact, BackendOption, LayerInfo, ModelAnalysis, Plan
 from ..units import fmt_bytes
 from . import _ops
 from .base import Backend, Runner, make_artifact, tool_versions
@@ -46,8 +46,14 @@ def check_ops(analysis: ModelAnalysis, option: BackendOption) -> list[str]:
 
     analysis = without_patterns(analysis)
     return _ops.check_layers(analysis, option, _ops.TFLM_OPS & WRITER_OPS,
-                             [_ops.static_shapes, _ops.const_weight, _ops.div_by_constant, _ops.max_rank(4), _ops.grouped_conv]) \
+                             [_ops.static_shapes, _const_weight, _ops.div_by_constant, _ops.max_rank(4), _ops.grouped_conv]) \
         + lone_erfs(analysis, option.backend)
+
+
+def _const_weight(layer: LayerInfo, option: BackendOption, analysis: ModelAnalysis) -> str | None:
+    """Conv/Gemm need a constant weight; a MatMul of two activations (attention) is BATCH_MATMUL, which TFLite Micro
+    runs in int8."""
+    return None if layer.op_type == "MatMul" else _ops.const_weight(layer, option, analysis)
 
 
 # --------------------------------------------------------------------------- building
