@@ -586,9 +586,9 @@ def as_calibration(data: Any, model: onnx.ModelProto, labels: np.ndarray | str |
         return {inputs[0][0]: arr}
 
     if isinstance(data, CalibrationData):
-        # its feeds hold a sample axis already (stacked on a new axis where its layout is per-sample)
+        # its feeds hold a sample axis already (per-sample data: stacked on a new axis, one rank more than the input)
         feeds = _check_feed(data.feeds(), inputs, f"calibration data {data.description}".rstrip(),
-                            per_sample=per_sample and not data.per_sample)
+                            per_sample=per_sample)
         cd = CalibrationData(lambda: [feeds], data.labels if labels is None else labels,
                              1 if per_sample else fixed_batch or data.batch_size, data.description,
                              fixed_batch=fixed_batch, per_sample=per_sample)

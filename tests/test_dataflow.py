@@ -432,3 +432,16 @@ def test_suffix_runner_fills_the_last_fixed_batch_slice():
     out = r.run(sim, "c", False)
     np.testing.assert_allclose(out, run_feeds(session(sim), feeds)[0], rtol=1e-5)
     assert out.shape == (10, 2)
+
+
+def test_per_sample_data_with_labels(gru, tmp_path, capsys):
+    """--labels with --calib re-reads the calibration data with its labels: per-sample data keeps its layout."""
+    model, cal = gru
+    m = onnx.load(model)
+    cd = as_calibration(cal, m)
+    again = as_calibration(cd, m, labels=np.arange(12) % 4)
+    assert again.per_sample and len(again) == 12 and again.labels is not None
+    np.save(tmp_path / "labels.npy", np.arange(12) % 4)
+    rc = _build(model, tmp_path / "out", "--target", "x86-cpu", "--calib", str(cal), "--labels",
+                str(tmp_path / "labels.npy"))
+    assert rc == 0, capsys.readouterr().err
