@@ -18,6 +18,7 @@ import json
 import platform
 
 import numpy as np
+import onnx
 import pytest
 from conftest import init, make_model, save, vi
 from onnx import TensorProto, helper
@@ -534,3 +535,89 @@ def test_rnn_layout1_batch_first(tmp_path, op):
     assert np.allclose(got[0], ref[0].transpose(2, 0, 1, 3), atol=FP32_TOL)  # Y: [b, s, D, H] vs [s, D, b, H]
     for g, r in zip(got[1:], ref[1:]):
         assert np.allclose(g, r.transpose(1, 0, 2), atol=FP32_TOL)  # states: [b, D, H] vs [D, b, H]
+
+
+def test_token_ids_embedding_gather_layernorm_gelu(tmp_path):
+    """A text encoder's front: int64 token ids (Core ML int32 input) gather rows of an embedding table."""
+    n = helper.make_node
+    nodes = [n("Gather", ["table", "ids"], ["e"], name="embed", axis=0),
+             n("LayerNormalization", ["e", "g", "b"], ["ln"], name="ln", axis=-1),
+             n("Div", ["ln", "sqrt2"], ["d"], name="gelu/div"), n("Erf", ["d"], ["er"], name="gelu/erf"),
+             n("Add", ["er", "one"], ["a"], name="gelu/add"), n("Mul", ["ln", "a"], ["m"], name="gelu/mul"),
+             n("Mul", ["m", "half"], ["y"], name="gelu/mul2")]
+    consts = [init("table", _r((50, 16), seed=1)), init("g", _r(16, seed=2) * 0.2 + 1), init("b", _r(16, 0.1, seed=3)),
+              init("sqrt2", _f32(np.sqrt(2))), init("one", _f32(1.0)), init("half", _f32(0.5))]
+    model = make_model(nodes, [vi("ids", [1, 7], TensorProto.INT64)], [vi("y", None)], consts)
+    ids = np.random.default_rng(0).integers(0, 50, (1, 7)).astype(np.int64)
+    errs, ops = _check(tmp_path, model, {"ids": ids})
+    assert ops.get("gelu") == 1 and ops.get("gather") == 1, ops
+    rec = json.loads((tmp_path / "a_fp16" / coreml.RECORD).read_text())
+    assert rec["input_types"] == {"ids": "INT32"} and rec["validation"]["inputs"]["ids"]["dtype"] == "INT32"
+
+
+def _zoo(name):
+    from edgeopt import zoo
+    from edgeopt.errors import EdgeoptError
+
+    try:
+        return getattr(zoo, name)()
+    except EdgeoptError as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.slow
+def test_minilm_gelu_layernorm_int_inputs(tmp_path):
+    """all-MiniLM-L6-v2: Erf GELUs fused to gelu, LayerNormalization, token-id Gather; measured SNR 56.5 dB."""
+    from edgeopt.zoo import minilm_tokens
+
+    path = _zoo("minilm_path")
+    model = onnx.load(str(path))
+    plan = make_plan(analyze(path), load_target("ios"), backend="coreml", precision="fp16", enforce_budgets=False)
+    build_artifact(model, plan, tmp_path / "a")
+    ops = json.loads((tmp_path / "a" / coreml.RECORD).read_text())["validation"]["ops"]
+    assert ops["gelu"] == 6 and ops["layer_norm"] == 13, ops
+    ids, mask = minilm_tokens(["a quick brown fox jumps", "core ml on linux", "hello world", "edge deployment"])
+    fid = coreml.compare_with_onnx(tmp_path / "a", model, {"input_ids": ids, "attention_mask": mask})
+    assert fid.snr_db >= 45 and fid.cosine > 0.9999, fid
+
+
+@pytest.mark.slow
+def test_kws_gru_state_in_and_out(tmp_path):
+    """A GRU keyword spotter with its hidden state as an input and an output; measured SNR 64 dB."""
+    path = _zoo("kws_gru_path")
+    model = onnx.load(str(path))
+    plan = make_plan(analyze(path), load_target("ios"), backend="coreml", precision="fp16", enforce_budgets=False)
+    build_artifact(model, plan, tmp_path / "a")
+    rng = np.random.default_rng(0)
+    feeds = {"feats": rng.standard_normal((4, 20, 40)).astype(np.float32),
+             "h0": (rng.standard_normal((4, 1, 64)) * 0.5).astype(np.float32)}
+    ref = session(model).run(None, {k: v[:1] for k, v in feeds.items()})
+    got = coreml.OnnxEquivalentRunner(tmp_path / "a").run({k: v[:1] for k, v in feeds.items()})
+    assert [o.name for o in model.graph.output] == ["logits", "h"]
+    for a, b in zip(ref, got):
+        assert a.shape == b.shape and np.abs(a - b).max() <= FP16_TOL * max(1.0, np.abs(a).max())
+
+
+#: MIL ops coremltools' default passes can put into a program built from our translation (fusions such as
+#: fuse_gelu_exact / fuse_gelu_tanh_approximation / fuse_leaky_relu / fuse_reduce_mean, concat_to_pixel_shuffle,
+#: detect_concat_interleave, replace_stack_reshape, guard_negative_gather_indices, fp16/int16 casts)
+PASS_PRODUCED = ("gelu", "silu", "leaky_relu", "pixel_shuffle", "concat", "reduce_mean", "layer_norm", "instance_norm",
+                 "batch_norm", "select", "greater_equal", "less", "add", "cast", "identity", "squeeze", "expand_dims",
+                 "stack", "split", "slice_by_size", "pad", "conv", "prelu", "linear", "matmul", "transpose", "reshape")
+
+
+def test_exporter_covers_every_mil_op_the_translator_or_passes_emit():
+    """Every MIL op our translator builds (``mb.<op>(`` in its source, and the op tables) or coremltools'
+    passes produce has a branch in the MIL -> ONNX exporter."""
+    import inspect
+    import re
+
+    src = inspect.getsource(cm)
+    cut = src.index("# --------------------------------------------------------------------------- MIL (saved) -> ONNX")
+    translator, exporter = src[:cut], src[cut:]
+    built = set(re.findall(r"(?:\bmb|_mb\(\))\.(\w+)\(", translator)) - {"TensorSpec", "const"}
+    for table in (cm._UNARY, cm._BINARY, cm._REDUCE, cm._COMPARE, cm._LOGICAL):
+        built |= set(table.values())
+    assert {"gelu", "upsample_bilinear", "resize_bilinear", "upsample_nearest_neighbor", "lstm", "topk"} <= built
+    missing = sorted(op for op in built | set(PASS_PRODUCED) if f'"{op}"' not in exporter)
+    assert not missing, missing

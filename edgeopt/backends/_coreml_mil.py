@@ -128,6 +128,7 @@ class Translation:
     outputs: dict[str, str]  # ONNX output name -> MIL output name
     layers: dict[str, list[str]] = field(default_factory=dict)  # ONNX node name -> MIL op names (first: main op)
     weights: dict[str, str] = field(default_factory=dict)  # MIL op name -> param holding its weight
+    input_types: dict[str, str] = field(default_factory=dict)  # ONNX input name -> FLOAT32 or INT32 (Core ML's)
 
 
 class _Translator:
@@ -201,10 +202,16 @@ class _Translator:
 
         inputs = {name: sanitize(name) for name in shapes}
         self.used.update(inputs.values())
-        specs = {inputs[n]: mb.TensorSpec(shape=tuple(s), dtype=mtypes.fp32) for n, s in shapes.items()}
+        elem = {vi.name: vi.type.tensor_type.elem_type for vi in self.model.graph.input}
+        # integer (and bool) inputs, e.g. token ids: Core ML's int32 arrays; everything else fp32
+        types = {n: "INT32" if elem.get(n) in _INT_TYPES else "FLOAT32" for n in shapes}
+        specs = {inputs[n]: mb.TensorSpec(shape=tuple(s), dtype=mtypes.int32 if types[n] == "INT32" else mtypes.fp32)
+                 for n, s in shapes.items()}
         with Function(specs, opset_version=ct.target.iOS17) as func:
             for onnx_name, mil_name in inputs.items():
                 self.env[onnx_name] = func.inputs[mil_name]
+                if elem.get(onnx_name) == 9:  # bool
+                    self.env[onnx_name] = mb.cast(x=func.inputs[mil_name], dtype="bool", name=self._unique(f"{mil_name}__bool"))
             for node in self.model.graph.node:
                 self._emit(node)
             outs = []
@@ -218,7 +225,7 @@ class _Translator:
             func.set_outputs(outs)
         prog = Program()
         prog.add_function("main", func)
-        return Translation(prog, inputs, self.outputs, self.layers, self.weights)
+        return Translation(prog, inputs, self.outputs, self.layers, self.weights, types)
 
     def _emit(self, node: onnx.NodeProto) -> None:
         handler = _HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
@@ -716,9 +723,13 @@ def _split(t, node, a, ins):
 def _gather(t, node, a, ins):
     mb = _mb()
     x = ins[0]
-    axis = int(a.get("axis", 0)) % x.rank
-    if not isinstance(ins[1], np.ndarray):  # computed indices (ArgMax, TopK): int32 in MIL
-        return mb.gather(x=x, indices=ins[1], axis=axis, name=t.name(main=True))
+    axis = int(a.get("axis", 0)) % len(x.shape)
+    if not isinstance(ins[1], np.ndarray):  # computed indices (token ids, ArgMax, TopK): int32 in MIL
+        name = t.name(main=True)
+        if isinstance(x, np.ndarray):  # an embedding table: the layer's weight
+            x = _operand(x)
+            t.weights[name] = "x"
+        return mb.gather(x=x, indices=ins[1], axis=axis, name=name)
     idx = t.const(node.input[1], "indices").astype(np.int64)
     idx = np.where(idx < 0, idx + x.shape[axis], idx).astype(np.int32)
     if idx.ndim == 0:
@@ -1768,7 +1779,8 @@ def to_onnx(prog, round_fp16: bool = True) -> onnx.ModelProto:
                 e.node("Cast", [r], [h], to=onnx.TensorProto.FLOAT16)
                 e.node("Cast", [h], [v.name], to=onnx.TensorProto.FLOAT)
     f32 = onnx.TensorProto.FLOAT
-    inputs = [onnx.helper.make_tensor_value_info(v.name, f32, list(v.shape)) for v in func.inputs.values()]
+    inputs = [onnx.helper.make_tensor_value_info(v.name, f32 if mtypes.is_float(v.dtype) else onnx.TensorProto.INT32,
+                                                 list(v.shape)) for v in func.inputs.values()]
     outputs = [onnx.helper.make_tensor_value_info(v.name, f32, list(v.shape)) for v in func.outputs]
     graph = onnx.helper.make_graph(e.nodes, "coreml_equivalent", inputs, outputs, initializer=list(e.inits.values()))
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], producer_name="edgeopt-coreml")

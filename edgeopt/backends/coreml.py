@@ -187,6 +187,7 @@ def build_mlpackage(model: onnx.ModelProto, plan: Plan, path: Path) -> dict[str,
         "inputs": tr.inputs,
         "outputs": tr.outputs,
         "input_shapes": {k: list(v) for k, v in cm.static_shapes(prepared, plan.input_shapes).items()},
+        "input_types": tr.input_types,
         "layers": tr.layers,
         "compression": applied,
         "not_compressed": skipped,
@@ -225,8 +226,9 @@ def validate_package(package: Path, record: Mapping[str, Any]) -> dict[str, Any]
     shapes = record["input_shapes"]
     for onnx_name, mil_name in record["inputs"].items():
         got = ins.get(mil_name)
-        if got is None or got["shape"] != list(shapes[onnx_name]) or got["dtype"] != "FLOAT32":
-            raise EdgeoptError(f"{package}: input {mil_name} is {got}, expected FLOAT32 {shapes[onnx_name]}")
+        want = record.get("input_types", {}).get(onnx_name, "FLOAT32")
+        if got is None or got["shape"] != list(shapes[onnx_name]) or got["dtype"] != want:
+            raise EdgeoptError(f"{package}: input {mil_name} is {got}, expected {want} {shapes[onnx_name]}")
     if set(ins) != set(record["inputs"].values()) or list(outs) != list(record["outputs"].values()):
         raise EdgeoptError(f"{package}: inputs/outputs {list(ins)}/{list(outs)} differ from the model's "
                            f"{list(record['inputs'].values())}/{list(record['outputs'].values())}")
@@ -286,10 +288,12 @@ class OnnxEquivalentRunner(Runner):
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._batch = int(self.session.get_inputs()[0].shape[0]) if self.session.get_inputs()[0].shape else 1
+        self._dtypes = {i.name: np.int32 if i.type == "tensor(int32)" else np.float32 for i in self.session.get_inputs()}
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         n = len(next(iter(feeds.values())))
-        parts = [self.session.run(None, {k: np.asarray(v[i:i + self._batch], np.float32) for k, v in feeds.items()})
+        parts = [self.session.run(None, {k: np.asarray(v[i:i + self._batch], self._dtypes.get(k, np.float32))
+                                         for k, v in feeds.items()})
                  for i in range(0, n, self._batch)]
         return [np.concatenate([p[j] for p in parts], axis=0) for j in range(len(self.output_names))]
 
@@ -320,6 +324,7 @@ class CoreMLRunner(Runner):
         self.model = ct.models.MLModel(str(package), compute_units=units)
         self._inputs, self._outputs = dict(record["inputs"]), dict(record["outputs"])
         self._batch = {k: int(v[0]) if v else 1 for k, v in record["input_shapes"].items()}
+        self._dtypes = {k: np.int32 if t == "INT32" else np.float32 for k, t in record.get("input_types", {}).items()}
         self.input_names, self.output_names = list(self._inputs), list(self._outputs)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -327,7 +332,8 @@ class CoreMLRunner(Runner):
         b = max(min(self._batch.values(), default=1), 1)
         parts = []
         for i in range(0, n, b):
-            res = self.model.predict({self._inputs[k]: np.asarray(v[i:i + b], np.float32) for k, v in feeds.items()})
+            res = self.model.predict({self._inputs[k]: np.asarray(v[i:i + b], self._dtypes.get(k, np.float32))
+                                      for k, v in feeds.items()})
             parts.append([np.asarray(res[self._outputs[o]]) for o in self.output_names])
         return [np.concatenate([p[j] for p in parts], axis=0) for j in range(len(self.output_names))]
 
