@@ -234,8 +234,8 @@ def _inputs(args: argparse.Namespace):
     from .pipeline import BuildInputs
 
     if str(args.model) == "default":
-        if args.calib or args.eval_data:
-            raise EdgeoptError("'default' brings its own digits data; drop --calib/--eval")
+        if args.calib or args.eval_data or getattr(args, "inputs", None):
+            raise EdgeoptError("'default' brings its own digits data; drop --calib/--eval/--inputs")
         return BuildInputs.default_model()
     return BuildInputs.prepare(Path(args.model), calib=_read_array_source(args.calib),
                                eval_data=_read_array_source(args.eval_data), labels=args.labels,
