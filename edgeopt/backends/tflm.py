@@ -130,7 +130,7 @@ import sys
 from tflite_micro import runtime as micro
 
 data = open(sys.argv[1], "rb").read()
-lo, hi, align = (int(a) for a in sys.argv[2:5])
+lo, hi, align, first = (int(a) for a in sys.argv[2:6])
 
 
 def allocates(size):
@@ -144,7 +144,7 @@ def allocates(size):
     return ok
 
 
-if lo + align < hi and not allocates(lo + align):
+if first and lo + align < hi and not allocates(lo + align):  # the recorded total itself
     lo += align
 while hi - lo > align:
     mid = (lo + hi) // 2 // align * align
@@ -164,11 +164,11 @@ def _smallest_arena(data: bytes, lo: int, hi: int) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.tflite"
         path.write_bytes(data)
-        for _ in range(64):
+        for attempt in range(64):
             if hi - lo <= ARENA_ALIGN:
                 break
-            run = subprocess.run([sys.executable, "-c", _SEARCH, str(path), str(lo), str(hi), str(ARENA_ALIGN)],
-                                 capture_output=True, text=True)
+            run = subprocess.run([sys.executable, "-c", _SEARCH, str(path), str(lo), str(hi), str(ARENA_ALIGN),
+                                  str(int(attempt == 0))], capture_output=True, text=True)
             pending = None
             for line in run.stdout.splitlines():
                 word, _, size = line.partition(" ")
