@@ -13,7 +13,16 @@ Three stages:
    HardSigmoid into the preceding conv (scaled weights + RELU6 + MUL 1/6),
    ``x*clip(x+3,0,6)/6`` and ``x*HardSigmoid(x)`` as HARD_SWISH, Div by a constant as
    MUL; a Flatten of NHWC data feeding FC layers permutes the FC weights instead of
-   transposing the activations.
+   transposing the activations.  Subgraphs replaced as a whole (:meth:`_Builder._find_patterns`):
+   GELU ``x*0.5*(1+Erf(x/sqrt2))`` and its tanh form (PyTorch's / Hugging Face's exports, any
+   operand order) as GELU (TFLite has no ERF: a lone Erf is refused; for TFLite Micro, which
+   has no GELU kernel, ``micro=True`` writes the tanh form in MUL/ADD/TANH), and the decomposed
+   layer norm (ReduceMean, Sub, Pow|Mul, ReduceMean, Add, Sqrt, Div, Mul, Add), written like
+   LayerNormalization as MEAN/SQUARED_DIFFERENCE/RSQRT/SUB/MUL/ADD.  Softmax/LogSoftmax/TopK
+   on an axis that is not the last run between two TRANSPOSEs; Resize picks TFLite's
+   align_corners/half_pixel_centers by comparing both sampling grids (refused where none
+   samples what ONNX does); comparisons, Where and logical ops carry bool tensors, Gather and
+   TopK int32 ones (int64 model inputs become int32 inputs).
 2. :func:`emit` writes the IR as a ``.tflite`` with one precision per op: fp32, fp16
    (fp16 weights + DEQUANTIZE, the standard TFLite fp16 model) or int8 (int8 weights
    symmetric per-channel for CONV_2D (axis 0) / DEPTHWISE_CONV_2D (axis 3), per-tensor
