@@ -338,12 +338,16 @@ class CoreMLRunner(Runner):
         return [np.concatenate([p[j] for p in parts], axis=0) for j in range(len(self.output_names))]
 
 
-def validation_statement(record: Mapping[str, Any]) -> str:
-    """What the build checked of the package's computation, from its ``coreml.json`` record: only a build
-    that ran the ONNX equivalent on data says the artifact was validated against it."""
-    eq = (record.get("validation") or {}).get("onnx_equivalent")
+def validation_statement(record: Mapping[str, Any], artifact: Artifact | None = None) -> str:
+    """What the build checked of the package's computation: only a build that ran the ONNX equivalent on
+    data (the backend's, recorded in ``coreml.json``, or the pipeline's, recorded in the manifest) says the
+    artifact was validated against it."""
+    eq = (record.get("validation") or {}).get("onnx_equivalent") or {}
+    snr = eq.get("snr_db")
+    if not eq and artifact is not None and artifact.numerics.get("validated_with"):
+        snr = artifact.accuracy.get("snr_db")
+        eq = {"snr_db": snr} if snr is not None else {}
     if eq:
-        snr = eq.get("snr_db")
         return ("the artifact was validated against its ONNX equivalent"
                 + (f" (SNR {snr:.1f} dB vs the source model)" if isinstance(snr, (int, float)) else ""))
     return "the artifact was NOT validated (built without evaluation data: only its spec was checked)"
@@ -380,7 +384,7 @@ class CoreMLBackend(Backend):
         artifact_dir = Path(artifact_dir)
         record = json.loads((artifact_dir / RECORD).read_text())
         if platform.system() != "Darwin":
-            raise RuntimeUnavailable(f"Core ML prediction needs macOS; {validation_statement(record)} "
+            raise RuntimeUnavailable(f"Core ML prediction needs macOS; {validation_statement(record, artifact)} "
                                      f"(edgeopt.backends.coreml.onnx_equivalent('{artifact_dir}') runs it in onnxruntime here)")
         return CoreMLRunner(artifact_dir / artifact.primary, record)
 
