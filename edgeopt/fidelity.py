@@ -113,15 +113,31 @@ def run_feeds(sess, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     return join_outputs(parts)
 
 
-def run(model, data: CalibrationData, limit: int | None = None) -> list[np.ndarray]:
+def run(model, data: CalibrationData, limit: int | None = None, *, original: bool = False) -> list[np.ndarray]:
     """All outputs of ``model`` over ``data``, joined along the sample axis (:func:`join_outputs`), fed as the model
     takes them (:meth:`CalibrationData.counted_batches`: the model's fixed batch, or one sample at a time in the
-    per-sample layout)."""
+    per-sample layout).
+
+    ``original``: ``model`` is the user's model, so onnxruntime failing on the data is the user's to fix (a
+    data-dependent branch that breaks on a sample): a one-line :class:`~edgeopt.errors.EdgeoptError` naming the
+    sample, not an internal error."""
     sess = model if hasattr(model, "run") else session(model)
     b = fixed_batch(sess)
     parts: list[list[np.ndarray]] = []
+    seen = 0
     for feed, real in data.counted_batches(b, limit=limit):
-        res = sess.run(None, feed)
+        try:
+            res = sess.run(None, feed)
+        except Exception as e:  # noqa: BLE001 - onnxruntime's errors share no base class
+            if not original:
+                raise
+            from .errors import EdgeoptError
+
+            first = " ".join(str(e).split())[:300] or type(e).__name__
+            where = f"sample {seen}" if real == 1 else f"samples {seen}..{seen + real - 1}"
+            raise EdgeoptError(f"the model fails in onnxruntime on {where} of {data.description or 'the data'}: "
+                               f"{first}") from None
+        seen += real
         padded = not data.per_sample and real < len(next(iter(feed.values())))
         parts.append([np.asarray(r)[:real] if padded and np.ndim(r) else np.asarray(r) for r in res])
     return join_outputs(parts, data.per_sample)

@@ -169,7 +169,7 @@ def validate(runner, inputs: BuildInputs, limit: int = EVAL_LIMIT, reference: li
 
     if inputs.evaluation is None:
         return {}
-    ref = reference if reference is not None else run(inputs.model, inputs.evaluation, limit)
+    ref = reference if reference is not None else run(inputs.model, inputs.evaluation, limit, original=True)
     f = compare_outputs(ref, _outputs(runner, inputs.evaluation, limit), inputs.evaluation.labels)
     out = {"snr_db": f.snr_db, "cosine": f.cosine}
     if f.top1_agreement is not None:
@@ -205,7 +205,7 @@ def check_numerics(artifact_dir: Path, runner, inputs: BuildInputs, on_target: b
 
     if inputs.evaluation is None:
         return {}, ""
-    ref = reference if reference is not None else run(inputs.model, inputs.evaluation, EVAL_LIMIT)
+    ref = reference if reference is not None else run(inputs.model, inputs.evaluation, EVAL_LIMIT, original=True)
     if runner is not None and on_target:
         return validate(runner, inputs, reference=ref), "the artifact's runtime on this host, of the target's CPU class"
     exact_runner = open_reference(artifact_dir)
@@ -310,7 +310,7 @@ class Planning:
         if self.budget is not None or data is None:
             return
         if self.reference is None:
-            self.reference = run(self.inputs.model, data, EVAL_LIMIT)
+            self.reference = run(self.inputs.model, data, EVAL_LIMIT, original=True)
             check_finite_reference(self.reference)
         labels = data.labels is not None
         self.budget = choose_budget(is_classification(self.reference[0]), labels, self.max_accuracy_drop, self.min_snr_db)

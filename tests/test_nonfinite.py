@@ -51,3 +51,30 @@ def test_model_producing_nan_on_the_data_is_one_line_error(tmp_path, capsys):
     assert rc == 2, cap.err
     lines = cap.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "NaN/Inf in output 0" in lines[0], cap.err
+
+
+def test_model_failing_on_a_later_sample_is_one_line_error(tmp_path, capsys):
+    """A data-dependent branch that breaks on some calibration samples (an out-of-range Gather in the branch taken
+    when the input sums above 0): refused in one line naming the sample, not an internal error."""
+    from onnx import numpy_helper
+
+    then_g = helper.make_graph([helper.make_node("Gather", ["x", "bad"], ["t"], axis=1)], "then", [],
+                               [vi("t", [1, 1])], [numpy_helper.from_array(np.array([10], np.int64), "bad")])
+    else_g = helper.make_graph([helper.make_node("ReduceMax", ["x"], ["e"], keepdims=1, axes=[1])], "else", [],
+                               [vi("e", [1, 1])])
+    nodes = [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0), helper.make_node("Greater", ["s", "z"], ["c"]),
+             helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)]
+    from conftest import init
+
+    model = make_model(nodes, [vi("x", [1, 8])], [vi("y", [1, 1])], [init("z", np.array(0, np.float32))], opset=17)
+    path = save(model, tmp_path / "branchy.onnx")
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    x = -np.ones((8, 8), np.float32)
+    x[3] = 1.0  # sample 3 takes the broken branch
+    np.save(calib / "x.npy", x)
+    rc = main(["build", str(path), "--target", "x86-cpu", "--calib", str(calib), "-o", str(tmp_path / "out")])
+    cap = capsys.readouterr()
+    lines = cap.err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "sample 3" in lines[0], cap.err
+    assert not (tmp_path / "out").exists()

@@ -67,7 +67,9 @@ class OpenVinoRunner(Runner):
         self.output_names = [o.get_any_name() for o in self.compiled.outputs]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        res = self.request.infer({name: np.ascontiguousarray(feeds[name]) for name in self.input_names})
+        # np.ascontiguousarray makes a 0-d (scalar) input 1-d: keep scalars as they are
+        res = self.request.infer({name: np.ascontiguousarray(feeds[name]) if np.ndim(feeds[name]) else np.asarray(feeds[name])
+                                  for name in self.input_names})
         return [np.array(res[o]) for o in self.compiled.outputs]
 
     def op_profile(self, feeds: Mapping[str, np.ndarray], repeats: int = 20) -> list[OpTiming]:
