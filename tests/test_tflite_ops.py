@@ -438,6 +438,7 @@ def one_node(op: str):
             "Resize": (["x", "", "s"], {"mode": "linear"}, [init("s", np.array([1, 1, 2, 2], np.float32))]),
             "Slice": (["x", "st", "en", "ax"], {}, [init("st", np.array([1, 1], np.int64)), init("en", np.array([3, 5], np.int64)),
                                                      init("ax", np.array([1, 3], np.int64))]),
+            "Split": (["x", "sp"], {"axis": 1}, [init("sp", np.array([1, 2], np.int64))]),
             "Squeeze": (["x", "a"], {}, [init("a", np.array([0], np.int64))]),
             "Unsqueeze": (["x", "a"], {}, [init("a", np.array([2], np.int64))]),
             "TopK": (["x", "k"], {"axis": 1}, [init("k", np.array([2], np.int64))]),
@@ -455,10 +456,11 @@ def one_node(op: str):
             inputs, feeds = [vi("x", [1, 72])], {"x": _r(rng, 16, 72)}
         if op == "Gelu":
             opset = 20
-        if op == "TopK":
+        if op in ("TopK", "Split"):
             outs = ["y", "idx"]
     nodes = [*pre, node(op, ins, outs, **attrs)]
-    outputs = [vi("y", None)] + ([vi("idx", None, TensorProto.INT64)] if op == "TopK" else [])
+    outputs = [vi("y", None)] + ([vi("idx", None, TensorProto.INT64 if op == "TopK" else TensorProto.FLOAT)]
+                                 if op in ("TopK", "Split") else [])
     if op in ("Not", "And", "Or") or op in ("Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual"):
         outputs = [vi("y", None, TensorProto.BOOL)]
     return make_model(nodes, inputs, outputs, inits, opset=opset), feeds, opset

@@ -73,7 +73,7 @@ SUPPORTED_OPS = frozenset(
     "Neg Abs Floor Ceil Sin Cos MaxPool AveragePool GlobalAveragePool GlobalMaxPool ReduceMean ReduceMax ReduceMin "
     "ReduceSum Reshape Flatten Squeeze Unsqueeze Transpose Concat Softmax LogSoftmax Pad Slice Identity Dropout Cast "
     "BatchNormalization Constant Shape Erf Gelu LayerNormalization Gather Equal Greater Less GreaterOrEqual LessOrEqual "
-    "Where Not And Or TopK Resize ConvTranspose Einsum".split()
+    "Where Not And Or TopK Resize ConvTranspose Einsum Split".split()
 )
 
 #: TFLite builtins with int8 kernels (TFLite and TFLite Micro); others run in float.
@@ -1450,6 +1450,33 @@ class _Builder:
                 self.op("TRANSPOSE", [o, self.ints(f"{name}/perm", perm)], [y], node, p)
                 o = y
             self.vals[name] = (o, layout)
+
+    def _op_Split(self, node):
+        """One STRIDED_SLICE per output (int8: each shares the input's parameters), in the input's layout."""
+        x = node.input[0]
+        shape = self.shapes[x]
+        rank = len(shape)
+        axis = int(self.attr(node, "axis", 0)) % rank
+        sizes = [self.shapes[o][axis] for o in node.output]  # the sizes onnxruntime produced at these shapes
+        p = self.prec(node)
+        tid, layout = self.get(x, "any")
+        if layout == "flat":
+            tid, layout = self.get(x, "plain")
+        order = NCHW_TO_NHWC if layout == "nhwc" else tuple(range(rank))
+        start = 0
+        for out, size in zip(node.output, sizes):
+            begin, end = [0] * rank, list(shape)
+            begin[axis], end[axis] = start, start + size
+            start += size
+            if not out:
+                continue
+            out_shape = self.shapes[out]
+            y = self.act(out, _nhwc(out_shape) if layout == "nhwc" else out_shape)
+            self.op("STRIDED_SLICE", [tid, self.ints(f"{out}/begin", [begin[a] for a in order]),
+                                      self.ints(f"{out}/end", [end[a] for a in order]),
+                                      self.ints(f"{out}/strides", [1] * rank)], [y], node, p,
+                    beginMask=0, endMask=0, ellipsisMask=0, newAxisMask=0, shrinkAxisMask=0, offset=False)
+            self.vals[out] = (y, layout)
 
     # resize, transposed convolution, einsum --------------------------------
 
