@@ -621,3 +621,41 @@ def test_exporter_covers_every_mil_op_the_translator_or_passes_emit():
     assert {"gelu", "upsample_bilinear", "resize_bilinear", "upsample_nearest_neighbor", "lstm", "topk"} <= built
     missing = sorted(op for op in built | set(PASS_PRODUCED) if f'"{op}"' not in exporter)
     assert not missing, missing
+
+
+def _mil_grid(mode: str, n: int, m: int) -> np.ndarray:
+    """MIL's documented sampling grid (coremltools resize_bilinear / upsample_bilinear docstrings)."""
+    i = np.arange(m, dtype=np.float64)
+    if mode in ("STRICT_ALIGN_CORNERS", "ALIGN_CORNERS"):
+        g = i * (n - 1) / (m - 1)
+    elif mode == "DEFAULT":
+        g = i * (n - n / m) / (m - 1)
+    elif mode == "UNALIGN_CORNERS":
+        g = i * n / m + 0.5 * n / m - 0.5
+    else:
+        raise ValueError(mode)
+    return np.clip(g, 0, n - 1)
+
+
+def _bilinear(x: np.ndarray, gh: np.ndarray, gw: np.ndarray) -> np.ndarray:
+    def axis(v, g, ax):
+        lo = np.floor(g).astype(int)
+        hi = np.minimum(lo + 1, v.shape[ax] - 1)
+        f = (g - lo).reshape([-1 if a == ax else 1 for a in range(v.ndim)])
+        return np.take(v, lo, ax) * (1 - f) + np.take(v, hi, ax) * f
+
+    return axis(axis(x.astype(np.float64), gh, 2), gw, 3)
+
+
+@pytest.mark.parametrize("mode, coord", [("STRICT_ALIGN_CORNERS", "align_corners"), ("DEFAULT", "asymmetric"),
+                                         ("UNALIGN_CORNERS", "half_pixel")])
+@pytest.mark.parametrize("out", [(10, 12), (9, 7), (3, 4)])
+def test_mil_bilinear_grids_are_the_onnx_modes_the_exporter_writes(mode, coord, out):
+    """The exporter's reading of MIL's sampling modes, checked against the MIL documentation's grid formulas
+    (independently of our translator: the round trip alone cannot catch a consistent misreading)."""
+    x = _x((1, 2, 5, 6))
+    want = _bilinear(x, _mil_grid(mode, 5, out[0]), _mil_grid(mode, 6, out[1]))
+    model = _one("Resize", [("x", x)], {"mode": "linear", "coordinate_transformation_mode": coord},
+                 [("roi", np.zeros(0, np.float32)), ("sc", np.zeros(0, np.float32)), ("sz", _i64([1, 2, *out]))])
+    got = session(model).run(None, {"x": x})[0]
+    assert np.abs(got - want).max() < 1e-5
