@@ -572,7 +572,14 @@ def plan_latency(pl: Planning, *, noise_cap: float | None = None, float_only: bo
     if not enforce_budgets:
         rationale.append(f"no plan meets every budget; kept the closest: {_describe(best_res[0])}")
         return to_plan(analysis, target, best_res[0], rationale, accuracy=best_res[1], configs=best_res[2])
-    raise BudgetError(f"no plan meets the budgets of {target.name}; closest: {_describe(best_res[0])}")
+    ev, acc = best_res[0], best_res[1]
+    if ev.fits:  # every resource budget is met: the accuracy budget is what no plan meets
+        predicted = f" (predicted: {acc.predicted:.4g})" if acc.predicted is not None else ""
+        raise BudgetError(f"no plan of {target.name} meets the accuracy budget ({pl.budget.describe()}): the least "
+                          f"noisy plan its backends can run ({summarize(ev.layers)}) has predicted output noise "
+                          f"{acc.predicted_noise:.3g} > cap {acc.noise_cap:.3g}{predicted}; allow more with "
+                          f"--max-accuracy-drop or --min-snr-db, or pick a target that runs float formats")
+    raise BudgetError(f"no plan meets the budgets of {target.name}; closest: {_describe(ev)}")
 
 
 #: pruning is tried on the costliest layers that together take this share of the predicted time ...

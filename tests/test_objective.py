@@ -415,3 +415,22 @@ def test_quiet_stdout_mutes_only_the_thread_inside(capsys):
     print("visible after")
     out = capsys.readouterr().out
     assert "visible while others are muted" in out and "visible after" in out and "muted chatter" not in out
+
+
+def test_accuracy_budget_refusal_says_accuracy_is_the_reason(tmp_path, capsys):
+    """When every resource budget is met but no plan the backends can run meets the accuracy budget (an MCU runs
+    full int8 only), the refusal names the accuracy budget and the predicted noise, not only budgets that are met."""
+    from conftest import init, make_model, save, vi
+    from onnx import helper
+
+    from edgeopt.cli import main
+
+    rng = np.random.default_rng(0)
+    m = make_model([helper.make_node("MatMul", ["x", "W"], ["y"])], [vi("x", [1, 8])], [vi("y", [1, 4])],
+                   [init("W", rng.normal(size=(8, 4)).astype(np.float32))])
+    path = save(m, tmp_path / "m.onnx")
+    (tmp_path / "c").mkdir()
+    np.save(tmp_path / "c" / "x.npy", rng.normal(size=(32, 8)).astype(np.float32))
+    rc = main(["plan", str(path), "--target", "mcu-cortex-m7", "--calib", str(tmp_path / "c"), "--min-snr-db", "200"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "meets the accuracy budget" in err and "--max-accuracy-drop" in err, err
