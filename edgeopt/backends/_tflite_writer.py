@@ -482,7 +482,11 @@ class _Builder:
         if layout == "flat":
             tid, layout = self.get(node.input[0], "plain")
         y = self.act(node.output[0], self.ir.tensors[tid].shape, to)
-        self.op("CAST", [tid], [y], node, self.prec(node))
+        if src == "bool" and to == "float32":  # a mask used in arithmetic: SELECT_V2(mask, 1, 0), which has int8 kernels
+            ones = [self.cst(f"{node.name}/{v}", np.array([v], np.float32)) for v in (1.0, 0.0)]
+            self.op("SELECT_V2", [tid, *ones], [y], node, self.prec(node))
+        else:
+            self.op("CAST", [tid], [y], node, self.prec(node))
         self.vals[node.output[0]] = (y, layout)
 
     def _op_BatchNormalization(self, node):
@@ -706,7 +710,8 @@ class _Builder:
 
     def _op_Clip(self, node):
         lo, hi = self.clip_bounds(node)
-        act = self.act_of_bounds(lo, hi)
+        dtype = self.dtype_of(node.input[0])
+        act = self.act_of_bounds(lo, hi) if dtype == "float32" else None
         if act is not None:
             return self._unary(node, act)
         p = self.prec(node)
@@ -716,8 +721,9 @@ class _Builder:
         for code, bound, tag in (("MAXIMUM", lo, "lo"), ("MINIMUM", hi, "hi")):
             if not math.isfinite(bound):
                 continue
-            y = self.act(f"{node.output[0]}/{tag}", shape)
-            self.op(code, [cur, self.cst(f"{node.name}/{tag}", np.array([bound], np.float32))], [y], node, p)
+            y = self.act(f"{node.output[0]}/{tag}", shape, dtype)
+            c = self.cst(f"{node.name}/{tag}", np.array([bound]), "int" if dtype == "int32" else "const")
+            self.op(code, [cur, c], [y], node, p)
             cur = y
         if cur == tid:
             self.vals[node.output[0]] = self.vals[node.input[0]]
@@ -783,6 +789,10 @@ class _Builder:
         code = _BINARY[node.op_type]
         if len(node.input) != 2:
             raise _unsupported(node, "only two inputs are supported")
+        if self.dtype_of(node.output[0]) != "float32":  # integer arithmetic on indices
+            if code in ("DIV", "POW"):
+                raise _unsupported(node, f"integer {node.op_type} is not supported")
+            return self._elementwise(node, code, list(node.input))
         a, b = node.input
         ca, cb = self.const(a), self.const(b)
         if code == "DIV" and cb is not None:
