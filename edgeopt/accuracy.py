@@ -31,9 +31,32 @@ DEFAULT_SNR_DB = 30.0
 COMPETITORS = 5
 
 
-def is_classification(out: np.ndarray) -> bool:
-    """Whether a model output is class scores: ``[samples, classes]`` with more than one class."""
-    return out.ndim == 2 and out.shape[1] > 1
+#: ops that end a classification head (class logits or probabilities); an output produced by anything else (mean
+#: pooling, normalization: an embedding) is compared by SNR, not by its arg-max
+CLASS_HEADS = frozenset({"Gemm", "MatMul", "Add", "Softmax", "LogSoftmax", "Sigmoid", "Conv", "GlobalAveragePool"})
+#: ops that pass a tensor through unchanged in value (looked through to find the head)
+_PASS_THROUGH = frozenset({"Identity", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Cast"})
+
+
+def output_head(model, index: int = 0) -> str | None:
+    """The op that computes graph output ``index`` of an ONNX ``model``, looking through reshapes and identities
+    (None: a graph input or unknown)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    name = model.graph.output[index].name
+    for _ in range(64):
+        node = producer.get(name)
+        if node is None:
+            return None
+        if node.op_type not in _PASS_THROUGH or not node.input:
+            return node.op_type
+        name = node.input[0]
+    return None
+
+
+def is_classification(out: np.ndarray, head: str | None = None) -> bool:
+    """Whether a model output is class scores: ``[samples, classes]`` with more than one class, computed by a
+    classification head (:data:`CLASS_HEADS`; ``head`` None: not known, the shape decides)."""
+    return out.ndim == 2 and out.shape[1] > 1 and (head is None or head in CLASS_HEADS)
 
 
 def choose_budget(classification: bool, labels: bool, max_accuracy_drop: float | None = None,
@@ -105,7 +128,7 @@ class ErrorModel:
         self.budget = budget
         self.k = 1.0
         self.points: list[tuple[float, float]] = []
-        self.classes = is_classification(reference)
+        self.classes = is_classification(reference) and budget.metric != "snr_db"
         if not self.classes:
             return
         y = reference.astype(np.float64)

@@ -303,7 +303,7 @@ class Planning:
 
     def prepare(self) -> None:
         """Compute the reference outputs, the budget and the error model (once; needs data)."""
-        from .accuracy import ErrorModel, choose_budget, is_classification
+        from .accuracy import ErrorModel, choose_budget, is_classification, output_head
         from .fidelity import check_finite_reference, run
 
         data = self.inputs.evaluation or self.inputs.calib
@@ -313,7 +313,8 @@ class Planning:
             self.reference = run(self.inputs.model, data, EVAL_LIMIT, original=True)
             check_finite_reference(self.reference)
         labels = data.labels is not None
-        self.budget = choose_budget(is_classification(self.reference[0]), labels, self.max_accuracy_drop, self.min_snr_db)
+        classes = is_classification(self.reference[0], output_head(self.inputs.model))
+        self.budget = choose_budget(classes, labels, self.max_accuracy_drop, self.min_snr_db)
         self.error_model = ErrorModel(self.reference[0], data.labels, self.budget)
 
     int8_choices: dict = field(default_factory=dict)  # layout json -> (chosen settings, note)

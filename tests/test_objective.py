@@ -434,3 +434,22 @@ def test_accuracy_budget_refusal_says_accuracy_is_the_reason(tmp_path, capsys):
     rc = main(["plan", str(path), "--target", "mcu-cortex-m7", "--calib", str(tmp_path / "c"), "--min-snr-db", "200"])
     err = capsys.readouterr().err
     assert rc == 2 and "meets the accuracy budget" in err and "--max-accuracy-drop" in err, err
+
+
+def test_embedding_outputs_get_an_snr_budget_not_top1(tmp_path):
+    """A [1, N] output computed by mean pooling (a sentence embedding) is not class scores: its default budget is an
+    output SNR floor; a Gemm/Softmax head keeps the top-1 budget."""
+    from conftest import init, make_model, vi
+    from onnx import helper
+
+    from edgeopt.accuracy import is_classification, output_head
+
+    w = init("W", np.ones((8, 16), np.float32))
+    emb = make_model([helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("ReduceMean", ["h"], ["m"], axes=[1], keepdims=0),
+                      helper.make_node("Div", ["m", "n"], ["y"])],
+                     [vi("x", [1, 4, 8])], [vi("y", [1, 16])], [w, init("n", np.array(2.0, np.float32))])
+    head = make_model([helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Flatten", ["h"], ["y"])],
+                      [vi("x", [1, 8])], [vi("y", [1, 16])], [w])
+    out = np.random.default_rng(0).normal(size=(10, 16))
+    assert output_head(emb) == "Div" and not is_classification(out, output_head(emb))
+    assert output_head(head) == "MatMul" and is_classification(out, output_head(head))
