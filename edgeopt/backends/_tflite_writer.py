@@ -437,6 +437,9 @@ class _Builder:
                 raise _unsupported(node, f"domain {node.domain} is not supported by the TFLite writer")
             if node.op_type not in SUPPORTED_OPS:
                 raise _unsupported(node, "not supported by the TFLite writer")
+            why = attribute_refusal(node.op_type, {a.name: self.onnx.helper.get_attribute_value(a) for a in node.attribute})
+            if why:
+                raise _unsupported(node, why)
             if all((not i) or i in self.consts for i in node.input) and node.input:
                 raise _unsupported(node, "all inputs are constant but it was not folded")
             if node.name not in self.precision_of:
@@ -1642,23 +1645,10 @@ class _Builder:
         self.vals[out] = (y, "nhwc")
 
     def _op_Einsum(self, node):
-        eq = self._str_attr(node, "equation", "").replace(" ", "")
-        why = "only an Einsum that is a (batch) matrix product maps to TFLite: '...ij,...jk->...ik' (either operand transposed)"
-        if "->" not in eq or eq.count(",") != 1 or "." in eq or len(node.input) != 2:
-            raise _unsupported(node, why)
-        lhs, res = eq.split("->")
-        a, b = lhs.split(",")
-        if len(a) < 2 or len(b) < 2 or len(res) != len(a) or (len(b) != len(a) and len(b) != 2) \
-                or (len(b) == len(a) and a[:-2] != b[:-2]) or res[:-2] != a[:-2] or len(set(a)) != len(a) or len(set(b)) != len(b):
-            raise _unsupported(node, why)
-        i_, k_ = res[-2], res[-1]
-        pa, pb = a[-2:], b[-2:]
-        ja = set(pa) - {i_}
-        jb = set(pb) - {k_}
-        if i_ not in pa or k_ not in pb or len(ja) != 1 or ja != jb or i_ == k_:
-            raise _unsupported(node, why)
-        adj_x = pa != i_ + next(iter(ja))
-        adj_y = pb != next(iter(jb)) + k_
+        adj = einsum_matmul(self._str_attr(node, "equation", ""))
+        if adj is None or len(node.input) != 2:
+            raise _unsupported(node, EINSUM_WHY)
+        adj_x, adj_y = adj
         p = self.prec(node)
         cb = self.const(node.input[1])
         if cb is not None and cb.ndim == 2 and not adj_x:  # x @ constant: FULLY_CONNECTED
@@ -1672,6 +1662,56 @@ class _Builder:
         y = self.act(node.output[0], self.shapes[node.output[0]])
         self.op("BATCH_MATMUL", [ta, tb], [y], node, p, adjX=adj_x, adjY=adj_y)
         self.vals[node.output[0]] = (y, "plain")
+
+
+EINSUM_WHY = "only an Einsum that is a (batch) matrix product maps to TFLite: '...ij,...jk->...ik' (either operand transposed)"
+
+
+def einsum_matmul(equation: str) -> tuple[bool, bool] | None:
+    """(adjX, adjY) of the BATCH_MATMUL an Einsum equation is, or None when it is no (batch) matrix product."""
+    eq = equation.replace(" ", "")
+    if "->" not in eq or eq.count(",") != 1 or "." in eq:
+        return None
+    lhs, res = eq.split("->")
+    a, b = lhs.split(",")
+    if len(a) < 2 or len(b) < 2 or len(res) != len(a) or (len(b) != len(a) and len(b) != 2) \
+            or (len(b) == len(a) and a[:-2] != b[:-2]) or res[:-2] != a[:-2] or len(set(a)) != len(a) or len(set(b)) != len(b):
+        return None
+    i_, k_ = res[-2], res[-1]
+    pa, pb = a[-2:], b[-2:]
+    ja, jb = set(pa) - {i_}, set(pb) - {k_}
+    if i_ not in pa or k_ not in pb or len(ja) != 1 or ja != jb or i_ == k_:
+        return None
+    return pa != i_ + next(iter(ja)), pb != next(iter(jb)) + k_
+
+
+def attribute_refusal(op_type: str, attrs: Mapping[str, Any]) -> str | None:
+    """Why the writer refuses a node of ``op_type`` from its attributes alone (None: it may convert).  The writer
+    and the backends' op pre-flight both ask this, so they refuse the same nodes with the same words."""
+    def text(name, default):
+        v = attrs.get(name, default)
+        return v.decode() if isinstance(v, bytes) else v
+
+    if op_type == "Resize":
+        mode = text("mode", "nearest")
+        if mode not in ("nearest", "linear"):
+            return f"mode {mode} has no TFLite builtin (RESIZE_NEAREST_NEIGHBOR / RESIZE_BILINEAR only)"
+        if text("coordinate_transformation_mode", "half_pixel") == "tf_crop_and_resize":
+            return "coordinate_transformation_mode tf_crop_and_resize has no TFLite builtin"
+        if attrs.get("antialias", 0):
+            return "antialias has no TFLite builtin"
+        if attrs.get("axes") is not None or text("keep_aspect_ratio_policy", "stretch") != "stretch":
+            return "axes / keep_aspect_ratio_policy are not supported"
+    elif op_type == "TopK" and not attrs.get("largest", 1):
+        return "largest=0 (the k smallest) has no TFLite builtin (TOPK_V2 returns the largest)"
+    elif op_type == "Einsum" and einsum_matmul(text("equation", "")) is None:
+        return EINSUM_WHY
+    elif op_type == "ConvTranspose":
+        if int(attrs.get("group", 1)) != 1:
+            return "grouped transposed convolution has no TFLite builtin"
+        if any(d != 1 for d in attrs.get("dilations", [1, 1])):
+            return "dilated transposed convolution has no TFLite builtin"
+    return None
 
 
 def build_ir(model: onnx.ModelProto, input_shapes: Mapping[str, list[int]] | None = None,

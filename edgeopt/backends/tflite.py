@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import EdgeoptError
-from ..types import Artifact, BackendOption, ModelAnalysis, Plan
+from ..types import Artifact, BackendOption, LayerInfo, ModelAnalysis, Plan
 from . import _ops
 from .base import Backend, Runner, make_artifact, tool_versions
 
@@ -44,10 +44,19 @@ def check_ops(analysis: ModelAnalysis, option: BackendOption) -> list[str]:
     analysis = without_patterns(analysis)
     if option.settings.delegate == "nnapi":
         return _ops.check_layers(analysis, option, NNAPI_OPS & WRITER_OPS,
-                                 [_ops.static_shapes, _ops.div_by_constant, _ops.max_rank(4), _ops.grouped_conv]) \
+                                 [_ops.static_shapes, _ops.div_by_constant, _ops.max_rank(4), _ops.grouped_conv, writer_limits]) \
             + lone_erfs(analysis, option.backend)
-    return _ops.check_layers(analysis, option, _ops.TFLITE_OPS & WRITER_OPS, [_ops.static_shapes, _ops.max_rank(5), _ops.grouped_conv]) \
+    return _ops.check_layers(analysis, option, _ops.TFLITE_OPS & WRITER_OPS,
+                             [_ops.static_shapes, _ops.max_rank(5), _ops.grouped_conv, writer_limits]) \
         + lone_erfs(analysis, option.backend)
+
+
+def writer_limits(layer: LayerInfo, option: BackendOption, analysis: ModelAnalysis) -> str | None:
+    """What the .tflite writer refuses from a node's attributes (cubic Resize, TopK largest=0, a non-matmul
+    Einsum, ...), in the writer's words."""
+    from ._tflite_writer import attribute_refusal
+
+    return attribute_refusal(layer.op_type, layer.attributes)
 
 
 def _graph(analysis: ModelAnalysis):
