@@ -196,6 +196,25 @@ def _same_pads(size: int, k: int, s: int, d: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
+def tflite_padding(auto_pad, pads, in_hw, kernel, strides, dilations) -> tuple[str, list[int] | None]:
+    """How an ONNX conv/pool's padding is written in TFLite: (SAME|VALID, explicit [top, left, bottom, right] pads a
+    PAD op applies first, or None).  TFLite's SAME pads the extra row/column at the end; ONNX pads that differ (e.g.
+    a stride-2 3x3 conv's symmetric 1 on an even input) need the PAD op, whose output the arena holds too (the cost
+    model asks this function: :func:`edgeopt.costmodel.arena`)."""
+    auto = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto == "VALID":
+        return "VALID", None
+    same = [_same_pads(in_hw[i], kernel[i], strides[i], dilations[i]) for i in range(2)]
+    if auto == "SAME_UPPER":
+        return "SAME", None
+    pads = [same[0][1], same[1][1], same[0][0], same[1][0]] if auto == "SAME_LOWER" else list(pads)
+    if not any(pads):
+        return "VALID", None
+    if pads == [same[0][0], same[1][0], same[0][1], same[1][1]]:
+        return "SAME", None
+    return "VALID", pads
+
+
 # --------------------------------------------------------------------------- ONNX -> IR
 
 
@@ -517,22 +536,8 @@ class _Builder:
 
     def _padding(self, node, in_hw, kernel, strides, dilations) -> tuple[str, list[int] | None]:
         """(SAME|VALID, explicit [top, left, bottom, right] pads to apply first, or None)."""
-        auto = self.attr(node, "auto_pad", b"NOTSET")
-        auto = auto.decode() if isinstance(auto, bytes) else auto
-        if auto == "VALID":
-            return "VALID", None
-        same = [_same_pads(in_hw[i], kernel[i], strides[i], dilations[i]) for i in range(2)]
-        if auto == "SAME_UPPER":
-            return "SAME", None
-        if auto == "SAME_LOWER":
-            pads = [same[0][1], same[1][1], same[0][0], same[1][0]]
-        else:
-            pads = list(self.attr(node, "pads", [0, 0, 0, 0]))
-        if not any(pads):
-            return "VALID", None
-        if pads == [same[0][0], same[1][0], same[0][1], same[1][1]]:
-            return "SAME", None
-        return "VALID", pads
+        return tflite_padding(self.attr(node, "auto_pad", b"NOTSET"), self.attr(node, "pads", [0, 0, 0, 0]), in_hw,
+                              kernel, strides, dilations)
 
     def _explicit_pad(self, tid: int, pads: list[int], name: str, node, prec: str, value: float = 0.0) -> int:
         n, h, w, c = self.ir.tensors[tid].shape
@@ -1293,8 +1298,12 @@ class _Builder:
     def _emit_layernorm(self, node, x: str, axes: list[int], eps: float, gamma, beta, out: str):
         """Layer norm as TF's converter lowers it: MEAN, SQUARED_DIFFERENCE, MEAN, ADD eps, RSQRT, SUB, MUL (, MUL, ADD)."""
         p = self.cur_prec
-        tid, _ = self.get(x, "plain")
-        shape = list(self.shapes[x])
+        tid, layout = self.get(x, "any")
+        if layout == "flat":
+            tid, layout = self.get(x, "plain")
+        shape = list(self.ir.tensors[tid].shape)
+        if layout == "nhwc":  # normalise in place: the axes (and gamma/beta) follow the layout
+            axes = sorted(NCHW_TO_NHWC.index(a) for a in axes)
         red = [1 if i in axes else d for i, d in enumerate(shape)]
         n = f"{out}/ln"
         ax = self.ints(f"{n}/axes", axes)
@@ -1317,11 +1326,11 @@ class _Builder:
             steps.append(("ADD", beta, "shifted"))
         cur = xc
         for i, (code, c, tag) in enumerate(steps):
-            other = rs if c is None else self.cst(f"{n}/{tag}", self.const_for(c, "plain", len(shape)))
+            other = rs if c is None else self.cst(f"{n}/{tag}", self.const_for(c, layout, len(shape)))
             y = self.act(out if i == len(steps) - 1 else f"{n}/{tag}", shape)
             self.op(code, [cur, other], [y], node, p, fusedActivationFunction=0)
             cur = y
-        self.vals[out] = (cur, "plain")
+        self.vals[out] = (cur, layout)
 
     def _op_Erf(self, node):
         raise _unsupported(node, "not supported by the TFLite writer: TFLite has no ERF builtin; only Erf inside GELU "
