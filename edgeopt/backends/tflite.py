@@ -8,7 +8,13 @@ DEQUANTIZE join int8 and float layers.  Options that require full-integer models
 (NNAPI) get int8 inputs/outputs, the others keep float I/O.  Rank-4 inputs/outputs
 are NHWC in the .tflite (TFLite's native layout); ``tflite.json`` records the layouts
 and int8 I/O parameters, and the runner transposes and (de)quantizes so callers feed
-and read arrays in the ONNX model's layout, in float.
+and read arrays in the ONNX model's layout, in float.  Integer inputs (token ids for an
+embedding Gather) are int32 in the .tflite; the runner casts them.
+
+The op pre-flight (:func:`check_ops`) passes what the writer translates (its
+``SUPPORTED_OPS``, within the op tables of :mod:`._ops`), refuses what the writer refuses
+from attributes alone (``attribute_refusal``) and an Erf outside a GELU, and skips the
+single ops of subgraphs the writer replaces as a whole (:func:`without_patterns`).
 """
 
 from __future__ import annotations
