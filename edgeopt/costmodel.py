@@ -9,6 +9,7 @@ into the producing conv/matmul (ReLU, clip, bias/scale) and pure view ops
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -241,13 +242,61 @@ def fused_tensors(analysis: ModelAnalysis) -> list[TensorInfo]:
 
 
 def arena(analysis: ModelAnalysis, precisions: Mapping[str, str], option: BackendOption) -> ArenaPlan:
-    """Arena of the fused graph (what a runtime that fuses activations allocates)."""
+    """Arena of the fused graph (what a runtime that fuses activations allocates), with the tensors the backend's
+    converter adds (TFLite: the PAD op's output before a conv/pool whose padding SAME cannot express)."""
     bits = tensor_bits(analysis, precisions, option)
+    tensors = fused_tensors(analysis)
+    if option.backend in ("tflite", "tflm"):
+        added = tflite_pad_tensors(analysis)
+        if added:
+            # a PAD op runs just before its layer: steps doubled, PAD at 2k-1 (reads the input, writes the copy),
+            # the layer at 2k (reads the copy); an input the layer alone read dies at the PAD
+            pad_steps = {t.first: src for t, src in added}
+            doubled = []
+            for t in tensors:
+                last = 2 * t.last - 1 if pad_steps.get(t.last) == t.name else 2 * t.last
+                doubled.append(t.model_copy(update={"first": 2 * t.first if t.first >= 0 else t.first, "last": last}))
+            for t, src in added:
+                bits[t.name] = bits.get(src, 32)
+                doubled.append(t.model_copy(update={"first": 2 * t.first - 1, "last": 2 * t.first}))
+            tensors = doubled
 
     def nbytes(t: TensorInfo) -> int:
         return (t.elems * bits[t.name] + 7) // 8
 
-    return plan_arena(fused_tensors(analysis), nbytes)
+    return plan_arena(tensors, nbytes)
+
+
+def tflite_pad_tensors(analysis: ModelAnalysis) -> list[tuple[TensorInfo, str]]:
+    """The padded copies the TFLite writer makes before convs and max-pools whose ONNX padding TFLite's SAME/VALID
+    cannot express (:func:`edgeopt.backends._tflite_writer.tflite_padding`), each with the tensor it copies; they
+    live during their layer's step, beside its input and output."""
+    from .backends._tflite_writer import tflite_padding
+
+    by_name = {t.name: t for t in analysis.tensors}
+    out = []
+    for ly in analysis.layers:
+        if ly.op_type not in ("Conv", "MaxPool", "AveragePool") or not ly.inputs or not ly.outputs:
+            continue
+        src, dst = by_name.get(ly.inputs[0]), by_name.get(ly.outputs[0])
+        if src is None or dst is None or len(src.shape) != 4:
+            continue
+        a = ly.attributes
+        kernel = list(a.get("kernel_shape") or (ly.weight_shapes[0][2:] if ly.weight_shapes else []))
+        if len(kernel) != 2:
+            continue
+        if ly.op_type == "AveragePool" and not a.get("count_include_pad", 0):
+            continue  # refused by the writer when explicit padding would be needed
+        _, pads = tflite_padding(a.get("auto_pad", "NOTSET"), a.get("pads", [0, 0, 0, 0]), src.shape[2:], kernel,
+                                 list(a.get("strides", [1, 1])), list(a.get("dilations", [1, 1])))
+        if not pads:
+            continue
+        n, c, h, w = src.shape
+        shape = [n, c, h + pads[0] + pads[2], w + pads[1] + pads[3]]
+        step = dst.first
+        out.append((TensorInfo(name=f"{ly.name}/padded", shape=shape, dtype=src.dtype, elems=math.prod(shape),
+                               first=step, last=step), src.name))
+    return out
 
 
 def graph_overhead_bytes(analysis: ModelAnalysis) -> int:

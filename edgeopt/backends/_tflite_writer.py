@@ -1125,24 +1125,41 @@ class _Builder:
                 return node.input[1 - k]
         return None
 
+    def _halves(self, n, t: str) -> bool:
+        """Whether node ``n`` is ``t * 0.5`` (either order) or ``t / 2``."""
+        if n is None or len(n.input) != 2:
+            return False
+        if n.op_type == "Mul":
+            return self._with_const(n, 0.5) == t
+        return n.op_type == "Div" and n.input[0] == t and self._scalar_const(n.input[1]) == 2.0
+
+    def _sole_any(self, tensor: str, *op_types: str):
+        for op_type in op_types:
+            n = self._sole(tensor, op_type)
+            if n is not None:
+                return n
+        return None
+
     def _gelu_tail(self, t: str, x: str):
-        """``Add(t, 1)`` times ``x`` and 0.5 in any order/grouping: (its nodes, final output) or None."""
+        """``Add(t, 1)`` times ``x`` and 0.5 (or divided by 2) in any order/grouping: (its nodes, final output) or None."""
         add = self._sole(t, "Add")
         if add is None or self._with_const(add, 1.0) != t:
             return None
         a = add.output[0]
-        m1 = self._sole(a, "Mul")
+        m1 = self._sole_any(a, "Mul", "Div")
         if m1 is None or len(m1.input) != 2:
+            return None
+        if self._halves(m1, a):  # x * (a * 0.5)
+            m2 = self._sole(m1.output[0], "Mul")
+            return ([add, m1, m2], m2.output[0]) if m2 is not None and set(m2.input) == {x, m1.output[0]} else None
+        if m1.op_type != "Mul":
             return None
         other = m1.input[1] if m1.input[0] == a else m1.input[0]
         if other == x:  # (x * a) * 0.5
-            m2 = self._sole(m1.output[0], "Mul")
-            return ([add, m1, m2], m2.output[0]) if m2 is not None and self._with_const(m2, 0.5) == m1.output[0] else None
-        if self._with_const(m1, 0.5) == a:  # x * (a * 0.5)
-            m2 = self._sole(m1.output[0], "Mul")
-            return ([add, m1, m2], m2.output[0]) if m2 is not None and set(m2.input) == {x, m1.output[0]} else None
+            m2 = self._sole_any(m1.output[0], "Mul", "Div")
+            return ([add, m1, m2], m2.output[0]) if self._halves(m2, m1.output[0]) else None
         h = self.producer.get(other)  # (x * 0.5) * a
-        if h is not None and h.op_type == "Mul" and self._with_const(h, 0.5) == x:
+        if self._halves(h, x):
             s = self._sole(other, "Mul")
             if s is not None and s.name == m1.name:
                 return [h, add, m1], m1.output[0]
