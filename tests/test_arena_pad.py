@@ -49,3 +49,16 @@ def test_pad_copies_are_in_the_arena_and_match_tflite_micro(tmp_path, capsys):
     arena = json.loads((tmp_path / "out" / "arena.json").read_text())
     if arena.get("source") == "measured by tflite-micro":
         assert arena["measured"]["head_bytes"] == arena["predicted_bytes"] == predicted
+
+
+def test_tflm_size_counts_the_flatbuffer_once(tmp_path, capsys):
+    """model_data.cc renders the .tflite as C text (about 6x its bytes): the artifact's size is what the device
+    stores, the flatbuffer once (plus the small arena record)."""
+    from edgeopt.backends.base import read_verified
+
+    rc = main(["build", "default", "--target", "mcu-cortex-m7", "-o", str(tmp_path / "out")])
+    assert rc == 0, capsys.readouterr().err
+    art = read_verified(tmp_path / "out")
+    on_disk = {f: (tmp_path / "out" / f).stat().st_size for f in art.files}
+    assert "model_data.cc" in on_disk and on_disk["model_data.cc"] > on_disk[art.primary]
+    assert art.size_bytes == sum(n for f, n in on_disk.items() if f not in ("model_data.cc", "model_data.h"))

@@ -302,7 +302,9 @@ class TflmBackend(Backend):
         if not_int8:
             notes.append(f"{not_int8} layer(s) planned in float were built int8: TFLite Micro runs full-integer models")
         (out_dir / RECORD).write_text(json.dumps({**conv.info, "notes": notes, "size_bytes": len(data)}, indent=2) + "\n")
-        return make_artifact(out_dir, MODEL_FILE, plan, self.name, tool_versions("ai-edge-litert", "tflite-micro", "flatbuffers"))
+        # the C source and header are the .tflite again, as text: the device stores the flatbuffer once
+        return make_artifact(out_dir, MODEL_FILE, plan, self.name, tool_versions("ai-edge-litert", "tflite-micro", "flatbuffers"),
+                             renderings=(C_SOURCE, C_HEADER))
 
     def load(self, artifact: Artifact, artifact_dir: Path, threads: int | None = None) -> Runner:
         from .tflite import TfliteRunner
