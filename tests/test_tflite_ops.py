@@ -41,10 +41,14 @@ def gelu_erf(order: str):
         nodes = [node("Div", ["x", "sq2"], ["u"]), node("Erf", ["u"], ["e"]), node("Add", ["e", "one"], ["a"]),
                  node("Mul", ["x", "a"], ["m"]), node("Mul", ["m", "half"], ["y"])]
         inits = [_c("sq2", math.sqrt(2)), _c("one", 1.0), _c("half", 0.5)]
-    else:
+    elif order == "hf":
         nodes = [node("Mul", ["half", "x"], ["h"]), node("Mul", ["isq2", "x"], ["u"]), node("Erf", ["u"], ["e"]),
                  node("Add", ["one", "e"], ["a"]), node("Mul", ["a", "h"], ["y"])]
         inits = [_c("isq2", 1 / math.sqrt(2)), _c("one", 1.0), _c("half", 0.5)]
+    else:  # x * (1 + erf(x / sqrt2)) / 2
+        nodes = [node("Div", ["x", "sq2"], ["u"]), node("Erf", ["u"], ["e"]), node("Add", ["e", "one"], ["a"]),
+                 node("Mul", ["a", "x"], ["m"]), node("Div", ["m", "two"], ["y"])]
+        inits = [_c("sq2", math.sqrt(2)), _c("one", 1.0), _c("two", 2.0)]
     return _mlp(nodes, inits)
 
 
@@ -251,6 +255,8 @@ def einsum(eq: str):
         return m, {"x": _r(rng, 32, 5, 8)}
     if eq == "bij,bjk->bik":
         shapes = ([1, 5, 8], [1, 8, 6])
+    elif eq == "bji,bjk->bik":  # the left operand transposed
+        shapes = ([1, 8, 5], [1, 8, 6])
     else:  # attention scores: bhid,bhjd->bhij (the right operand transposed)
         shapes = ([1, 2, 5, 8], [1, 2, 7, 8])
     nodes = [node("Einsum", ["a", "b"], ["out"], equation=eq)]
@@ -259,7 +265,7 @@ def einsum(eq: str):
 
 
 MODELS = {
-    **{f"gelu_erf_{o}": (gelu_erf, o) for o in ("torch", "hf")},
+    **{f"gelu_erf_{o}": (gelu_erf, o) for o in ("torch", "hf", "div2")},
     **{f"gelu_tanh_{o}": (gelu_tanh, o) for o in ("torch", "hf")},
     **{f"gelu_op_{a}": (gelu_op, a) for a in ("none", "tanh")},
     **{f"layernorm_{k}": (layernorm, k) for k in ("op", "pow", "mul", "conv", "channels")},
@@ -270,7 +276,8 @@ MODELS = {
     "cast": (cast, None),
     **{f"topk_{k}": (topk, k) for k in ("last", "middle")},
     **{f"conv_transpose_{k}": (conv_transpose, k) for k in CONV_T},
-    **{f"einsum_{e.replace(',', '_').replace('->', '_')}": (einsum, e) for e in ("bij,jk->bik", "bij,bjk->bik", "bhid,bhjd->bhij")},
+    **{f"einsum_{e.replace(',', '_').replace('->', '_')}": (einsum, e)
+       for e in ("bij,jk->bik", "bij,bjk->bik", "bji,bjk->bik", "bhid,bhjd->bhij")},
 }
 
 
@@ -280,7 +287,7 @@ EXPECT = {"gelu": {"GELU"}, "layernorm": {"MEAN", "SQUARED_DIFFERENCE", "RSQRT"}
           "resize_nearest": {"RESIZE_NEAREST_NEIGHBOR"}, "resize_bilinear": {"RESIZE_BILINEAR"},
           "logic": {"GREATER", "LESS", "EQUAL", "LOGICAL_NOT", "LOGICAL_AND", "LOGICAL_OR", "SELECT_V2", "GREATER_EQUAL"},
           "topk": {"TOPK_V2"}, "conv_transpose": {"TRANSPOSE_CONV"}, "einsum_bij_jk": {"FULLY_CONNECTED"},
-          "einsum_bij_bjk": {"BATCH_MATMUL"}, "einsum_bhid": {"BATCH_MATMUL"}}
+          "einsum_bij_bjk": {"BATCH_MATMUL"}, "einsum_bji": {"BATCH_MATMUL"}, "einsum_bhid": {"BATCH_MATMUL"}}
 #: builtins a recognised pattern leaves out
 NOT_EXPECT = {"gelu": {"TANH", "POW", "MUL", "ADD", "DIV"}, "layernorm": {"POW", "SQRT", "DIV"},
               "layernorm_c": {"TRANSPOSE"}}  # normalised in NHWC, over C or W

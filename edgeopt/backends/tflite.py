@@ -110,7 +110,7 @@ def without_patterns(analysis: ModelAnalysis) -> ModelAnalysis:
 def lone_erfs(analysis: ModelAnalysis, backend: str) -> list[str]:
     """Erf layers outside a GELU: TFLite has no ERF builtin; the writer turns only
     ``x * 0.5 * (1 + Erf(x / sqrt(2)))`` into GELU.  Checked on the graph's structure (Div or Mul before the Erf,
-    Add then Mul after it); the writer also checks the constants and refuses a near-miss by name."""
+    Add then Mul or Div after it); the writer also checks the constants and refuses a near-miss by name."""
     producer, consumers = _graph(analysis)
     reasons = []
     for ly in analysis.layers:
@@ -119,7 +119,7 @@ def lone_erfs(analysis: ModelAnalysis, backend: str) -> list[str]:
         src = producer.get(ly.inputs[0]) if ly.inputs else None
         after = consumers.get(ly.outputs[0], []) if ly.outputs else []
         gelu = (src is not None and src.op_type in ("Div", "Mul") and len(after) == 1 and after[0].op_type == "Add"
-                and any(c.op_type == "Mul" for c in consumers.get(after[0].outputs[0], [])))
+                and any(c.op_type in ("Mul", "Div") for c in consumers.get(after[0].outputs[0], [])))
         if not gelu:
             reasons.append(f"{ly.name}: op Erf is not supported by {backend}: TFLite has no ERF builtin; only Erf inside "
                            "GELU (x * 0.5 * (1 + Erf(x / sqrt(2)))) converts, to GELU")
