@@ -84,3 +84,50 @@ def test_refusals_keep_the_node_with_a_reason():
     lstm = _rnn_model("LSTM", "forward", 0, False)
     lstm.graph.node[0].attribute.append(helper.make_attribute("clip", 3.0))
     assert "clip" in unroll_rnns(lstm)[1][0]
+
+
+def test_long_sequences_concat_in_a_tree():
+    model = _rnn_model("GRU", "forward", 1, True, seq=23)
+    unrolled, _ = unroll_rnns(model)
+    assert max(len(n.input) for n in unrolled.graph.node if n.op_type == "Concat") <= 8
+    feeds = {"x": np.random.default_rng(0).normal(size=(23, 2, 6)).astype(np.float32),
+             "h0": np.zeros((1, 2, 4), np.float32)}
+    for r, o in zip(session(model).run(None, feeds), session(unrolled).run(None, feeds)):
+        assert float(np.max(np.abs(r - o))) < 1e-5
+
+
+def test_stateful_gru_builds_for_phone_and_mcu(tmp_path, capsys):
+    """A streaming GRU (state in, state out, batch on the state's axis 1, fixed batch 1) goes to TFLite and TFLite
+    Micro as its unrolled steps, calibrated with per-sample data that carries the state."""
+    torch = pytest.importorskip("torch")
+    from edgeopt.backends.base import read_verified
+    from edgeopt.cli import main
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru = torch.nn.GRU(12, 16, batch_first=True)
+            self.head = torch.nn.Linear(16, 3)
+
+        def forward(self, x, h0):
+            y, h = self.gru(x, h0)
+            return self.head(y[:, -1]), h
+
+    torch.manual_seed(0)
+    path = tmp_path / "gru.onnx"
+    torch.onnx.export(Step().eval(), (torch.zeros(1, 12, 12), torch.zeros(1, 1, 16)), str(path),
+                      input_names=["x", "h0"], output_names=["logits", "h"], opset_version=17, dynamo=False)
+    rng = np.random.default_rng(0)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(24):
+        np.savez(calib / f"{i:03d}.npz", x=rng.normal(size=(1, 12, 12)).astype(np.float32),
+                 h0=rng.normal(0, 0.5, (1, 1, 16)).astype(np.float32))
+    for target in ("android-mid", "mcu-cortex-m7"):
+        out = tmp_path / target
+        rc = main(["build", str(path), "--target", target, "--calib", str(calib), "-o", str(out),
+                   "--max-accuracy-drop", "0.1"])
+        assert rc == 0, capsys.readouterr().err
+        art = read_verified(out)
+        assert art.accuracy["snr_db"] > 25, art.accuracy
+        assert art.size_bytes < 4 * (12 * 48 + 16 * 48 + 96 + 16 * 3 + 3) + 60_000  # weights once, not per step

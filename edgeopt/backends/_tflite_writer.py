@@ -225,6 +225,7 @@ def prepare_onnx(model: onnx.ModelProto, input_shapes: Mapping[str, list[int]] |
     from ..fidelity import session
     from ..graph import expose_outputs, fix_input_shapes
     from ..passes.cleanup import normalize
+    from ..passes.unroll_rnn import unroll_rnns
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -233,6 +234,7 @@ def prepare_onnx(model: onnx.ModelProto, input_shapes: Mapping[str, list[int]] |
     fix_input_shapes(m, {k: v for k, v in (input_shapes or {}).items() if k in names})
     for o in m.graph.output:  # declared output dims may be stale once inputs are fixed
         o.type.tensor_type.ClearField("shape")
+    m, _ = unroll_rnns(m)  # TFLite's fused LSTM kernels take another weight layout: GRU/LSTM as plain ops
     normalize(m)
     tensors = [o for n in m.graph.node for o in n.output if o]
     sess = session(expose_outputs(m, tensors), optimize=False)
@@ -268,6 +270,7 @@ class _Builder:
         self.graph_outputs = {o.name for o in self.g.output}
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
         self.precision_of = precision_of
+        self._shared: dict = {}  # (role, shape, content hash) -> tensor id, for cst(share=True)
         self.default = default
         self.ir = IR()
         self.vals: dict[str, tuple[int, str]] = {}  # onnx tensor -> (IR tensor, layout: plain | nhwc | flat)
@@ -289,7 +292,10 @@ class _Builder:
         return self.consts.get(name) if name else None
 
     def prec(self, node) -> str:
-        return self.precision_of.get(node.name, self.default)
+        p = self.precision_of.get(node.name)
+        if p is None and "/" in node.name:  # a node a pass made from a layer (an unrolled GRU's ops): the layer's
+            p = self.precision_of.get(node.name.rsplit("/", 1)[0])
+        return p or self.default
 
     def op(self, code, inputs, outputs, node, prec, **options) -> Op:
         o = Op(code, list(inputs), list(outputs), options, node.name, prec)
@@ -306,9 +312,18 @@ class _Builder:
         dt = np.dtype(self.dtypes.get(name, np.float32))
         return "bool" if dt == np.bool_ else ("int32" if dt.kind in "iu" else "float32")
 
-    def cst(self, name: str, data: np.ndarray, role: str = "const") -> int:
+    def cst(self, name: str, data: np.ndarray, role: str = "const", *, share: bool = False) -> int:
+        """A constant tensor; ``share``: reuse an identical one made before (a weight many nodes read: the steps of
+        an unrolled GRU/LSTM), so the flatbuffer holds it once."""
         data = np.ascontiguousarray(data, np.int32 if role == "int" else np.float32)
-        return self.ir.add(name, data.shape, role, data)
+        if not share:
+            return self.ir.add(name, data.shape, role, data)
+        import hashlib
+
+        key = (role, data.shape, hashlib.sha1(data.tobytes()).hexdigest())
+        if key not in self._shared:
+            self._shared[key] = self.ir.add(name, data.shape, role, data)
+        return self._shared[key]
 
     def ints(self, name: str, values) -> int:
         return self.cst(name, np.asarray(values, np.int32), "int")
@@ -676,7 +691,7 @@ class _Builder:
         shape_out = self.shapes[out]
         mid = out if post is None and c_dyn is None else f"{out}/fc"
         y = self.act(mid, shape_out)
-        self.op("FULLY_CONNECTED", [tid, self.cst(f"{node.name}/weight", np.ascontiguousarray(w), "weight"),
+        self.op("FULLY_CONNECTED", [tid, self.cst(f"{node.name}/weight", np.ascontiguousarray(w), "weight", share=True),
                                     self.cst(f"{node.name}/bias", bias, "bias")], [y], node, p,
                 fusedActivationFunction=_ACT[act], keepNumDims=len(self.shapes[a]) > 2)
         if post is not None:
@@ -1961,10 +1976,18 @@ class _Emitter:
         if t.role == "weight":
             if quant:
                 axis = op.options.get("axis") if op.code in ("CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV") else None
-                q, scales = quantize_weight(t.data, axis)
-                self.wscales[tid] = scales
-                return self.tensor(t.name, t.shape, "int8", q, (scales, [0] * len(scales), axis or 0))
-            return self.fp16_const(tid) if fp16 else self.tensor(t.name, t.shape, "float32", t.data)
+                key = ("weight-int8", tid, axis)
+                if key not in self.cache:  # a shared weight (unrolled steps) is written once
+                    q, scales = quantize_weight(t.data, axis)
+                    self.wscales[tid] = scales
+                    self.cache[key] = self.tensor(t.name, t.shape, "int8", q, (scales, [0] * len(scales), axis or 0))
+                return self.cache[key]
+            if fp16:
+                return self.fp16_const(tid)
+            key = ("weight-fp32", tid)
+            if key not in self.cache:
+                self.cache[key] = self.tensor(t.name, t.shape, "float32", t.data)
+            return self.cache[key]
         if t.role == "bias":
             if quant:
                 x_in = next(i for i in op.inputs if i >= 0 and self.ir.tensors[i].role == "act")

@@ -49,12 +49,30 @@ def check_ops(analysis: ModelAnalysis, option: BackendOption) -> list[str]:
 
     analysis = without_patterns(analysis)
     if option.settings.delegate == "nnapi":
-        return _ops.check_layers(analysis, option, NNAPI_OPS & WRITER_OPS,
-                                 [_ops.static_shapes, _ops.div_by_constant, _ops.max_rank(4), _ops.grouped_conv, writer_limits]) \
+        return _ops.check_layers(analysis, option, (NNAPI_OPS & WRITER_OPS) | UNROLLED,
+                                 [_ops.static_shapes, _ops.div_by_constant, _ops.max_rank(4), _ops.grouped_conv, writer_limits,
+                                  unrollable]) \
             + lone_erfs(analysis, option.backend)
-    return _ops.check_layers(analysis, option, _ops.TFLITE_OPS & WRITER_OPS,
-                             [_ops.static_shapes, _ops.max_rank(5), _ops.grouped_conv, writer_limits]) \
+    return _ops.check_layers(analysis, option, (_ops.TFLITE_OPS & WRITER_OPS) | UNROLLED,
+                             [_ops.static_shapes, _ops.max_rank(5), _ops.grouped_conv, writer_limits, unrollable]) \
         + lone_erfs(analysis, option.backend)
+
+
+#: recurrent ops the writer runs as plain ops (:mod:`edgeopt.passes.unroll_rnn`)
+UNROLLED = frozenset({"GRU", "LSTM"})
+
+
+def unrollable(layer: LayerInfo, option: BackendOption, analysis: ModelAnalysis) -> str | None:
+    """GRU/LSTM go to TFLite as their unrolled steps: refused where they cannot be unrolled."""
+    if layer.op_type not in UNROLLED:
+        return None
+    from ..passes.unroll_rnn import why_not_layer
+
+    x = next((t for t in analysis.tensors if t.name == layer.inputs[0]), None) if layer.inputs else None
+    why = why_not_layer(layer.op_type, layer.attributes, layer.inputs, x.shape if x is not None else None)
+    if why is None and not {n for n in layer.inputs[1:4] if n} <= set(layer.weights):
+        why = "its weights are not constant"
+    return f"is run unrolled (TFLite has no kernel for ONNX's GRU/LSTM), which needs: {why}" if why else None
 
 
 def writer_limits(layer: LayerInfo, option: BackendOption, analysis: ModelAnalysis) -> str | None:

@@ -42,12 +42,12 @@ SDK_LABEL = "ai-edge-litert"
 
 def check_ops(analysis: ModelAnalysis, option: BackendOption) -> list[str]:
     from ._tflite_writer import SUPPORTED_OPS as WRITER_OPS  # what the .tflite writer translates
-    from .tflite import lone_erfs, without_patterns, writer_limits
+    from .tflite import UNROLLED, lone_erfs, unrollable, without_patterns, writer_limits
 
     analysis = without_patterns(analysis)
-    return _ops.check_layers(analysis, option, _ops.TFLM_OPS & WRITER_OPS,
-                             [_ops.static_shapes, _const_weight, _ops.div_by_constant, _ops.max_rank(4), _ops.grouped_conv,
-                              writer_limits]) \
+    return _ops.check_layers(analysis, option, (_ops.TFLM_OPS & WRITER_OPS) | UNROLLED,
+                             [_ops.static_shapes, unrollable, _const_weight, _ops.div_by_constant, _ops.max_rank(4),
+                              _ops.grouped_conv, writer_limits]) \
         + lone_erfs(analysis, option.backend)
 
 

@@ -16,6 +16,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 RNN_OPS = ("GRU", "LSTM")
+#: most inputs one Concat of the unrolled outputs takes (TFLite Micro's CONCATENATION accepts at most 10)
+MAX_CONCAT = 8
 _DEFAULT_ACTS = {"GRU": [b"Sigmoid", b"Tanh"], "LSTM": [b"Sigmoid", b"Tanh", b"Tanh"]}
 
 
@@ -28,21 +30,28 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
 
 def why_not(node: onnx.NodeProto, x_shape: list[int] | None) -> str | None:
     """Why ``node`` (GRU/LSTM) cannot be unrolled (None: it can); ``x_shape``: its input X's static shape."""
-    inputs = list(node.input) + [""] * 8
-    if int(_attr(node, "layout", 0)) != 0:
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return why_not_layer(node.op_type, attrs, list(node.input), x_shape)
+
+
+def why_not_layer(op_type: str, attrs: dict, inputs: list[str], x_shape: list[int] | None) -> str | None:
+    """:func:`why_not` from a layer's op type, attributes, input names and X's shape (what analysis records: the
+    pre-flight of backends that run the unrolled form asks this)."""
+    inputs = list(inputs) + [""] * 8
+    if int(attrs.get("layout", 0)) != 0:
         return "layout=1 (batch-first) is not unrolled; export with layout 0"
     if inputs[4]:
         return "sequence_lens (per-sample lengths) is not unrolled; pad to one length"
-    if node.op_type == "LSTM" and inputs[7]:
+    if op_type == "LSTM" and inputs[7]:
         return "peephole weights (P) are not unrolled"
-    if _attr(node, "clip") is not None:
+    if attrs.get("clip") is not None:
         return "clip is not unrolled"
-    if node.op_type == "LSTM" and int(_attr(node, "input_forget", 0)):
+    if op_type == "LSTM" and int(attrs.get("input_forget", 0)):
         return "input_forget is not unrolled"
-    acts = _attr(node, "activations")
+    acts = attrs.get("activations")
     if acts is not None:
-        n_dir = 2 if _attr(node, "direction", b"forward") in (b"bidirectional", "bidirectional") else 1
-        if [a if isinstance(a, bytes) else a.encode() for a in acts] != _DEFAULT_ACTS[node.op_type] * n_dir:
+        n_dir = 2 if attrs.get("direction", b"forward") in (b"bidirectional", "bidirectional") else 1
+        if [a if isinstance(a, bytes) else str(a).encode() for a in acts] != _DEFAULT_ACTS[op_type] * n_dir:
             return f"activations {acts} are not the defaults"
     if x_shape is None or len(x_shape) != 3 or any(not isinstance(d, int) or d <= 0 for d in x_shape):
         return "its sequence length and batch are not static (give --input-shape)"
@@ -71,6 +80,13 @@ class _Builder:
         return self.op("Slice", [x, self.const("starts", np.array([start], np.int64)),
                                  self.const("ends", np.array([end], np.int64)),
                                  self.const("axes", np.array([axis], np.int64))])
+
+    def concat(self, parts: list[str], axis: int) -> str:
+        """Concat in a tree of at most :data:`MAX_CONCAT` inputs per node (TFLite Micro's CONCATENATION takes 10)."""
+        while len(parts) > MAX_CONCAT:
+            parts = [self.op("Concat", parts[i : i + MAX_CONCAT], axis=axis) if len(parts[i : i + MAX_CONCAT]) > 1
+                     else parts[i] for i in range(0, len(parts), MAX_CONCAT)]
+        return parts[0] if len(parts) == 1 else self.op("Concat", parts, axis=axis)
 
     def reshape(self, x: str, shape: list[int]) -> str:
         return self.op("Reshape", [x, self.const("shape", np.array(shape, np.int64))])
@@ -148,7 +164,7 @@ def _unroll(node: onnx.NodeProto, x_shape: list[int], inits: dict[str, np.ndarra
                 h = b.op("Mul", [o, b.op("Tanh", [c])])
             y_steps[t] = h
         if outs[0]:
-            ys.append(b.op("Concat", [b.reshape(y_steps[t], [1, 1, batch, H]) for t in range(seq)], axis=0))
+            ys.append(b.concat([b.reshape(y_steps[t], [1, 1, batch, H]) for t in range(seq)], axis=0))
         hs.append(b.reshape(h, [1, batch, H]))
         if c is not None:
             cs.append(b.reshape(c, [1, batch, H]))
