@@ -576,10 +576,11 @@ def plan_latency(pl: Planning, *, noise_cap: float | None = None, float_only: bo
     ev, acc = best_res[0], best_res[1]
     if ev.fits:  # every resource budget is met: the accuracy budget is what no plan meets
         predicted = f" (predicted: {acc.predicted:.4g})" if acc.predicted is not None else ""
-        raise BudgetError(f"no plan of {target.name} meets the accuracy budget ({pl.budget.describe()}): the least "
-                          f"noisy plan its backends can run ({summarize(ev.layers)}) has predicted output noise "
+        raise BudgetError(f"no plan of {target.name} meets both its resource budgets and the accuracy budget "
+                          f"({pl.budget.describe()}): the least noisy plan within the resource budgets "
+                          f"({summarize(ev.layers)}; {_describe(ev)}) has predicted output noise "
                           f"{acc.predicted_noise:.3g} > cap {acc.noise_cap:.3g}{predicted}; allow more with "
-                          f"--max-accuracy-drop or --min-snr-db, or pick a target that runs float formats")
+                          f"--max-accuracy-drop or --min-snr-db, or relax the target's budgets")
     raise BudgetError(f"no plan meets the budgets of {target.name}; closest: {_describe(ev)}")
 
 
