@@ -276,6 +276,11 @@ def test_scalar_input_is_per_sample_data(scalar, tmp_path, capsys):
     assert _build(model, tmp_path / "out", "--target", "x86-cpu", "--precision", "int8", "--calib", str(cal)) == 0, \
         capsys.readouterr().err
     assert _build(model, tmp_path / "out2", "--target", "x86-cpu", "--calib", str(cal)) == 0, capsys.readouterr().err
+    # every backend that runs on this host: OpenVINO and TFLite take the 0-d input as 0-d (calibration included)
+    for target, extra in (("x86-cpu", ["--backend", "openvino", "--precision", "int8"]),
+                          ("android-mid", ["--precision", "int8"]), ("android-mid", [])):
+        rc = _build(model, tmp_path / f"o-{target}-{len(extra)}", "--target", target, *extra, "--calib", str(cal))
+        assert rc == 0, (target, extra, capsys.readouterr().err)
 
 
 # --------------------------------------------------------------------------- 3. real samples for timing

@@ -2083,7 +2083,8 @@ _NP = {"float32": np.float32, "int8": np.float32, "int32": np.int32, "bool": np.
 
 
 def to_tflite_layout(x: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:
-    return np.ascontiguousarray(x.transpose(NCHW_TO_NHWC)) if spec["layout"] == "nhwc" else np.ascontiguousarray(x)
+    # np.asarray(order="C"), not np.ascontiguousarray: that makes a 0-d (scalar) input 1-d
+    return np.ascontiguousarray(x.transpose(NCHW_TO_NHWC)) if spec["layout"] == "nhwc" else np.asarray(x, order="C")
 
 
 def from_tflite_layout(y: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:
@@ -2099,17 +2100,18 @@ def calibrate(ir: IR, calib: CalibrationData, limit: int = 256) -> dict[int, tup
     interp = Interpreter(model_content=em.data, experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
                          experimental_preserve_all_tensors=True)
     interp.allocate_tensors()
-    batch = {d["name"]: d["tflite_shape"][0] for d in em.inputs}
+    batch = {d["name"]: d["tflite_shape"][0] for d in em.inputs if len(d["tflite_shape"])}
     lo: dict[int, float] = {}
     hi: dict[int, float] = {}
     sentinel = {o for op in ir.ops if op.options.get("sentinel") for o in op.outputs}
     tracked = [(tid, idx) for tid, idx in em.tensor_index.items() if ir.is_float(tid) and tid not in sentinel]
-    feeds = calib.feeds()
-    n = min(len(calib), limit)
     b = max(batch.values()) if batch else 1
-    for start in range(0, n - b + 1, b):
+    # the data's own feeding (a fixed batch, or one sample at a time in the model's shapes: scalars, states)
+    for feed, real in calib.counted_batches(b, limit=limit):
+        if not calib.per_sample and real < b and not calib.fixed_batch:
+            break  # a last partial batch the static-shaped flatbuffer cannot take
         for d in em.inputs:
-            interp.set_tensor(d["index"], to_tflite_layout(np.asarray(feeds[d["name"]][start:start + b]).astype(_NP[d["dtype"]]), d))
+            interp.set_tensor(d["index"], to_tflite_layout(np.asarray(feed[d["name"]]).astype(_NP[d["dtype"]]), d))
         interp.invoke()
         for tid, idx in tracked:
             v = interp.get_tensor(idx)

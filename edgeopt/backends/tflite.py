@@ -233,17 +233,20 @@ class TfliteRunner(Runner):
             raise EdgeoptError(f"missing input(s) {missing}; the model takes {self.input_names}")
         arrays = [np.asarray(feeds[d["name"]]).astype(np.int32 if d["dtype"] == "int32" else np.float32, copy=False)
                   for d in self.inputs]  # int32: index inputs (token ids); the rest float, int8 quantized below
-        n = arrays[0].shape[0] if arrays and arrays[0].ndim else 1
-        b = self.inputs[0]["onnx_shape"][0] if self.inputs and self.inputs[0]["onnx_shape"] else 1
+        exact = all(list(a.shape) == list(d["onnx_shape"]) for d, a in zip(self.inputs, arrays))
+        # exactly the model's shapes (always so for scalars and states whose batch is not on axis 0): one run;
+        # else every input batched on axis 0, in slices of the model's batch
+        n = arrays[0].shape[0] if arrays and arrays[0].ndim and not exact else 1
+        b = self.inputs[0]["onnx_shape"][0] if self.inputs and self.inputs[0]["onnx_shape"] and not exact else 1
         for d, a in zip(self.inputs, arrays):
-            if list(a.shape[1:]) != list(d["onnx_shape"][1:]) or a.shape[0] % max(b, 1):
+            if not exact and (a.ndim == 0 or list(a.shape[1:]) != list(d["onnx_shape"][1:]) or a.shape[0] % max(b, 1)):
                 raise EdgeoptError(f"input '{d['name']}' has shape {list(a.shape)}; the .tflite takes {d['onnx_shape']} "
                                    f"(any multiple of the batch {b})")
         outs: list[list[np.ndarray]] = [[] for _ in self.outputs]
         for start in range(0, n, b):
             chunk = []
             for d, a in zip(self.inputs, arrays):
-                x = to_tflite_layout(a[start:start + b], d)
+                x = to_tflite_layout(a if exact else a[start:start + b], d)
                 if d["dtype"] == "int8":
                     x = np.clip(np.round(x / d["scale"]) + d["zero_point"], -128, 127).astype(np.int8)
                 chunk.append(x)
