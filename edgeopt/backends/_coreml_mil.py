@@ -1662,7 +1662,8 @@ def _export_op(e: _Exporter, op, outs: list[str]) -> None:  # noqa: C901 - one b
     elif t == "reshape":
         e.node("Reshape", [x, e.init(np.array(op.outputs[0].shape, np.int64), out)], [out])
     elif t == "transpose":
-        e.node("Transpose", [x], [out], perm=[int(v) for v in _param(op, "perm")])
+        rank = op.outputs[0].rank  # MIL allows negative axes in perm, ONNX does not
+        e.node("Transpose", [x], [out], perm=[int(v) % rank for v in _param(op, "perm")])
     elif t == "concat":
         axis = int(_param(op, "axis")) % op.outputs[0].rank
         if _param(op, "interleave", False):  # [a0, b0, a1, b1, ...] along axis: stack behind it, then merge

@@ -118,8 +118,10 @@ _DESCRIBE = {"int8": "linear int8 per-channel (symmetric)", "int4": "linear int4
              "unstructured": "unstructured magnitude pruning"}
 
 
-def _apply(mlmodel, jobs, fn, joint: bool, record: list[dict]):
-    """Run one coremltools.optimize function on the weights of ``jobs`` (addressed by their current op names)."""
+def _apply(mlmodel, jobs, fn, joint: bool, record: list[dict], skipped: list[str]):
+    """Run one coremltools.optimize function on the weights of ``jobs`` (addressed by their current op names); a
+    weight coremltools' passes fused away from its op (e.g. a MatMul + Add into ``linear``, its weight no longer a
+    const input) stays uncompressed and is listed in ``skipped``."""
     from coremltools.optimize.coreml import OptimizationConfig
 
     if not jobs:
@@ -129,14 +131,18 @@ def _apply(mlmodel, jobs, fn, joint: bool, record: list[dict]):
     for layer, op_name, param, kind, detail in jobs:
         op = _find_op(prog, op_name)
         var = op.inputs.get(param) if op is not None else None
-        if var is None or var.op is None:
-            raise EdgeoptError(f"Core ML op {op_name} of layer {layer} lost its {param} after conversion")
+        if var is None or var.op is None or var.op.op_type != "const":
+            skipped.append(f"{layer}: Core ML op {op_name} was rewritten by coremltools' passes (its {param} is no "
+                           f"longer a constant of it): left uncompressed ({_DESCRIBE[kind]} planned)")
+            continue
         configs[var.op.name] = _op_config(kind, detail)
         entry = {"layer": layer, "op": op.name, "weight": var.op.name, "shape": list(var.shape), "format": _DESCRIBE[kind]}
         if kind == "unstructured":
             entry["target_sparsity"] = float(detail)
         record.append(entry)
     kwargs = {"joint_compression": True} if joint else {}
+    if not configs:
+        return mlmodel
     return fn(mlmodel, OptimizationConfig(op_name_configs=configs), **kwargs)
 
 
@@ -173,9 +179,9 @@ def build_mlpackage(model: onnx.ModelProto, plan: Plan, path: Path) -> dict[str,
     mlmodel = ct.convert(tr.program, convert_to="mlprogram", minimum_deployment_target=target,
                          compute_precision=compute, pass_pipeline=pipeline)
     applied: list[dict] = []
-    mlmodel = _apply(mlmodel, prune, prune_weights, False, applied)
+    mlmodel = _apply(mlmodel, prune, prune_weights, False, applied, skipped)
     for kind_set, fn in ((("int8", "int4"), linear_quantize_weights), (("palettize4",), palettize_weights)):
-        mlmodel = _apply(mlmodel, [j for j in quant if j[3] in kind_set], fn, joint, applied)
+        mlmodel = _apply(mlmodel, [j for j in quant if j[3] in kind_set], fn, joint, applied, skipped)
     mlmodel.short_description = f"edgeopt {plan.target}/{plan.unit} plan"
     mlmodel.save(str(path))
     return {
