@@ -131,7 +131,7 @@ def _apply(mlmodel, jobs, fn, joint: bool, record: list[dict], skipped: list[str
     for layer, op_name, param, kind, detail in jobs:
         op = _find_op(prog, op_name)
         var = op.inputs.get(param) if op is not None else None
-        if var is None or var.op is None or var.op.op_type != "const":
+        if var is None or var.op is None or not (var.op.op_type == "const" or var.op.op_type.startswith("constexpr_")):
             skipped.append(f"{layer}: Core ML op {op_name} was rewritten by coremltools' passes (its {param} is no "
                            f"longer a constant of it): left uncompressed ({_DESCRIBE[kind]} planned)")
             continue
