@@ -128,20 +128,11 @@ def load_model(path: str | Path, *, load_external_data: bool = False) -> onnx.Mo
     return model
 
 
-def _all_graphs(graph: onnx.GraphProto):
-    """A graph and every sub-graph in it (If/Loop/Scan bodies), depth first."""
-    yield graph
-    for node in graph.node:
-        for a in node.attribute:
-            if a.HasField("g"):
-                yield from _all_graphs(a.g)
-            for g in a.graphs:
-                yield from _all_graphs(g)
-
-
 def _all_sparse(graph: onnx.GraphProto):
     """Every SparseTensorProto: sparse initializers and sparse attribute values, sub-graphs included."""
-    for g in _all_graphs(graph):
+    from .passes.fold_control import all_graphs
+
+    for g in all_graphs(graph):
         yield from g.sparse_initializer
         for node in g.node:
             for a in node.attribute:
@@ -152,7 +143,9 @@ def _all_sparse(graph: onnx.GraphProto):
 
 def _all_tensors(graph: onnx.GraphProto):
     """Every TensorProto stored in a graph: initializers, attribute tensors, sparse tensors' parts, sub-graphs."""
-    for g in _all_graphs(graph):
+    from .passes.fold_control import all_graphs
+
+    for g in all_graphs(graph):
         yield from g.initializer
         for node in g.node:
             for a in node.attribute:

@@ -40,16 +40,15 @@ def has_control_flow(model: onnx.ModelProto) -> bool:
     return any(n.op_type in CONTROL_OPS and n.domain in ("", "ai.onnx") for n in model.graph.node)
 
 
-def _all_graphs(graph: onnx.GraphProto):
-    """A graph and every sub-graph in it, depth first (as :func:`edgeopt.graph._all_graphs`; not imported from there:
-    graph imports this module)."""
+def all_graphs(graph: onnx.GraphProto):
+    """A graph and every sub-graph in it (If/Loop/Scan bodies), depth first."""
     yield graph
     for node in graph.node:
         for a in node.attribute:
             if a.HasField("g"):
-                yield from _all_graphs(a.g)
+                yield from all_graphs(a.g)
             for g in a.graphs:
-                yield from _all_graphs(g)
+                yield from all_graphs(g)
 
 
 def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -188,7 +187,7 @@ class _Names:
             own_nodes: set[str] = set()
             for a in n.attribute:
                 for sg in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                    for s in _all_graphs(sg):
+                    for s in all_graphs(sg):
                         own.update(v.name for v in [*s.input, *s.output, *s.value_info])
                         own.update(t.name for t in s.initializer)
                         own.update(o for m in s.node for o in m.output)
@@ -380,7 +379,7 @@ def _remove_dead(model: onnx.ModelProto) -> None:
     """Drop main-graph nodes whose outputs nothing reads (no side effects in ONNX)."""
     while True:
         used = {o.name for o in model.graph.output}
-        for g in _all_graphs(model.graph):
+        for g in all_graphs(model.graph):
             for n in g.node:
                 used.update(n.input)
             if g is not model.graph:
@@ -464,7 +463,7 @@ def fold_control_flow(model: onnx.ModelProto, input_shapes: Mapping[str, list[in
                             d.dim_value = int(v)
     if folded:
         used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-        for g in _all_graphs(model.graph):
+        for g in all_graphs(model.graph):
             if g is not model.graph:
                 used.update(i for n in g.node for i in n.input)
                 used.update(o.name for o in g.output)  # a branch returning an outer initializer as it is
