@@ -281,6 +281,10 @@ def test_scalar_input_is_per_sample_data(scalar, tmp_path, capsys):
                           ("android-mid", ["--precision", "int8"]), ("android-mid", [])):
         rc = _build(model, tmp_path / f"o-{target}-{len(extra)}", "--target", target, *extra, "--calib", str(cal))
         assert rc == 0, (target, extra, capsys.readouterr().err)
+    # Core ML takes no rank-0 inputs: one line naming the input, from the pre-flight
+    assert _build(model, tmp_path / "o-ios", "--target", "ios", "--calib", str(cal)) == 2
+    line = _one_line_error(capsys)
+    assert "rank-0" in line and "gain" in line, line
 
 
 # --------------------------------------------------------------------------- 3. real samples for timing

@@ -200,6 +200,10 @@ class _Translator:
         from coremltools.converters.mil.mil import Function, Program
         from coremltools.converters.mil.mil import types as mtypes
 
+        scalar = next((n for n, s in shapes.items() if len(s) == 0), None)
+        if scalar is not None:
+            raise UnsupportedOpError(f"coreml: input '{scalar}' is a scalar (rank 0); Core ML model inputs have rank >= 1 "
+                                     "(export it as a [1] tensor)")
         inputs = {name: sanitize(name) for name in shapes}
         self.used.update(inputs.values())
         elem = {vi.name: vi.type.tensor_type.elem_type for vi in self.model.graph.input}

@@ -51,7 +51,10 @@ def _attributes(layer, option: BackendOption, analysis: ModelAnalysis) -> str | 
 
 
 def check_ops(analysis: ModelAnalysis, option: BackendOption) -> list[str]:
-    return _ops.check_layers(analysis, option, _ops.COREML_OPS & (MIL_OPS | FOLDED_OPS), [_ops.max_rank(5), _attributes])
+    scalars = [f"{n}: a scalar (rank-0) model input; Core ML inputs have rank >= 1 (export it as a [1] tensor)"
+               for n, shape in analysis.inputs.items() if len(shape) == 0]
+    return scalars + _ops.check_layers(analysis, option, _ops.COREML_OPS & (MIL_OPS | FOLDED_OPS),
+                                       [_ops.max_rank(5), _attributes])
 
 
 # --------------------------------------------------------------------------- building
