@@ -736,7 +736,8 @@ DATA_MOVEMENT = frozenset(
     "QuantizeLinear DequantizeLinear".split()
 )
 
-_NO_PARAM_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "Reshape", "Slice", "Pad", "Expand", "Tile", "Resize", "Gather"})
+#: (Gather is not among them: the table an embedding looks up is its parameters)
+_NO_PARAM_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "Reshape", "Slice", "Pad", "Expand", "Tile", "Resize"})
 #: Weight data types that count as parameters: float, uint8, int8, float16, double, bfloat16, uint4, int4.
 _PARAM_DTYPES = frozenset({1, 2, 3, 10, 11, 16, 21, 22})
 

@@ -401,9 +401,22 @@ def layer_choices(analysis: ModelAnalysis, option: BackendOption, sens: dict) ->
     return out
 
 
+#: a lookup table (an embedding's Gather) at least this big is stored in the smallest faithful float format
+TABLE_BYTES = 1 << 20
+
+
+def _table_format(option: BackendOption) -> str | None:
+    """The smallest float format presumed faithful (fp16) the option runs, for embedding tables; None: fp32 only."""
+    fmts = [technique.get(p) for p in option.precisions]
+    faithful = [t for t in fmts if t.presumed_faithful and not t.weight_only and t.name != technique.REFERENCE]
+    return min(faithful, key=lambda t: t.float_bits).name if faithful else None
+
+
 def _fill(analysis: ModelAnalysis, option: BackendOption, weighted: dict[str, Choice]) -> dict[str, Choice]:
-    """Choices for every layer: weightless layers run in their producer's format (no conversion islands)."""
+    """Choices for every layer: weightless layers run in their producer's format (no conversion islands); a big
+    lookup table read from a model input (a token embedding) is stored in the smallest faithful float format."""
     fp = _float_precision(option)
+    table = _table_format(option)
     producer: dict[str, str] = {}
     out: dict[str, Choice] = {}
     for ly in analysis.layers:
@@ -411,6 +424,10 @@ def _fill(analysis: ModelAnalysis, option: BackendOption, weighted: dict[str, Ch
             c = weighted[ly.name]
         elif option.requires_full_integer:
             c = Choice("int8", reason=f"{option.label} runs full-integer models only")
+        elif (table and ly.op_type == "Gather" and ly.weight_bytes >= TABLE_BYTES and ly.inputs
+              and ly.inputs[0] in ly.weights):
+            c = Choice(table, reason=f"{table}: a {ly.weight_bytes / 2**20:.1f} MiB lookup table, stored in the "
+                                     "smallest faithful float format")
         else:
             src = next((producer[i] for i in ly.inputs if i in producer), None)
             p = src if src in option.precisions and not technique.get(src).weight_only else fp

@@ -129,3 +129,29 @@ def test_cli_refusal_lists_every_missing_op_type(tmp_path, capsys):
     rc = main(["plan", str(path), "--target", "android-mid"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("op Hardmax") <= 2 and "op Det" in err, err
+
+
+def test_embedding_tables_are_parameters_stored_in_fp16_where_the_backend_runs_it(tmp_path):
+    """A token embedding (Gather from a 2 MiB float table by a model input): counted as parameters, and where the
+    option runs fp16 (TFLite) its table is planned in fp16, halving its predicted storage (MiniLM's 45 MiB table
+    kept it over android-mid's 64 MiB storage budget)."""
+    from onnx import TensorProto
+
+    table = np.random.default_rng(0).normal(size=(4096, 128)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["e"], name="embed"),
+             helper.make_node("MatMul", ["e", "W"], ["y"], name="proj")]
+    m = make_model(nodes, [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 8])], [vi("y", None)],
+                   [init("E", table), init("W", np.ones((128, 16), np.float32))])
+    a = analyze(save(m, tmp_path / "emb.onnx"))
+    embed = next(ly for ly in a.layers if ly.name == "embed")
+    assert embed.params == 4096 * 128 and a.total_params == 4096 * 128 + 128 * 16
+    from edgeopt.planner import _fill, evaluate
+
+    android = load_target("android-mid")
+    option = android.backends[0]
+    choices = _fill(a, option, {})  # what the per-layer search gives layers it does not search
+    assert choices["embed"].precision == "fp16" and "lookup table" in choices["embed"].reason
+    ev = evaluate(a, android, option, "per-layer", choices=choices)
+    assert ev.storage < table.nbytes * 0.6
+    x86 = load_target("x86-cpu").backends[0]
+    assert _fill(a, x86, {})["embed"].precision == "fp32"  # the CPU option runs no fp16: the table stays as it is
