@@ -30,6 +30,15 @@ Precision = Annotated[str, AfterValidator(technique.check_precision)]
 Sparsity = Annotated[str, AfterValidator(technique.check_sparsity)]
 
 
+def _precision_keys(v: dict[str, float]) -> dict[str, float]:
+    """``v`` when every key is a registered precision; ValueError naming the unknown ones and the valid ones."""
+    valid = technique.precision_names()
+    bad = sorted(set(v) - set(valid))
+    if bad:
+        raise ValueError(f"unknown precision(s) {bad}; valid: {list(valid)}")
+    return v
+
+
 def _pattern(name: str) -> str:
     if name == "none":
         raise ValueError(f"a sparsity pattern is one of {', '.join(technique.sparsity_names())}")
@@ -163,10 +172,7 @@ class ComputeUnit(_TargetModel):
     @field_validator("peak_ops_per_s")
     @classmethod
     def _known_precisions(cls, v: dict[str, float]) -> dict[str, float]:
-        valid = technique.precision_names()
-        bad = sorted(set(v) - set(valid))
-        if bad:
-            raise ValueError(f"unknown precision(s) {bad}; valid: {list(valid)}")
+        _precision_keys(v)
         if any(x <= 0 for x in v.values()):
             raise ValueError("peak rates must be positive")
         return v
@@ -308,11 +314,7 @@ class BackendOption(_TargetModel):
     @field_validator("efficiency_by_precision", "overhead_us_by_precision")
     @classmethod
     def _precision_keys(cls, v: dict[str, float]) -> dict[str, float]:
-        valid = technique.precision_names()
-        bad = sorted(set(v) - set(valid))
-        if bad:
-            raise ValueError(f"unknown precision(s) {bad}; valid: {list(valid)}")
-        return v
+        return _precision_keys(v)
 
     @field_validator("kernel_models")
     @classmethod
