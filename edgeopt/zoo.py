@@ -341,13 +341,13 @@ def kws_gru_path() -> Path:
 def kws_samples(n: int, seed: int = 0) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
     """``n`` streaming steps of the keyword spotter, one dict per sample in the model's own input shapes (``feats``
     [1, 20, 40], ``h0`` [1, 1, 64]: the state after a previous chunk, as on a device mid-stream), and their labels."""
-    import onnxruntime as ort
+    from .fidelity import session
 
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, KWS_CLASSES, n)
     before = _kws_features(rng, rng.integers(0, KWS_CLASSES, n))
     feats = _kws_features(rng, labels)
-    sess = ort.InferenceSession(str(kws_gru_path()), providers=["CPUExecutionProvider"])
+    sess = session(kws_gru_path())
     samples = []
     for i in range(n):
         h = sess.run(None, {"feats": before[i : i + 1], "h0": np.zeros((1, 1, KWS_HIDDEN), np.float32)})[1]
