@@ -56,6 +56,20 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                         "artifact; fidelity: the most faithful plan that meets the target's budgets")
 
 
+def _add_latency_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-latency-ms", type=float, metavar="MS",
+                   help="make the latency a limit: plans predicted slower than MS are refused (default: the target's "
+                        "latency_ms is a goal: the fastest plan within RAM/storage is built and a miss is said)")
+
+
+def _limited(target, args: argparse.Namespace):
+    """The target with ``--max-latency-ms`` applied (a limit), or unchanged."""
+    from .planner import with_latency_limit
+
+    ms = getattr(args, "max_latency_ms", None)
+    return target if ms is None else with_latency_limit(target, ms)
+
+
 def _add_inputs_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inputs", type=Path,
                    help="one run's inputs as .npz (or .npy for one input), in the model's input shapes, like "
@@ -93,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     recipes = ", ".join(precision_names())
     pl.add_argument("--precision", help=f"force one precision recipe ({recipes})")
     _add_data_args(pl)
+    _add_latency_arg(pl)
     pl.add_argument("-o", "--output", type=Path, help="write the plan as JSON to this file")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
 
@@ -104,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--precision", help=f"force one precision recipe ({recipes})")
     b.add_argument("--plan", type=Path, help="replay this plan.json instead of planning")
     _add_data_args(b)
+    _add_latency_arg(b)
     _add_inputs_arg(b)
     _add_max_memory_arg(b)
     b.add_argument("-o", "--output", type=Path, required=True, help="output directory (replaced atomically)")
@@ -114,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--targets", default="all", help="'all' or a comma-separated list of targets")
     f.add_argument("--jobs", type=int, default=2, help="targets built at once")
     _add_data_args(f)
+    _add_latency_arg(f)
     _add_inputs_arg(f)
     _add_max_memory_arg(f)
     f.add_argument("-o", "--output", type=Path, required=True, help="output directory (replaced atomically)")
@@ -295,7 +312,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from .pipeline import plan_for
     from .targets import load_target
 
-    target = load_target(args.target)
+    target = _limited(load_target(args.target), args)
     inputs = _inputs(args)
     status, say = _progress()
     with status:
@@ -322,7 +339,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from .render import console, plan_summary
     from .targets import load_target
 
-    target = load_target(args.target)
+    target = _limited(load_target(args.target), args)
     plan = load_plan(args.plan) if args.plan else None
     inputs = _inputs(args)
     status, say = _progress()
@@ -361,7 +378,7 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
     from .render import console
     from .targets import load_targets
 
-    targets = load_targets(args.targets)
+    targets = [_limited(t, args) for t in load_targets(args.targets)]
     inputs = _inputs(args)
     status, say = _progress()
     with status:

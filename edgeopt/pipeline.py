@@ -447,13 +447,13 @@ def int8_noise(inputs: BuildInputs, config: dict, samples: int = 16) -> float:
 
 def _runnable(analysis, target: Target, backend: str | None) -> tuple[list, list[str], list[str]]:
     """The target's options that run the model (pre-flight, before anything expensive), rationale, refusals."""
-    from .planner import candidate_options, check_option, summarize_refusals
+    from .planner import candidate_options, check_option, option_refusal
 
     runnable, rationale, unsupported = [], [], []
     for option in candidate_options(target, backend):
         reasons = check_option(analysis, option)
         if reasons:
-            unsupported.append(f"{option.label}: {summarize_refusals(reasons)}")
+            unsupported.append(option_refusal(analysis, target, option, reasons))
             rationale.append(f"skipped {option.label}: {len(reasons)} layer(s) unsupported, first: {reasons[0]}")
         else:
             runnable.append(option)
@@ -488,14 +488,14 @@ def plan_latency(pl: Planning, *, noise_cap: float | None = None, float_only: bo
     """
     from . import technique
     from .errors import BudgetError
-    from .planner import _describe, fastest_recipe, optimize_option, summarize, to_plan
+    from .planner import _describe, fastest_recipe, missed_goals, optimize_option, summarize, to_plan
     from .types import AccuracyPrediction
 
     inputs, target = pl.inputs, pl.target
     analysis = inputs.analysis
     runnable, rationale, _ = _runnable(analysis, target, pl.backend)
     faithful = [t.name for t in technique.precisions() if t.presumed_faithful]
-    best = None
+    best = fitting = None
     if inputs.calib is None or float_only:
         why = ("accuracy control's last resort" if float_only else
                "no calibration data: formats that need data to calibrate or to measure their accuracy are not considered "
@@ -510,13 +510,18 @@ def plan_latency(pl: Planning, *, noise_cap: float | None = None, float_only: bo
             if option.requires_full_integer and inputs.calib is None:
                 rationale.append(f"{option.label} runs full-integer models only: the build needs calibration data")
             if ev.fits:
-                rationale.append(f"chose the fastest: {_describe(ev)}")
-                pl.prepare()
-                acc = (AccuracyPrediction(budget=pl.budget, predicted_noise=0.0, noise_cap=0.0)
-                       if pl.budget is not None else None)
-                return to_plan(analysis, target, ev, rationale, accuracy=acc)
+                if ev.meets_goals:
+                    rationale.append(f"chose the fastest: {_describe(ev)}")
+                    return _float_plan(pl, ev, rationale)
+                rationale.append(f"fits, misses a goal: {_describe(ev)}")
+                fitting = ev if fitting is None or ev.latency_ms < fitting.latency_ms else fitting
+                continue
             rationale.append(f"rejected {_describe(ev)}")
             best = ev if best is None or ev.overshoot < best.overshoot else best
+        if fitting is not None:  # no option meets the latency goal: the fastest within the limits
+            rationale.append(f"chose the fastest: {_describe(fitting)}")
+            rationale.append(missed_goals(fitting.checks, target.name))
+            return _float_plan(pl, fitting, rationale)
         if best is None:
             raise BudgetError(f"no backend option of {target.name} runs {', '.join(faithful)}; give calibration data "
                               f"(--calib) so that quantized formats can be planned")
@@ -565,9 +570,17 @@ def plan_latency(pl: Planning, *, noise_cap: float | None = None, float_only: bo
         acc = AccuracyPrediction(budget=pl.budget, predicted_noise=noise, noise_cap=cap,
                                  predicted=round(model.predict(noise), 6) if noise > 0 else None)
         if ev.fits and noise <= cap * (1 + 1e-9):
-            return to_plan(analysis, target, ev, rationale, accuracy=acc, configs=chosen_configs)
+            if ev.meets_goals:
+                return to_plan(analysis, target, ev, rationale, accuracy=acc, configs=chosen_configs)
+            rationale.append(f"{option.label}: fits and meets the accuracy budget, misses a goal")
+            if fitting is None or ev.latency_ms < fitting[0].latency_ms:
+                fitting = (ev, acc, chosen_configs)
+            continue
         if best_res is None or ev.overshoot < best_res[0].overshoot:
             best_res = (ev, acc, chosen_configs)
+    if fitting is not None:  # no option meets the latency goal: the fastest within the limits and the accuracy budget
+        rationale.append(f"chose {fitting[0].option.label}: {missed_goals(fitting[0].checks, target.name)}")
+        return to_plan(analysis, target, fitting[0], rationale, accuracy=fitting[1], configs=fitting[2])
     if best_res is None:
         raise BudgetError(f"no backend option of {target.name} has a plan")
     if not enforce_budgets:
@@ -582,6 +595,16 @@ def plan_latency(pl: Planning, *, noise_cap: float | None = None, float_only: bo
                           f"{acc.predicted_noise:.3g} > cap {acc.noise_cap:.3g}{predicted}; allow more with "
                           f"--max-accuracy-drop or --min-snr-db, or relax the target's budgets")
     raise BudgetError(f"no plan meets the budgets of {target.name}; closest: {_describe(ev)}")
+
+
+def _float_plan(pl: Planning, ev, rationale: list[str]) -> Plan:
+    """The plan of a whole-model faithful recipe (no sensitivity measured): predicted noise 0 under the budget."""
+    from .planner import to_plan
+    from .types import AccuracyPrediction
+
+    pl.prepare()
+    acc = AccuracyPrediction(budget=pl.budget, predicted_noise=0.0, noise_cap=0.0) if pl.budget is not None else None
+    return to_plan(pl.inputs.analysis, pl.target, ev, rationale, accuracy=acc)
 
 
 #: pruning is tried on the costliest layers that together take this share of the predicted time ...

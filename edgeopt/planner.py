@@ -75,6 +75,34 @@ def summarize_refusals(reasons: list[str], *, examples: int = 2) -> str:
     return "; ".join(parts)
 
 
+def option_refusal(analysis: ModelAnalysis, target: Target, option: BackendOption, reasons: list[str]) -> str:
+    """Why an option cannot run the model, in one clause: each distinct missing op once and, when even the option's
+    most compact whole-model format would miss a RAM or storage limit, that too (the reason a device gives first:
+    adding kernels would not make the model fit)."""
+    return f"{option.label}: {summarize_refusals(reasons)}{_would_not_fit(analysis, target, option)}"
+
+
+def _would_not_fit(analysis: ModelAnalysis, target: Target, option: BackendOption) -> str:
+    compact = [p for p in reversed(fidelity_order()) if p in option.precisions]
+    if not compact:
+        return ""
+    try:
+        ev = evaluate(analysis, target, option, compact[0])
+    except Exception:  # noqa: BLE001 - the cost model of an op the option cannot run is a best effort only
+        return ""
+    # storage: a lower bound (every parameter in the format's bits), so that a table the cost model keeps in float
+    # does not inflate the claim; RAM: the predicted arena (+ weights where they are loaded)
+    least = analysis.total_params * technique.get(compact[0]).weight_bits // 8
+    shown = {"storage": least, "ram": ev.ram}
+    over = [(c.name, shown[c.name], c.budget) for c in ev.checks
+            if c.limit and c.name in shown and shown[c.name] > c.budget]
+    if not over:
+        return ""
+    what = ", ".join(f"{name} {'at least ' if name == 'storage' else ''}{fmt_bytes(v)} > {fmt_bytes(b)}"
+                     for name, v, b in over)
+    return f"; and it would not fit even in {compact[0]}: {what}"
+
+
 def _float_precision(option: BackendOption) -> str:
     """The highest-fidelity float format the option runs (what layers a recipe does not touch run in)."""
     for t in technique.precisions():
@@ -135,13 +163,18 @@ class Evaluation:
 
     @property
     def fits(self) -> bool:
-        """Whether every budget check passes."""
+        """Whether every budget that is a limit passes (RAM, storage; latency when the target makes it one)."""
+        return all(c.ok for c in self.checks if c.limit)
+
+    @property
+    def meets_goals(self) -> bool:
+        """Whether every budget check passes, goals included (the target's latency when it is not a limit)."""
         return all(c.ok for c in self.checks)
 
     @property
     def overshoot(self) -> float:
-        """The worst ratio predicted/budget (<= 1 means it fits)."""
-        return max(_over(c.predicted, c.budget) for c in self.checks)
+        """The worst ratio predicted/budget over the limits (<= 1 means it fits)."""
+        return max(_over(c.predicted, c.budget) for c in self.checks if c.limit)
 
 
 @dataclass(frozen=True)
@@ -242,7 +275,7 @@ def evaluate(analysis: ModelAnalysis, target: Target, option: BackendOption, rec
     b = target.budgets
     checks = [BudgetCheck(name="ram", predicted=ram, budget=int(b.ram)),
               BudgetCheck(name="storage", predicted=storage, budget=int(b.storage)),
-              BudgetCheck(name="latency_ms", predicted=round(latency, 6), budget=b.latency_ms)]
+              BudgetCheck(name="latency_ms", predicted=round(latency, 6), budget=b.latency_ms, limit=b.latency_is_limit)]
     return Evaluation(option, recipe, layers, latency, storage, ram, ap.arena_bytes, checks)
 
 
@@ -257,8 +290,30 @@ def _describe(e: Evaluation) -> str:
     for c in e.checks:
         shown = (f"{c.predicted:.2f} ms" if c.name == "latency_ms" else fmt_bytes(c.predicted))
         limit = (f"{c.budget:g} ms" if c.name == "latency_ms" else fmt_bytes(c.budget))
-        parts.append(f"{c.name.replace('_ms', '')} {shown} {'<=' if c.ok else '>'} {limit}")
+        parts.append(f"{c.name.replace('_ms', '')} {shown} {'<=' if c.ok else '>'} {limit}{'' if c.limit else ' goal'}")
     return f"{e.option.label} {e.recipe}: " + ", ".join(parts)
+
+
+def missed_goals(checks: Iterable[BudgetCheck], target_name: str) -> str | None:
+    """One sentence for the goals a plan that fits its limits misses (the target's latency when it is not a limit),
+    or None when it meets them all."""
+    missed = [c for c in checks if not c.limit and not c.ok]
+    if not missed:
+        return None
+    what = ", ".join(f"{c.predicted:.2f} ms predicted > {c.budget:g} ms" for c in missed)
+    return (f"no plan meets the latency goal of {target_name} ({what}); this is the fastest within its limits "
+            f"(--max-latency-ms makes the latency a limit that refuses instead)")
+
+
+def with_latency_limit(target: Target, ms: float) -> Target:
+    """``target`` with its latency budget set to ``ms`` and made a limit (plans over it are refused), as
+    ``--max-latency-ms`` asks; validated like a target file's value."""
+    import math
+
+    if isinstance(ms, bool) or not math.isfinite(ms) or ms <= 0:
+        raise EdgeoptError(f"--max-latency-ms must be a positive number of milliseconds, not {ms}")
+    budgets = target.budgets.model_copy(update={"latency_ms": float(ms), "latency_is_limit": True})
+    return target.model_copy(update={"budgets": budgets})
 
 
 def candidate_options(target: Target, backend: str | None) -> list[BackendOption]:
@@ -314,7 +369,7 @@ def make_plan(analysis: ModelAnalysis, target: Target, *, backend: str | None = 
     for option in options:
         reasons = check_option(analysis, option)
         if reasons:
-            unsupported.append(f"{option.label}: {summarize_refusals(reasons)}")
+            unsupported.append(option_refusal(analysis, target, option, reasons))
             rationale.append(f"skipped {option.label}: {len(reasons)} layer(s) unsupported, first: {reasons[0]}")
             continue
         recipes: Iterable[str] = [p for p in fidelity_order() if p in option.precisions]
@@ -326,10 +381,15 @@ def make_plan(analysis: ModelAnalysis, target: Target, *, backend: str | None = 
         for recipe in recipes:
             ev = evaluate(analysis, target, option, recipe)
             evaluations.append(ev)
-            if ev.fits:
+            if ev.meets_goals:
                 rationale.append(f"chose {_describe(ev)}")
                 return _to_plan(analysis, target, ev, rationale)
             rationale.append(f"rejected {_describe(ev)}")
+    fitting = [e for e in evaluations if e.fits]
+    if fitting:  # only a goal is missed: the fastest plan within the limits
+        ev = min(fitting, key=lambda e: (round(e.latency_ms, 9), fidelity_order().index(e.recipe)))
+        rationale.append(f"chose {_describe(ev)}: {missed_goals(ev.checks, target.name)}")
+        return _to_plan(analysis, target, ev, rationale)
     if not evaluations:
         if unsupported:
             raise UnsupportedOpError(f"no backend of target {target.name} can run this model: " + " | ".join(unsupported))
@@ -502,8 +562,8 @@ def search_plan(analysis: ModelAnalysis, target: Target, sens: dict, *, backend:
         visited = {tuple(sorted((k, v[0]) for k, v in current.items()))}
         cap = 4 * sum(len(v) for v in cands.values()) + 10
         while moves < cap:
-            want_budget = not ev.fits
-            want_speed = ev.fits and max_accuracy_drop is not None
+            want_budget = not ev.meets_goals
+            want_speed = ev.meets_goals and max_accuracy_drop is not None
             if not (want_budget or want_speed):
                 break
             lat_now = {lp.name: lp.predicted_ms for lp in ev.layers}
@@ -548,12 +608,15 @@ def search_plan(analysis: ModelAnalysis, target: Target, sens: dict, *, backend:
         pred_drop = sum(flips.values())
         rationale.append(f"{option.label}: {moves} move(s) from the least-noisy start; predicted output noise "
                          f"{sum(noise.values()):.2e}, predicted top-1 change <= {pred_drop:.3f}; {_describe(ev)}")
-        if ev.fits:
+        if ev.meets_goals:
             return _to_plan(analysis, target, ev, rationale)
-        if best is None or ev.overshoot < best.overshoot:
+        if best is None or (not ev.fits, ev.overshoot, ev.latency_ms) < (not best.fits, best.overshoot, best.latency_ms):
             best = ev
     if best is None:
         raise UnsupportedOpError(f"no backend of target {target.name} can run this model: " + " | ".join(unsupported))
+    if best.fits:  # only a goal is missed
+        rationale.append(missed_goals(best.checks, target.name))
+        return _to_plan(analysis, target, best, rationale)
     if not enforce_budgets:
         return _to_plan(analysis, target, best, rationale)
     raise BudgetError(f"no per-layer plan meets the budgets of {target.name}; closest: {_describe(best)}")

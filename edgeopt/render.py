@@ -168,8 +168,8 @@ def plan_summary(plan: Plan, out: Console, *, layers: bool = True) -> None:
     for c in plan.budgets:
         shown = f"{c.predicted:.3f} ms" if c.name == "latency_ms" else fmt_bytes(c.predicted)
         limit = f"{c.budget:g} ms" if c.name == "latency_ms" else fmt_bytes(c.budget)
-        mark = "[green]ok[/]" if c.ok else "[red]OVER[/]"
-        out.print(f"  {c.name.replace('_ms', ''):8} {shown:>12}  budget {limit:>10}  {mark}")
+        mark = "[green]ok[/]" if c.ok else "[red]OVER[/]" if c.limit else "[yellow]misses the goal[/]"
+        out.print(f"  {c.name.replace('_ms', ''):8} {shown:>12}  {'budget' if c.limit else 'goal  '} {limit:>10}  {mark}")
     counts: dict[str, int] = {}
     for lp in plan.layers:
         counts[lp.precision] = counts.get(lp.precision, 0) + 1

@@ -132,6 +132,11 @@ class Budgets(_TargetModel):
     ram: Size = Field(description="working memory for activations (+ weights if they must be in RAM)")
     storage: Size = Field(description="room for the model file (flash on an MCU)")
     latency_ms: Annotated[float, BeforeValidator(_not_bool)] = Field(gt=0, le=MAX_TIME, description="one inference, batch 1")
+    latency_is_limit: bool = Field(
+        default=False,
+        description="whether latency_ms is a limit (plans over it are refused) or a goal (the fastest plan that fits "
+                    "RAM and storage is built, and a missed goal is said); --max-latency-ms makes it a limit",
+    )
     weights_in_ram: bool = Field(
         default=True,
         description="whether weights are loaded into RAM (false on an MCU, where they execute from flash)",
@@ -441,6 +446,8 @@ class BudgetCheck(_Frozen):
     name: Literal["ram", "storage", "latency_ms"]
     predicted: float
     budget: float
+    limit: bool = Field(default=True, description="a limit a plan must meet; False: a goal (the target's latency "
+                                                   "unless made a limit), missed only with a warning")
 
     @property
     def ok(self) -> bool:
