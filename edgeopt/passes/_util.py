@@ -70,7 +70,8 @@ class Graph:
         return cons[0] if len(cons) == 1 and tensor not in self.outputs else None
 
     def remove_unused_initializers(self) -> None:
-        used = {i for n in self.graph.node for i in n.input} | self.outputs
+        """Drop initializers no node reads, sub-graph nodes included (an If/Loop body may read an outer weight)."""
+        used = {i for g in all_graphs(self.graph) for n in g.node for i in n.input} | self.outputs
         keep = [t for t in self.graph.initializer if t.name in used]
         if len(keep) != len(self.graph.initializer):
             del self.graph.initializer[:]
@@ -80,6 +81,17 @@ class Graph:
             del self.graph.input[:]
             self.graph.input.extend(inputs)
         self.refresh()
+
+
+def all_graphs(graph: onnx.GraphProto):
+    """A graph and every sub-graph in it (If/Loop/Scan bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("g"):
+                yield from all_graphs(a.g)
+            for g in a.graphs:
+                yield from all_graphs(g)
 
 
 def output_channel_axis(node: onnx.NodeProto, ndim: int) -> int:

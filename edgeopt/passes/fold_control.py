@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ._util import all_graphs  # noqa: F401 - also this module's public walk (graph.py, tests)
+
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
 
@@ -38,17 +40,6 @@ _MAX_CONST_ELEMS = 1 << 16
 
 def has_control_flow(model: onnx.ModelProto) -> bool:
     return any(n.op_type in CONTROL_OPS and n.domain in ("", "ai.onnx") for n in model.graph.node)
-
-
-def all_graphs(graph: onnx.GraphProto):
-    """A graph and every sub-graph in it (If/Loop/Scan bodies), depth first."""
-    yield graph
-    for node in graph.node:
-        for a in node.attribute:
-            if a.HasField("g"):
-                yield from all_graphs(a.g)
-            for g in a.graphs:
-                yield from all_graphs(g)
 
 
 def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:

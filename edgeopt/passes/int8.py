@@ -624,6 +624,49 @@ def _shape_inference_retry(run: Callable[[onnx.ModelProto], Any], model: onnx.Mo
                         "build it without int8 (e.g. --precision fp16 or wint8) or fix the model's shapes") from None
 
 
+def route_outer_reads(model: onnx.ModelProto) -> int:
+    """Give every main-graph activation that an If/Loop/Scan body reads from the outer scope a main-graph consumer:
+    ``t -> Identity -> t__outer``, the bodies reading ``t__outer``.  onnxruntime's quantizer rewires only main-graph
+    consumers: when it folds a Relu into the next quantization range it renames the producer's output to the Relu's,
+    and a body reading that name would see the tensor before the Relu.  Returns how many tensors were routed."""
+    from onnx import helper
+
+    from ._util import all_graphs
+
+    produced = {o for n in model.graph.node for o in n.output if o}
+    taken = {o for g in all_graphs(model.graph) for n in g.node for o in n.output} | \
+        {i.name for i in model.graph.input} | {i.name for i in model.graph.initializer}
+    new_nodes, renames = [], {}
+    for node in model.graph.node:
+        bodies = [a.g for a in node.attribute if a.HasField("g")] + [g for a in node.attribute for g in a.graphs]
+        if not bodies:
+            new_nodes.append(node)
+            continue
+        local = {o for b in bodies for g in all_graphs(b) for n in g.node for o in n.output} | \
+            {i.name for b in bodies for g in all_graphs(b) for i in [*g.input, *g.initializer]}
+        reads = {i for b in bodies for g in all_graphs(b) for n in g.node for i in n.input}
+        for t in sorted(reads & produced - local):
+            if t not in renames:
+                alias, k = f"{t}__outer", 0
+                while alias in taken:
+                    k += 1
+                    alias = f"{t}__outer{k}"
+                taken.add(alias)
+                renames[t] = alias
+                new_nodes.append(helper.make_node("Identity", [t], [alias], name=f"{alias}_route"))
+        for b in bodies:
+            for g in all_graphs(b):
+                for n in g.node:
+                    for j, i in enumerate(n.input):
+                        if i in renames:
+                            n.input[j] = renames[i]
+        new_nodes.append(node)
+    if renames:
+        del model.graph.node[:]
+        model.graph.node.extend(new_nodes)
+    return len(renames)
+
+
 def quantize(model: onnx.ModelProto, nodes: list[str], config: Config, calib: CalibrationData) -> onnx.ModelProto:
     """``quantize_static`` on a copy of ``model`` (written to a temp dir: ORT mutates protos it is handed).
 
@@ -732,6 +775,10 @@ def apply(model: onnx.ModelProto, config: Config, calib: CalibrationData | None)
     Graph(model).remove_unused_initializers()
     if config.per_channel:
         model = _upgrade_opset(model, out)
+    routed = route_outer_reads(model)
+    if routed:
+        out.notes.append(f"{routed} tensor(s) read inside If/Loop bodies routed through an Identity (so that they "
+                         "see the quantized value, not a tensor whose Relu the quantizer folded away)")
     q = quantize(model, selected, config, calib)
     producers = {o: n.op_type for n in q.graph.node for o in n.output}
     present = {n.name: n for n in q.graph.node}
