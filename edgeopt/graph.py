@@ -130,7 +130,7 @@ def load_model(path: str | Path, *, load_external_data: bool = False) -> onnx.Mo
 
 def _all_sparse(graph: onnx.GraphProto):
     """Every SparseTensorProto: sparse initializers and sparse attribute values, sub-graphs included."""
-    from .passes._util import all_graphs
+    from .subgraphs import all_graphs
 
     for g in all_graphs(graph):
         yield from g.sparse_initializer
@@ -143,7 +143,7 @@ def _all_sparse(graph: onnx.GraphProto):
 
 def _all_tensors(graph: onnx.GraphProto):
     """Every TensorProto stored in a graph: initializers, attribute tensors, sparse tensors' parts, sub-graphs."""
-    from .passes._util import all_graphs
+    from .subgraphs import all_graphs
 
     for g in all_graphs(graph):
         yield from g.initializer

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..subgraphs import all_graphs
+
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
 
@@ -81,17 +83,6 @@ class Graph:
             del self.graph.input[:]
             self.graph.input.extend(inputs)
         self.refresh()
-
-
-def all_graphs(graph: onnx.GraphProto):
-    """A graph and every sub-graph in it (If/Loop/Scan bodies), depth first."""
-    yield graph
-    for node in graph.node:
-        for a in node.attribute:
-            if a.HasField("g"):
-                yield from all_graphs(a.g)
-            for g in a.graphs:
-                yield from all_graphs(g)
 
 
 def output_channel_axis(node: onnx.NodeProto, ndim: int) -> int:

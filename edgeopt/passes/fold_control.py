@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ._util import all_graphs  # noqa: F401 - also this module's public walk (graph.py, tests)
+from ..subgraphs import all_graphs
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx

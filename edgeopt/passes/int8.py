@@ -631,7 +631,7 @@ def route_outer_reads(model: onnx.ModelProto) -> int:
     and a body reading that name would see the tensor before the Relu.  Returns how many tensors were routed."""
     from onnx import helper
 
-    from ._util import all_graphs
+    from ..subgraphs import all_graphs
 
     produced = {o for n in model.graph.node for o in n.output if o}
     taken = {o for g in all_graphs(model.graph) for n in g.node for o in n.output} | \
