@@ -53,7 +53,7 @@ class Family:
 class Catalog:
     """The built-in devices, their families and aliases, read from the YAML files (see the module docstring)."""
 
-    families: dict[str, Family]
+    families: dict[str, Family]  # in the order of _families.yaml; members default first
     family_of: dict[str, str]  # device -> family
     device_aliases: dict[str, tuple[str, ...]]  # device -> its aliases
     names: dict[str, str]  # every accepted name (device, alias, family, family alias) -> device
@@ -61,6 +61,10 @@ class Catalog:
     def resolve(self, name: str) -> str | None:
         """The device ``name`` stands for, or None."""
         return self.names.get(name)
+
+    def family(self, name: str) -> Family | None:
+        """The family named ``name`` or one of its aliases, or None."""
+        return self.families.get(name) or next((f for f in self.families.values() if name in f.aliases), None)
 
     def defaults(self) -> list[str]:
         """The default member of each family, sorted."""
@@ -101,8 +105,9 @@ def catalog() -> Catalog:
         if not isinstance(spec, dict) or set(spec) - {"description", "default", "aliases"}:
             raise _catalog_error(f"{FAMILIES_FILE.name}: {name}: a family is a mapping of description, default and "
                                  f"aliases, not {_show(spec)}")
-        members = tuple(d for d in devices if family_of[d] == name)
-        if spec.get("default") not in members:
+        default = spec.get("default")
+        members = tuple(sorted((d for d in devices if family_of[d] == name), key=lambda d: (d != default, d)))
+        if default not in members:
             raise _catalog_error(f"{FAMILIES_FILE.name}: {name}: default {_show(spec.get('default'))} is not a member "
                                  f"(members: {', '.join(members) or 'none'})")
         families[name] = Family(name, str(spec.get("description", "")), spec["default"], members,
