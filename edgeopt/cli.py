@@ -193,12 +193,12 @@ def _cmd_targets(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps([{"family": f.name, "description": f.description, "default": f.default,
                                "aliases": list(f.aliases),
-                               "devices": [{**t.model_dump(mode="json"), "aliases": list(cat.device_aliases[t.name])}
-                                           for t in targets]} for f, targets in groups], indent=2))
+                               "devices": [t.model_dump(mode="json") for t in targets]} for f, targets in groups],
+                             indent=2))
         else:
             from .render import console, targets_table
 
-            targets_table(groups, cat.device_aliases, console())
+            targets_table(groups, console())
         return 0
     tg = load_target(args.name)
     if args.json:
@@ -208,8 +208,7 @@ def _cmd_targets(args: argparse.Namespace) -> int:
 
         builtin = cat.resolve(tg.name) == tg.name and load_target(tg.name) == tg  # not a user file of that name
         fam = cat.families.get(tg.family or "") if builtin else None
-        target_detail(tg, console(), aliases=cat.device_aliases.get(tg.name, ()) if fam else (),
-                      default_of=fam.name if fam and fam.default == tg.name else None)
+        target_detail(tg, console(), default_of=fam.name if fam and fam.default == tg.name else None)
     return 0
 
 

@@ -28,7 +28,7 @@ def console() -> Console:
     return Console(highlight=False, soft_wrap=False, width=140)
 
 
-def targets_table(groups: list[tuple[Family, list[Target]]], aliases: dict[str, tuple[str, ...]], out: Console) -> None:
+def targets_table(groups: list[tuple[Family, list[Target]]], out: Console) -> None:
     """The built-in devices grouped by family, the default member of each marked (what ``--target FAMILY`` and
     ``--targets all`` pick)."""
     from rich.table import Table
@@ -46,7 +46,7 @@ def targets_table(groups: list[tuple[Family, list[Target]]], aliases: dict[str, 
             b = tg.budgets
             kernels = ", ".join(sorted({u.kernel_class for u in tg.compute_units.values() if u.kernel_class}))
             family = (fam.name + (f" ({', '.join(fam.aliases)})" if fam.aliases else "")) if i == 0 else ""
-            t.add_row(family, tg.name + (" *" if tg.name == fam.default else ""), ", ".join(aliases.get(tg.name, ())),
+            t.add_row(family, tg.name + (" *" if tg.name == fam.default else ""), ", ".join(tg.aliases),
                       tg.device_class + (f" ({kernels})" if kernels else ""), "\n".join(o.label.replace("ExecutionProvider", "") for o in tg.backends),
                       fmt_bytes(int(b.ram)), fmt_bytes(int(b.storage)), f"{b.latency_ms:g} ms")
     out.print(t)
@@ -72,15 +72,14 @@ def host_detail(cpu: HostCpu, out: Console) -> None:
               "x86-avx2, x86-avx512-vnni, x86-cpu (AMX), arm64-server, arm64-rpi5")
 
 
-def target_detail(tg: Target, out: Console, *, aliases: tuple[str, ...] = (), default_of: str | None = None) -> None:
-    """The resolved target as YAML (``sources`` among its fields), after a comment line naming its aliases and the
-    family it is the default of."""
+def target_detail(tg: Target, out: Console, *, default_of: str | None = None) -> None:
+    """The resolved target as YAML (``aliases`` and ``sources`` among its fields), after a comment line naming the
+    family it is the default of, if any."""
     import yaml
 
-    notes = ([f"aliases: {', '.join(aliases)}"] if aliases else []) + (
-        [f"the default of family {default_of} (--target {default_of})"] if default_of else [])
-    if notes:
-        out.print(f"# {tg.name}: {'; '.join(notes)}", markup=False, soft_wrap=True)
+    if default_of:
+        out.print(f"# {tg.name}: the default of family {default_of} (--target {default_of})", markup=False,
+                  soft_wrap=True)
     out.print(yaml.safe_dump(tg.model_dump(mode="json"), sort_keys=False, width=1000).rstrip(), markup=False,
               soft_wrap=True)
 

@@ -88,18 +88,30 @@ def catalog() -> Catalog:
     """The built-in catalog, checked: every device in a declared family, each family's default one of its members,
     and every name (device, alias, family) standing for one device only (a family may share its name with its default
     member, as x86-cpu does)."""
+    global _building
+    _building = True  # built-in files name their base by device name: the catalog is not consulted while it is made
+    try:
+        return _make_catalog()
+    finally:
+        _building = False
+
+
+_building = False
+
+
+def _make_catalog() -> Catalog:
     devices = sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml") if not p.name.startswith("_"))
     raw = _read_yaml(FAMILIES_FILE)
     family_of: dict[str, str] = {}
     device_aliases: dict[str, tuple[str, ...]] = {}
     for d in devices:
-        data = _builtin_data(d)
-        fam = data.get("family")
+        data = _read_yaml(BUILTIN_DIR / f"{d}.yaml")
+        device_aliases[d] = _str_list(data.get("aliases"), f"{d}.yaml: aliases")
+        fam = _resolve(data, d, (d,)).get("family")  # a file with a base takes its family from there
         if fam not in raw:
             raise _catalog_error(f"{d}.yaml: family {_show(fam)} is not declared in {FAMILIES_FILE.name} "
                                  f"(declared: {', '.join(raw)})")
         family_of[d] = fam
-        device_aliases[d] = _str_list(_read_yaml(BUILTIN_DIR / f"{d}.yaml").get("aliases"), f"{d}.yaml: aliases")
     families: dict[str, Family] = {}
     for name, spec in raw.items():
         if not isinstance(spec, dict) or set(spec) - {"description", "default", "aliases"}:
@@ -274,10 +286,14 @@ def _resolve(data: dict[str, Any], source: str, seen: tuple[str, ...]) -> dict[s
         raise TargetFileError(f"target file {source}: base: must be the name of a built-in target, not "
                               f"{_show(base)}; valid: {', '.join(builtin_names())}")
     # a device file's own name first (built-in files name their base so, and the catalog reads them), then the catalog
+    if not _is_device_file(base) and _building:
+        raise _catalog_error(f"{source}.yaml: base: {_show(base)} is not a device file's name")
     device = base if _is_device_file(base) else catalog().resolve(base)
     if device is None:
         raise UnknownBaseError(base, source, sorted({*builtin_names(), *family_names()}))
-    return _merge(_builtin_data(device, seen), data)
+    parent = _builtin_data(device, seen)
+    parent.pop("aliases", None)  # the catalog's names for the base, not for what starts from it
+    return _merge(parent, data)
 
 
 def _is_device_file(name: str) -> bool:
@@ -285,13 +301,10 @@ def _is_device_file(name: str) -> bool:
 
 
 def _builtin_data(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A built-in device file with its ``base`` chain merged in and the catalog's ``aliases`` taken out (a target
-    starting from another does not inherit its aliases)."""
+    """A built-in device file with its ``base`` chain merged in (not the base's ``aliases``)."""
     if name in seen:
         raise TargetFileError(f"target {seen[-1]}: 'base' chain loops through {name!r}")
-    data = _read_yaml(BUILTIN_DIR / f"{name}.yaml")
-    data.pop("aliases", None)
-    return _resolve(data, name, (*seen, name))
+    return _resolve(_read_yaml(BUILTIN_DIR / f"{name}.yaml"), name, (*seen, name))
 
 
 @lru_cache(maxsize=64)
@@ -351,15 +364,16 @@ def load_targets(spec: str) -> list[Target]:
 
 
 #: Families a target's ``family`` was hashed for before the catalog (only x86-cpu and arm64-cpu had one): their
-#: family stays in the hash, so plans saved then still replay; any other family, like ``sources``, is metadata that
-#: changes nothing planned or built and is left out.
+#: family stays in the hash, so plans saved then still replay; any other family, like ``sources`` and ``aliases``, is
+#: metadata that changes nothing planned or built and is left out.
 _HASHED_FAMILIES = frozenset({"x86-cpu", "arm64-cpu"})
 
 
 def target_sha256(target: Target) -> str:
     """The hash a plan records of its target's definition (checked when the plan is replayed): everything that decides
-    planning and building; not ``sources``, nor the ``family`` (except x86-cpu/arm64-cpu, see _HASHED_FAMILIES)."""
-    data = target.model_dump(mode="json", exclude={"sources"})
+    planning and building; not ``sources`` and ``aliases``, nor the ``family`` (except x86-cpu/arm64-cpu, see
+    _HASHED_FAMILIES)."""
+    data = target.model_dump(mode="json", exclude={"sources", "aliases"})
     if data.get("family") not in _HASHED_FAMILIES:
         data["family"] = None
     blob = json.dumps(data, sort_keys=True).encode()

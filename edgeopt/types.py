@@ -352,6 +352,9 @@ class Target(_TargetModel):
     device_class: Literal["server-gpu", "edge-gpu", "cpu", "mobile", "microcontroller"]
     family: str | None = Field(default=None, description="the family this device belongs to (jetson, x86-cpu, ...; "
                                                          "built-in families: edgeopt/data/targets/_families.yaml)")
+    aliases: list[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")]] = Field(
+        default_factory=list, description="other names the built-in catalog resolves to this device (orin-nano); in a "
+                                          "user file only recorded; not inherited through base, not in target_sha256")
     sources: list[str] = Field(default_factory=list, description="where the numbers come from (datasheets, vendor "
                                                                  "spec pages, measurements); not part of target_sha256")
     budgets: Budgets

@@ -104,7 +104,7 @@ def test_family_names_resolve_to_the_declared_default():
 def test_aliases_load_the_device_itself(alias, device):
     t = load_target(alias)
     assert t.name == device and t == load_target(device) and target_sha256(t) == target_sha256(load_target(device))
-    assert alias_names()[alias] == device
+    assert alias_names()[alias] == device and alias in t.aliases
 
 
 def test_names_are_unambiguous_and_fleet_words_are_free():
@@ -118,7 +118,7 @@ def test_names_are_unambiguous_and_fleet_words_are_free():
 
 def test_sources_and_the_new_families_do_not_change_the_hash():
     t = load_target("jetson-orin")
-    assert target_sha256(t.model_copy(update={"sources": ["elsewhere"]})) == target_sha256(t)
+    assert target_sha256(t.model_copy(update={"sources": ["elsewhere"], "aliases": []})) == target_sha256(t)
     assert target_sha256(t.model_copy(update={"family": "other"})) == target_sha256(t)
     faster = t.model_copy(update={"budgets": t.budgets.model_copy(update={"latency_ms": 10.0})})
     assert target_sha256(faster) != target_sha256(t)
@@ -136,8 +136,13 @@ def test_user_files_start_from_an_alias_or_family_and_take_no_aliases(tmp_path):
     assert load_target(f).compute_units["gpu"].peak_ops_per_s == load_target("orin-nano").compute_units["gpu"].peak_ops_per_s
     f.write_text("base: mcu\nname: my-mcu\nbudgets: {ram: 128KiB}\n")
     assert load_target(f).budgets.storage == load_target("mcu-cortex-m7").budgets.storage
+    assert load_target(f).aliases == []  # not inherited: the base's names are not this target's
     f.write_text("base: mcu-cortex-m7\nname: my-mcu\naliases: [mine]\n")
-    with pytest.raises(TargetFileError, match="aliases"):  # aliases are the catalog's, not a target field
+    assert load_target(f).aliases == ["mine"]  # recorded (a copied built-in file loads), but only the catalog resolves
+    with pytest.raises(UnknownTargetError):
+        load_target("mine")
+    f.write_text("base: mcu-cortex-m7\nname: my-mcu\naliases: [Not A Name]\n")
+    with pytest.raises(TargetFileError, match="aliases.0"):
         load_target(f)
     f.write_text("base: jetson-nano\nname: x\n")
     with pytest.raises(UnknownTargetError, match="base: unknown target 'jetson-nano'.*jetson-orin-nano"):
@@ -147,11 +152,11 @@ def test_user_files_start_from_an_alias_or_family_and_take_no_aliases(tmp_path):
 def test_targets_show_prints_the_sources(capsys):
     assert main(["targets", "show", "orin-nano"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("# jetson-orin-nano: aliases: orin-nano")
+    assert out.startswith("name: jetson-orin-nano\n") and "aliases:\n- orin-nano\n" in out
     for s in load_target("jetson-orin-nano").sources:
         assert s in out
     assert main(["targets", "show", "jetson"]) == 0
-    assert "the default of family jetson" in capsys.readouterr().out
+    assert capsys.readouterr().out.startswith("# jetson-orin: the default of family jetson (--target jetson)\n")
     assert main(["targets", "show", "gpu-t4", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["sources"] == load_target("t4").sources
 
@@ -227,6 +232,10 @@ def test_catalog_rejects_ambiguous_or_dangling_declarations(scratch_catalog):
     m4.write_text(original.replace("family: mcu", "family: mcus"))
     T.catalog.cache_clear()
     with pytest.raises(TargetFileError, match="mcu-cortex-m4f.yaml: family 'mcus' is not declared"):
+        T.catalog()
+    m4.write_text(original.replace("name: mcu-cortex-m4f", "base: stm32h7\nname: mcu-cortex-m4f"))
+    T.catalog.cache_clear()
+    with pytest.raises(TargetFileError, match="mcu-cortex-m4f.yaml: base: 'stm32h7' is not a device file's name"):
         T.catalog()
     m4.write_text(original)
     fams = d / "_families.yaml"
