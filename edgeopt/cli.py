@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("targets", help="list or show device targets")
     tsub = t.add_subparsers(dest="targets_cmd", required=True, metavar="list|show|detect")
     tl = tsub.add_parser("list", help="the built-in devices by family, with each family's default and the aliases")
-    tl.add_argument("--family", help="only this family (jetson, gpu-server, x86-cpu, arm64-cpu, android, ios, mcu)")
+    tl.add_argument("--family", help="only this family (a family name or alias: jetson, mcu, x86, ...)")
     tl.add_argument("--json", action="store_true")
     ts = tsub.add_parser("show", help="one target, fully resolved, with the sources of its numbers")
     ts.add_argument("name", help="device, alias or family name (its default device), or path to a target .yaml")
