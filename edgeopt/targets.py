@@ -165,12 +165,14 @@ class UnknownTargetNameError(UnknownTargetError):
     """A target name that is no device, alias, family, ``host`` or path; the message lists families and devices."""
 
     def __init__(self, name: str):
-        close = difflib.get_close_matches(name, list(catalog().names) + [HOST], n=1, cutoff=0.75)
+        close = difflib.get_close_matches(name, [*catalog().names, HOST], n=1, cutoff=0.75) if len(name) <= 64 else []
         hint = f"did you mean {close[0]!r}? " if close else ""
         EdgeoptError.__init__(
-            self, f"unknown target {name!r}; {hint}families: {', '.join(family_names())}; devices: "
+            self, f"unknown target {_show(name, 80)}; {hint}families: {', '.join(family_names())}; devices: "
                   f"{', '.join(builtin_names())}; or {HOST}, or a path to a .yaml file "
                   "(aliases: edgeopt targets list)")
+
+
 #: The largest target file read (a target is a few KiB of YAML; anything bigger is a mistake or hostile).
 MAX_TARGET_FILE_BYTES = 1 << 20
 #: How deep mappings/lists may nest in a target file, and how many values it may hold in all (YAML aliases can make a
