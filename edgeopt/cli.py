@@ -86,10 +86,11 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("targets", help="list or show device targets")
     tsub = t.add_subparsers(dest="targets_cmd", required=True, metavar="list|show|detect")
-    tl = tsub.add_parser("list", help="the built-in targets")
+    tl = tsub.add_parser("list", help="the built-in devices by family, with each family's default and the aliases")
+    tl.add_argument("--family", help="only this family (a family name or alias: jetson, mcu, x86, ...)")
     tl.add_argument("--json", action="store_true")
-    ts = tsub.add_parser("show", help="one target, fully resolved")
-    ts.add_argument("name", help="built-in name or path to a target .yaml")
+    ts = tsub.add_parser("show", help="one target, fully resolved, with the sources of its numbers")
+    ts.add_argument("name", help="device, alias or family name (its default device), or path to a target .yaml")
     ts.add_argument("--json", action="store_true")
     td = tsub.add_parser("detect", help="this machine's CPU: ISA features and what they imply (int8 scheme, bf16, fp16)")
     td.add_argument("--json", action="store_true")
@@ -183,7 +184,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_targets(args: argparse.Namespace) -> int:
-    from .targets import builtin_names, load_target
+    from .targets import catalog, load_target
 
     if args.targets_cmd == "detect":
         from .hostinfo import detect, implications
@@ -197,14 +198,24 @@ def _cmd_targets(args: argparse.Namespace) -> int:
 
             host_detail(cpu, console())
         return 0
+    cat = catalog()
     if args.targets_cmd == "list":
-        targets = [load_target(n) for n in builtin_names()]
+        families = list(cat.families.values())
+        if args.family is not None:
+            fam = cat.family(args.family)
+            if fam is None:
+                raise EdgeoptError(f"unknown family {args.family!r}; families: {', '.join(cat.families)}")
+            families = [fam]
+        groups = [(f, [load_target(d) for d in f.members]) for f in families]
         if args.json:
-            print(json.dumps([t.model_dump(mode="json") for t in targets], indent=2))
+            print(json.dumps([{"family": f.name, "description": f.description, "default": f.default,
+                               "aliases": list(f.aliases),
+                               "devices": [t.model_dump(mode="json") for t in targets]} for f, targets in groups],
+                             indent=2))
         else:
             from .render import console, targets_table
 
-            targets_table(targets, console())
+            targets_table(groups, console())
         return 0
     tg = load_target(args.name)
     if args.json:
@@ -212,7 +223,9 @@ def _cmd_targets(args: argparse.Namespace) -> int:
     else:
         from .render import console, target_detail
 
-        target_detail(tg, console())
+        builtin = cat.resolve(tg.name) == tg.name and load_target(tg.name) == tg  # not a user file of that name
+        fam = cat.families.get(tg.family or "") if builtin else None
+        target_detail(tg, console(), default_of=fam.name if fam and fam.default == tg.name else None)
     return 0
 
 

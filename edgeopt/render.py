@@ -12,6 +12,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console
 
     from .hostinfo import HostCpu
+    from .targets import Family
 
 
 def _si(n: float) -> str:
@@ -27,17 +28,27 @@ def console() -> Console:
     return Console(highlight=False, soft_wrap=False, width=140)
 
 
-def targets_table(targets: list[Target], out: Console) -> None:
+def targets_table(groups: list[tuple[Family, list[Target]]], out: Console) -> None:
+    """The built-in devices grouped by family, the default member of each marked (what ``--target FAMILY`` and
+    ``--targets all`` pick)."""
     from rich.table import Table
 
-    t = Table(title="targets", title_justify="left")
-    for c in ("name", "class", "family", "CPU kernels", "backends (preferred first)", "RAM", "storage", "latency"):
-        t.add_column(c)
-    for tg in targets:
-        b = tg.budgets
-        kernels = ", ".join(sorted({u.kernel_class for u in tg.compute_units.values() if u.kernel_class}))
-        t.add_row(tg.name, tg.device_class, tg.family or "-", kernels or "-", ", ".join(f"{o.label}: {'/'.join(o.precisions)}" for o in tg.backends),
-                  fmt_bytes(int(b.ram)), fmt_bytes(int(b.storage)), f"{b.latency_ms:g} ms")
+    t = Table(title="targets by family", title_justify="left", caption_justify="left",
+              caption="* the family's default: what --target FAMILY and fleet --targets all pick (--targets every: all "
+                      "devices)")
+    for c, wrap in (("family", False), ("device", False), ("aliases", True), ("class (CPU kernels)", False),
+                    ("backends (preferred first)", False), ("RAM", False), ("storage", False), ("latency", False)):
+        t.add_column(c, no_wrap=not wrap)
+    for k, (fam, targets) in enumerate(groups):
+        if k:
+            t.add_section()
+        for i, tg in enumerate(targets):
+            b = tg.budgets
+            kernels = ", ".join(sorted({u.kernel_class for u in tg.compute_units.values() if u.kernel_class}))
+            family = (fam.name + (f" ({', '.join(fam.aliases)})" if fam.aliases else "")) if i == 0 else ""
+            t.add_row(family, tg.name + (" *" if tg.name == fam.default else ""), ", ".join(tg.aliases),
+                      tg.device_class + (f" ({kernels})" if kernels else ""), "\n".join(o.label.replace("ExecutionProvider", "") for o in tg.backends),
+                      fmt_bytes(int(b.ram)), fmt_bytes(int(b.storage)), f"{b.latency_ms:g} ms")
     out.print(t)
 
 
@@ -61,10 +72,16 @@ def host_detail(cpu: HostCpu, out: Console) -> None:
               "x86-avx2, x86-avx512-vnni, x86-cpu (AMX), arm64-server, arm64-rpi5")
 
 
-def target_detail(tg: Target, out: Console) -> None:
+def target_detail(tg: Target, out: Console, *, default_of: str | None = None) -> None:
+    """The resolved target as YAML (``aliases`` and ``sources`` among its fields), after a comment line naming the
+    family it is the default of, if any."""
     import yaml
 
-    out.print(yaml.safe_dump(tg.model_dump(mode="json"), sort_keys=False).rstrip())
+    if default_of:
+        out.print(f"# {tg.name}: the default of family {default_of} (--target {default_of})", markup=False,
+                  soft_wrap=True)
+    out.print(yaml.safe_dump(tg.model_dump(mode="json"), sort_keys=False, width=1000).rstrip(), markup=False,
+              soft_wrap=True)
 
 
 def analysis_summary(a: ModelAnalysis, out: Console, *, top: int | None = None) -> None:

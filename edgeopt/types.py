@@ -355,7 +355,13 @@ class Target(_TargetModel):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
     description: str
     device_class: Literal["server-gpu", "edge-gpu", "cpu", "mobile", "microcontroller"]
-    family: str | None = Field(default=None, description="the family this device belongs to (x86-cpu, arm64-cpu, ...)")
+    family: str | None = Field(default=None, description="the family this device belongs to (jetson, x86-cpu, ...; "
+                                                         "built-in families: edgeopt/data/targets/_families.yaml)")
+    aliases: list[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")]] = Field(
+        default_factory=list, description="other names the built-in catalog resolves to this device (orin-nano); in a "
+                                          "user file only recorded; not inherited through base, not in target_sha256")
+    sources: list[str] = Field(default_factory=list, description="where the numbers come from (datasheets, vendor "
+                                                                 "spec pages, measurements); not part of target_sha256")
     budgets: Budgets
     compute_units: dict[str, ComputeUnit]
     backends: list[BackendOption] = Field(min_length=1, description="in order of preference")

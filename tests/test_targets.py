@@ -85,10 +85,17 @@ def test_targets_are_frozen():
 
 
 def test_load_targets_all_and_list():
-    assert [t.name for t in load_targets("all")] == builtin_names()
+    # all: the default member of each family, one per family (a fleet build stays small); every: every device
+    assert [t.name for t in load_targets("all")] == ["android-mid", "arm64-rpi5", "gpu-server", "ios", "jetson-orin",
+                                                     "mcu-cortex-m7", "x86-cpu"]
+    assert [t.name for t in load_targets("every")] == builtin_names()
     assert [t.name for t in load_targets("ios, x86-cpu")] == ["ios", "x86-cpu"]
+    assert [t.name for t in load_targets("jetson,orin-nano,agx-orin")] == ["jetson-orin", "jetson-orin-nano"]
+    assert [t.name for t in load_targets("all,gpu-t4")][-1] == "gpu-t4"
     with pytest.raises(UnknownTargetError):
         load_targets("ios,bogus")
+    with pytest.raises(UnknownTargetError):
+        load_targets(" , ")
 
 
 @pytest.mark.parametrize("options,message", [
