@@ -378,5 +378,7 @@ def target_sha256(target: Target) -> str:
     data = target.model_dump(mode="json", exclude={"sources", "aliases"})
     if data.get("family") not in _HASHED_FAMILIES:
         data["family"] = None
+    if not data["budgets"].get("latency_is_limit"):  # the default (a goal) hashes as before the field existed
+        data["budgets"].pop("latency_is_limit", None)
     blob = json.dumps(data, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()
