@@ -69,13 +69,21 @@ def _add_inputs_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="edgeopt", description="Hardware-aware deployment optimizer for ONNX models.")
+    ap = argparse.ArgumentParser(
+        prog="edgeopt", description="Hardware-aware deployment optimizer for ONNX models.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="in a project folder:\n"
+               "  edgeopt init                      # write edgeopt.yaml (the model, its data, budget, targets)\n"
+               "  edgeopt build --target jetson     # one optimized artifact + manifest in build/jetson\n"
+               "  edgeopt fleet --targets all       # a per-device fleet + report in build/fleet\n"
+               "  edgeopt profile build/jetson --device ssh://orin.local\n"
+               "'edgeopt COMMAND --help' shows a command's options.")
     ap.add_argument("--version", action="version", version=f"edgeopt {__version__}")
     ap.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
     _add_max_memory_arg(ap, top=True)
     ap.add_argument("--project", type=Path, metavar="FILE",
                     help="the project file (default: ./edgeopt.yaml, else [tool.edgeopt] in ./pyproject.toml)")
-    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND", title="commands")
 
     i = sub.add_parser("init", help="write a commented edgeopt.yaml project file here")
     i.add_argument("--model", help="the ONNX model file (default: 'default', the embedded digits CNN)")
@@ -93,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     td = tsub.add_parser("detect", help="this machine's CPU: ISA features and what they imply (int8 scheme, bf16, fp16)")
     td.add_argument("--json", action="store_true")
 
-    a = sub.add_parser("analyze", help="per-layer params, MACs, memory; op pre-flight and latency on a target")
+    a = sub.add_parser("analyze", help="per-layer params, MACs, memory; fit and cost on a target")
     _add_model_args(a, optional=True)
     a.add_argument("--target", help="built-in target name or .yaml path (default: the project's target, if any)")
     a.add_argument("--top", type=int, help="show only the N layers with the most arithmetic")
@@ -110,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("-o", "--output", type=Path, help="write the plan as JSON to this file")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
 
-    b = sub.add_parser("build", help="plan, compress, convert, validate and profile one artifact for a target")
+    b = sub.add_parser("build", help="plan, compress, convert, validate and time one artifact")
     b.add_argument("model", nargs="?", help="ONNX model file, or 'default' for the embedded digits CNN (default: the "
                                             "project's model)")
     b.add_argument("--input-shape", action="append", metavar="NAME=DIMS", help="static shape for a dynamic input")
@@ -138,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("-o", "--output", type=Path, help="output directory (replaced atomically; in a project folder "
                                                      "default <output>/fleet, e.g. build/fleet)")
 
-    c = sub.add_parser("compress", help="apply one compression pass (ONNX -> ONNX) and report its effect")
+    c = sub.add_parser("compress", help="apply one compression pass (ONNX -> ONNX), report it")
     _add_model_args(c)
     c.add_argument("--pass", dest="pass_name", required=True,
                    help="cleanup, fp16, bf16, int8, weight_only, prune, channel_prune, lowrank, palettize")
@@ -149,10 +157,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", type=Path, required=True, help="where to write the transformed .onnx")
     c.add_argument("--json", action="store_true", help="print the pass report as JSON")
 
-    d = sub.add_parser("demo", help="analyse and plan the embedded default model (a digits CNN)")
+    d = sub.add_parser("demo", help="analyse and plan the embedded default model, a digits CNN")
     d.add_argument("--target", default="mcu-cortex-m7", help="target (default: mcu-cortex-m7)")
 
-    pr = sub.add_parser("profile", help="measure an artifact on a device: latency, peak memory, per-op times")
+    pr = sub.add_parser("profile", help="measure an artifact on a device: latency, memory, ops")
     pr.add_argument("artifact", type=Path, nargs="?", help="artifact directory (from edgeopt build; in a project "
                                                            "folder default: the --target's build, e.g. build/jetson)")
     pr.add_argument("--target", help="in a project folder: the artifact edgeopt build --target TARGET wrote "
@@ -172,7 +180,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--top", type=int, default=10, help="ops shown (default 10)")
     pr.add_argument("--json", action="store_true", help="print the profile as JSON (the saved path goes to stderr)")
 
-    ag = sub.add_parser("agent", help="serve profiling on this device over HTTP (POST /profile with a token)")
+    ag = sub.add_parser("agent", help="serve profiling on this device over HTTP, with a token")
     ag.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     ag.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
     ag.add_argument("--token", help="bearer token clients must send (default: $EDGEOPT_AGENT_TOKEN)")

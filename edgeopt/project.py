@@ -184,9 +184,10 @@ class Project:
 def _read_bytes(path: Path, what: str) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block the open
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ProjectFileError(f"{what} {path} is not a regular file")
         with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise ProjectFileError(f"{what} {path} is not a regular file")
             raw = f.read(MAX_PROJECT_FILE_BYTES + 1)
     except OSError as e:
         raise ProjectFileError(f"cannot read {what} {path}: {e.strerror or e}") from e
@@ -475,8 +476,7 @@ def _yaml_scalar(s: str) -> str:
 def project_text(model: str = DEFAULT_MODEL, target: str | None = None, targets: list[str] | None = None) -> str:
     """A commented ``edgeopt.yaml`` naming ``model`` (a path relative to the file, or ``default``), an optional
     default target and the fleet's targets."""
-    own = model != DEFAULT_MODEL
-    d = "" if own else "# "
+    d = "# "  # the data keys are offered commented out: uncomment them once the files exist
     fleet = "all" if not targets else "[" + ", ".join(_yaml_scalar(t) for t in targets) + "]"
     return f"""\
 # edgeopt project file. Inside this folder `edgeopt build --target NAME`, `edgeopt fleet`,
@@ -486,9 +486,10 @@ def project_text(model: str = DEFAULT_MODEL, target: str | None = None, targets:
 # eval, labels, inputs). Every key but `model` is optional.
 
 # The ONNX model to optimize, or 'default': the embedded digits CNN (8x8 images, 10 classes),
-# which brings its own calibration and labelled evaluation data (leave the data keys out).
+# which brings its own calibration and labelled evaluation data.
 model: {_yaml_scalar(model)}
 
+# Your model's data (uncomment what you have; the embedded 'default' model needs none of it).
 # Static shapes for inputs with dynamic dims (a leading batch dim becomes 1 by itself).
 {d}input_shapes:
 {d}  x: 1x3x224x224
