@@ -326,3 +326,19 @@ def test_completion_scripts_parse_and_complete_commands_and_options(tmp_path):
     assert "jetson-orin" in complete("build", "--target", "jet")
     assert complete("plan", "--objective", "f") == ["fidelity"]
     assert {"list", "show", "detect"} <= set(complete("targets", ""))
+
+
+def test_readme_quick_start_project_file_loads_and_matches_init(tmp_path):
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    quick = readme.split("### Quick start", 1)[1].split("\n### ", 1)[0]
+    shown = re.findall(r"without them it is:\n\n```\n(.*?)\n```", quick, re.S)
+    assert len(shown) == 1, "the quick start shows the project file once"
+    write(tmp_path, shown[0] + "\n")
+    proj = load_project(tmp_path / PROJECT_FILE)
+    assert (proj.model, proj.objective, proj.targets, proj.output) == ("default", "latency", "all", tmp_path / "build")
+    assert "edgeopt init" in quick and "edgeopt build --target" in quick and "edgeopt fleet --targets all" in quick
+    # the keys it shows, set or commented out, are the keys edgeopt init writes
+    assert {k for k in valid_keys() if re.search(rf"^#? ?{k}:", shown[0], re.M)} == set(valid_keys()) - {"eval", "labels",
+                                                                                                         "inputs"}
