@@ -543,6 +543,9 @@ def init_project(path: str | Path, *, model: str | Path | None = None, target: s
     from .targets import HOST, load_target
 
     path = Path(path).absolute()
+    if path.name == PYPROJECT:
+        raise ProjectFileError(f"edgeopt init writes a YAML project file, not {PYPROJECT}; add a [tool.edgeopt] table "
+                               "to it by hand (the keys of edgeopt.yaml), or init an edgeopt.yaml")
     if os.path.lexists(path) and not force:
         raise ProjectFileError(f"{path} already exists; edit it, or pass --force to replace it")
     if os.path.lexists(path) and not path.is_file():

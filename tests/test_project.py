@@ -112,6 +112,8 @@ def test_init_with_a_model_and_targets(tmp_path, monkeypatch, capsys, digits_mod
     one_line_error(rc, err, "missing.onnx", "does not exist")
     rc, _, err = main_in(sub, monkeypatch, capsys, "init", "--target", "nano")
     one_line_error(rc, err, "unknown target 'nano'")
+    rc, _, err = main_in(sub, monkeypatch, capsys, "--project", "pyproject.toml", "init", "--force")
+    one_line_error(rc, err, "[tool.edgeopt]", "by hand")
     assert list(sub.iterdir()) == []
 
 
@@ -326,6 +328,24 @@ def test_completion_scripts_parse_and_complete_commands_and_options(tmp_path):
     assert "jetson-orin" in complete("build", "--target", "jet")
     assert complete("plan", "--objective", "f") == ["fidelity"]
     assert {"list", "show", "detect"} <= set(complete("targets", ""))
+
+
+def test_zsh_completion_registers_through_bashcompinit(tmp_path):
+    zsh = shutil.which("zsh")
+    if zsh is None:
+        pytest.skip("zsh is not installed (apt-get install zsh); the bash script is checked without it")
+    script = tmp_path / "edgeopt.zsh"
+    script.write_text(run("completion", "zsh", cwd=tmp_path).stdout)
+    assert subprocess.run([zsh, "-n", str(script)], capture_output=True).returncode == 0
+    # bashcompinit runs the function with sh emulation (0-based arrays); zsh filters the words by the prefix itself
+    code = (f"autoload -U +X compinit && compinit -u -d {tmp_path}/zcompdump; source {script}; "
+            "print -r -- ${_comps[edgeopt]}; "
+            "f() { emulate -L sh; COMP_WORDS=(edgeopt build --target jet); COMP_CWORD=3; _edgeopt; echo ${COMPREPLY[@]}; }; f")
+    r = subprocess.run([zsh, "-f", "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    registered, targets = r.stdout.splitlines()
+    assert registered == "_bash_complete -o filenames -F _edgeopt"
+    assert "jetson-orin" in targets.split() and "build" not in targets.split()
 
 
 def test_readme_quick_start_project_file_loads_and_matches_init(tmp_path):
