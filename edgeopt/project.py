@@ -20,6 +20,7 @@ import re
 import stat
 import sys
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,6 +47,7 @@ class ProjectFileError(EdgeoptError):
     """A project file that cannot be read or does not validate (the message names the file and the key)."""
 
 
+@lru_cache(maxsize=1)
 def _file_model():
     """The project file's schema (a pydantic model; built on first use so that importing this module stays light)."""
     from pydantic import BaseModel, ConfigDict, field_validator
