@@ -15,9 +15,14 @@ from . import __version__
 from .errors import EdgeoptError
 from .technique import precision_names
 
+_PROJECT_MODEL = "ONNX model file (default: the model of the project file, ./edgeopt.yaml)"
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", type=Path, help="ONNX model file")
+
+def _add_model_args(p: argparse.ArgumentParser, *, optional: bool = False) -> None:
+    if optional:
+        p.add_argument("model", nargs="?", help=_PROJECT_MODEL)
+    else:
+        p.add_argument("model", type=Path, help="ONNX model file")
     p.add_argument("--input-shape", action="append", metavar="NAME=DIMS",
                    help="static shape for a dynamic input, e.g. x=1x3x224x224 (repeatable)")
     _add_max_memory_arg(p)
@@ -78,11 +83,28 @@ def _add_inputs_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="edgeopt", description="Hardware-aware deployment optimizer for ONNX models.")
+    ap = argparse.ArgumentParser(
+        prog="edgeopt", description="Hardware-aware deployment optimizer for ONNX models.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="in a project folder:\n"
+               "  edgeopt init                      # write edgeopt.yaml (the model, its data, budget, targets)\n"
+               "  edgeopt build --target jetson     # one optimized artifact + manifest in build/jetson\n"
+               "  edgeopt fleet --targets all       # a per-device fleet + report in build/fleet\n"
+               "  edgeopt profile build/jetson --device ssh://orin.local\n"
+               "'edgeopt COMMAND --help' shows a command's options.")
     ap.add_argument("--version", action="version", version=f"edgeopt {__version__}")
     ap.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
     _add_max_memory_arg(ap, top=True)
-    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    ap.add_argument("--project", type=Path, metavar="FILE",
+                    help="the project file (default: ./edgeopt.yaml, else [tool.edgeopt] in ./pyproject.toml)")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND", title="commands")
+
+    i = sub.add_parser("init", help="write a commented edgeopt.yaml project file here")
+    i.add_argument("--model", help="the ONNX model file (default: 'default', the embedded digits CNN)")
+    i.add_argument("--target", help="the default target of build, plan, analyze and profile")
+    i.add_argument("--targets", help="the fleet's targets: 'all' (default: one device per family), 'every', or a "
+                                     "comma-separated list")
+    i.add_argument("--force", action="store_true", help="replace an existing project file")
 
     t = sub.add_parser("targets", help="list or show device targets")
     tsub = t.add_subparsers(dest="targets_cmd", required=True, metavar="list|show|detect")
@@ -95,48 +117,56 @@ def _parser() -> argparse.ArgumentParser:
     td = tsub.add_parser("detect", help="this machine's CPU: ISA features and what they imply (int8 scheme, bf16, fp16)")
     td.add_argument("--json", action="store_true")
 
-    a = sub.add_parser("analyze", help="per-layer params, MACs, memory; op pre-flight and predicted latency on a target")
-    _add_model_args(a)
-    a.add_argument("--target", help="built-in target name or .yaml path")
+    a = sub.add_parser("analyze", help="per-layer params, MACs, memory; fit and cost on a target")
+    _add_model_args(a, optional=True)
+    a.add_argument("--target", help="built-in target name or .yaml path (default: the project's target, if any)")
     a.add_argument("--top", type=int, help="show only the N layers with the most arithmetic")
     a.add_argument("--json", action="store_true", help="print the analysis as JSON")
 
     pl = sub.add_parser("plan", help="choose backend and per-layer precision for a target")
-    _add_model_args(pl)
-    pl.add_argument("--target", required=True, help="built-in target name or .yaml path")
+    _add_model_args(pl, optional=True)
+    pl.add_argument("--target", help="built-in target name or .yaml path (default: the project's target)")
     pl.add_argument("--backend", help="restrict to one backend of the target")
     recipes = ", ".join(precision_names())
     pl.add_argument("--precision", help=f"force one precision recipe ({recipes})")
     _add_data_args(pl)
     _add_latency_arg(pl)
+    pl.set_defaults(objective=None)  # None: the project's, else latency
     pl.add_argument("-o", "--output", type=Path, help="write the plan as JSON to this file")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
 
-    b = sub.add_parser("build", help="plan, compress, convert, validate and profile one artifact for a target")
-    b.add_argument("model", help="ONNX model file, or 'default' for the embedded digits CNN")
+    b = sub.add_parser("build", help="plan, compress, convert, validate and time one artifact")
+    b.add_argument("model", nargs="?", help="ONNX model file, or 'default' for the embedded digits CNN (default: the "
+                                            "project's model)")
     b.add_argument("--input-shape", action="append", metavar="NAME=DIMS", help="static shape for a dynamic input")
-    b.add_argument("--target", required=True, help="built-in target name or .yaml path")
+    b.add_argument("--target", help="built-in target name or .yaml path (default: the project's target)")
     b.add_argument("--backend", help="restrict to one backend of the target")
     b.add_argument("--precision", help=f"force one precision recipe ({recipes})")
     b.add_argument("--plan", type=Path, help="replay this plan.json instead of planning")
     _add_data_args(b)
     _add_latency_arg(b)
+    b.set_defaults(objective=None)
     _add_inputs_arg(b)
     _add_max_memory_arg(b)
-    b.add_argument("-o", "--output", type=Path, required=True, help="output directory (replaced atomically)")
+    b.add_argument("-o", "--output", type=Path, help="output directory (replaced atomically; in a project folder "
+                                                     "default <output>/<target>, e.g. build/jetson)")
 
     f = sub.add_parser("fleet", help="build every target in parallel, with an HTML report")
-    f.add_argument("model", help="ONNX model file, or 'default' for the embedded digits CNN")
+    f.add_argument("model", nargs="?", help="ONNX model file, or 'default' for the embedded digits CNN (default: the "
+                                            "project's model)")
     f.add_argument("--input-shape", action="append", metavar="NAME=DIMS", help="static shape for a dynamic input")
-    f.add_argument("--targets", default="all", help="'all' or a comma-separated list of targets")
+    f.add_argument("--targets", help="'all' (the default device of each family), 'every' (every device), or a "
+                                     "comma-separated list of targets and families (default: the project's, else all)")
     f.add_argument("--jobs", type=int, default=2, help="targets built at once")
     _add_data_args(f)
     _add_latency_arg(f)
+    f.set_defaults(objective=None)
     _add_inputs_arg(f)
     _add_max_memory_arg(f)
-    f.add_argument("-o", "--output", type=Path, required=True, help="output directory (replaced atomically)")
+    f.add_argument("-o", "--output", type=Path, help="output directory (replaced atomically; in a project folder "
+                                                     "default <output>/fleet, e.g. build/fleet)")
 
-    c = sub.add_parser("compress", help="apply one compression pass (ONNX -> ONNX) and report its effect")
+    c = sub.add_parser("compress", help="apply one compression pass (ONNX -> ONNX), report it")
     _add_model_args(c)
     c.add_argument("--pass", dest="pass_name", required=True,
                    help="cleanup, fp16, bf16, int8, weight_only, prune, channel_prune, lowrank, palettize")
@@ -147,11 +177,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", type=Path, required=True, help="where to write the transformed .onnx")
     c.add_argument("--json", action="store_true", help="print the pass report as JSON")
 
-    d = sub.add_parser("demo", help="analyse and plan the embedded default model (a digits CNN)")
+    d = sub.add_parser("demo", help="analyse and plan the embedded default model, a digits CNN")
     d.add_argument("--target", default="mcu-cortex-m7", help="target (default: mcu-cortex-m7)")
 
-    pr = sub.add_parser("profile", help="measure an artifact on a device: latency percentiles, peak memory, per-op times")
-    pr.add_argument("artifact", type=Path, help="artifact directory (from edgeopt build)")
+    pr = sub.add_parser("profile", help="measure an artifact on a device: latency, memory, ops")
+    pr.add_argument("artifact", type=Path, nargs="?", help="artifact directory (from edgeopt build; in a project "
+                                                           "folder default: the --target's build, e.g. build/jetson)")
+    pr.add_argument("--target", help="in a project folder: the artifact edgeopt build --target TARGET wrote "
+                                     "(<output>/TARGET; default: the project's target)")
     pr.add_argument("--device", default="local",
                     help="local (default), ssh://[user@]host[:port], adb:SERIAL, or http://host:port (an edgeopt agent)")
     pr.add_argument("--token", help="the agent's token for --device http://... (default: $EDGEOPT_AGENT_TOKEN)")
@@ -167,7 +200,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--top", type=int, default=10, help="ops shown (default 10)")
     pr.add_argument("--json", action="store_true", help="print the profile as JSON (the saved path goes to stderr)")
 
-    ag = sub.add_parser("agent", help="serve profiling on this device over HTTP (POST /profile with a token)")
+    ag = sub.add_parser("agent", help="serve profiling on this device over HTTP, with a token")
     ag.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     ag.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
     ag.add_argument("--token", help="bearer token clients must send (default: $EDGEOPT_AGENT_TOKEN)")
@@ -180,6 +213,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="connections served at once (default 16); more wait 5 s for a free worker, then get HTTP 503")
     ag.add_argument("--tls-cert", type=Path, help="serve HTTPS with this PEM certificate (chain); needs --tls-key")
     ag.add_argument("--tls-key", type=Path, help="the PEM private key for --tls-cert")
+
+    co = sub.add_parser("completion", help="print a shell completion script (bash or zsh)")
+    co.add_argument("shell", choices=("bash", "zsh"),
+                    help="bash: eval \"$(edgeopt completion bash)\" in ~/.bashrc; zsh: the same in ~/.zshrc")
     return ap
 
 
@@ -229,17 +266,68 @@ def _cmd_targets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _project(args: argparse.Namespace):
+    """The project file (``--project``, else ./edgeopt.yaml, else ./pyproject.toml's [tool.edgeopt]), or None."""
+    from .project import find_project
+
+    return find_project(explicit=args.project)
+
+
+#: project settings (:class:`edgeopt.project.Settings` fields) -> the argument each fills
+_SETTING_ARGS = {"model": "model", "input_shapes": "input_shape", "calib": "calib", "eval_data": "eval_data",
+                 "labels": "labels", "inputs": "inputs", "max_accuracy_drop": "max_accuracy_drop",
+                 "min_snr_db": "min_snr_db", "objective": "objective", "target": "target", "targets": "targets",
+                 "output": "output"}
+
+
+def _use_project(args: argparse.Namespace, *, output_for: str | None = None, need_target: bool = False):
+    """Fill the arguments not given on the command line from the project file (explicit ones win; see
+    :func:`edgeopt.project.resolve`); returns the project, or None."""
+    from .project import resolve
+
+    given = {k: getattr(args, a, None) for k, a in _SETTING_ARGS.items() if k != "output"}
+    settings = resolve(_project(args), **given, output=args.output if output_for else None, output_for=output_for,
+                       need_target=need_target)
+    for k, a in _SETTING_ARGS.items():
+        if hasattr(args, a) and (k != "output" or output_for):
+            setattr(args, a, getattr(settings, k))
+    return settings.project
+
+
+def _shown(path: Path) -> str:
+    """A path as the user would type it here: relative to the current folder when inside it."""
+    try:
+        return str(Path(path).absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def _load(args: argparse.Namespace):
+    from .datasets import default_model_path
     from .graph import analyze, parse_input_shapes
     from .targets import load_target
 
     target = load_target(args.target) if getattr(args, "target", None) else None  # bad target: fail before the model
-    return analyze(args.model, parse_input_shapes(args.input_shape)), target
+    model = default_model_path() if str(args.model) == "default" else Path(args.model)
+    return analyze(model, parse_input_shapes(args.input_shape)), target
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from .project import PROJECT_FILE, init_project
+
+    path = args.project or Path(PROJECT_FILE)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
+    proj = init_project(path, model=args.model, target=args.target, targets=targets, force=args.force)
+    model = "the embedded digits CNN ('default')" if proj.model == "default" else _shown(Path(proj.model))
+    print(f"wrote {_shown(proj.path)}: model {model}; edit it, then: edgeopt build --target "
+          f"{args.target or 'NAME'}  (edgeopt targets list shows the targets)")
+    return 0
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
     if args.top is not None and args.top < 1:
         raise EdgeoptError(f"--top must be at least 1, not {args.top}")
+    _use_project(args)
     analysis, target = _load(args)
     if args.json:
         print(analysis.model_dump_json(indent=2))
@@ -325,6 +413,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from .pipeline import plan_for
     from .targets import load_target
 
+    _use_project(args, need_target=True)
     target = _limited(load_target(args.target), args)
     inputs = _inputs(args)
     status, say = _progress()
@@ -352,6 +441,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from .render import console, plan_summary
     from .targets import load_target
 
+    project = _use_project(args, output_for="build", need_target=True)
     target = _limited(load_target(args.target), args)
     plan = load_plan(args.plan) if args.plan else None
     inputs = _inputs(args)
@@ -359,10 +449,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
     with status:
         art = build(inputs, target, args.output, plan=plan, backend=args.backend, precision=args.precision,
                     max_accuracy_drop=args.max_accuracy_drop, min_snr_db=args.min_snr_db, objective=args.objective,
-                    progress=say)
+                    progress=say, project=project.record() if project is not None else None)
     out = console()
     plan_summary(art.plan, out, layers=False)
-    print(f"artifact {args.output}: {art.backend}, {art.size_bytes:,} bytes, predicted {art.predicted_latency_ms:.3f} ms, "
+    print(f"artifact {_shown(args.output)}: {art.backend}, {art.size_bytes:,} bytes, predicted {art.predicted_latency_ms:.3f} ms, "
           f"{_measured_label(art)}")
     for step in art.accuracy_control:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in step.measured.items() if k in ("accuracy_delta", "top1_agreement", "snr_db"))
@@ -391,12 +481,14 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
     from .render import console
     from .targets import load_targets
 
+    project = _use_project(args, output_for="fleet")
     targets = [_limited(t, args) for t in load_targets(args.targets)]
     inputs = _inputs(args)
     status, say = _progress()
     with status:
         res = fleet(inputs, targets, args.output, jobs=args.jobs, max_accuracy_drop=args.max_accuracy_drop,
-                    min_snr_db=args.min_snr_db, objective=args.objective, progress=say)
+                    min_snr_db=args.min_snr_db, objective=args.objective, progress=say,
+                    project=project.record() if project is not None else None)
     out = console()
     for e in res.entries:
         if e.ok:
@@ -407,7 +499,7 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
                       + (f"  quality {acc:.4f}" if acc is not None else ""))
         else:
             out.print(f"[red]fail[/] {e.target:16} {e.error}")
-    out.print(f"report: {res.report}")
+    out.print(f"report: {_shown(res.report)}")
     failed = [e.target for e in res.entries if not e.ok]
     if failed:
         raise EdgeoptError(f"{len(failed)} of {len(res.entries)} target(s) failed: {', '.join(failed)} (see {res.report})")
@@ -483,6 +575,10 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     from .remote import parse_device, profile_artifact
 
     device = parse_device(args.device, token=args.token, ca_cert=args.ca_cert)  # a bad device string fails first
+    if args.artifact is None:
+        args.artifact = _project_artifact(args)
+    elif args.target is not None:
+        raise EdgeoptError("give the artifact folder or --target (its build in the project), not both")
     artifact = read_manifest(args.artifact)
     status, say = _progress()
     with status:
@@ -504,6 +600,22 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _project_artifact(args: argparse.Namespace) -> Path:
+    """``profile --target NAME`` (or no argument) in a project folder: the artifact ``build --target NAME`` wrote."""
+    project = _project(args)
+    if project is None:
+        raise EdgeoptError("no artifact given: pass the artifact folder edgeopt build wrote (e.g. 'edgeopt profile "
+                           "build/jetson'), or run in a project folder with --target NAME ('edgeopt init')")
+    target = args.target or project.target
+    if target is None:
+        raise EdgeoptError(f"no artifact given: pass the artifact folder or --target NAME (the build in "
+                           f"{_shown(project.output)}/NAME), or set 'target:' in {project.source}")
+    path = project.build_dir(target)
+    if not path.is_dir():
+        raise EdgeoptError(f"no artifact at {_shown(path)}: run 'edgeopt build --target {target}' first")
+    return path
+
+
 def _cmd_agent(args: argparse.Namespace) -> int:
     import os
 
@@ -521,11 +633,94 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     return 0
 
 
+def _subparsers(p: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _options(p: argparse.ArgumentParser) -> list[argparse.Action]:
+    return [a for a in p._actions if a.option_strings]
+
+
+def _completion_script(shell: str) -> str:
+    """A bash completion function for ``edgeopt``, generated from the argument parser (commands, their subcommands,
+    options and option choices; file names elsewhere).  zsh runs it through ``bashcompinit``."""
+    from .targets import valid_names
+
+    ap = _parser()
+    commands = _subparsers(ap)
+    value_opts = sorted({o for a in _options(ap) if a.nargs != 0 for o in a.option_strings})
+    choices: dict[str, list[str]] = {}
+    cases = []
+    for name, sp in commands.items():
+        words = [o for a in _options(sp) for o in a.option_strings]
+        nested = _subparsers(sp)
+        for a in sp._actions:
+            if not a.option_strings and a.choices and not isinstance(a, argparse._SubParsersAction):
+                words += list(a.choices)
+        words += list(nested)
+        for sub in nested.values():
+            words += [o for a in _options(sub) for o in a.option_strings]
+        for a in [*_options(sp), *(x for sub in nested.values() for x in _options(sub))]:
+            if a.choices:
+                for o in a.option_strings:
+                    choices[o] = [str(c) for c in a.choices]
+        cases.append(f'        {name}) words="{" ".join(dict.fromkeys(words))}";;')
+    from .targets import alias_names
+
+    choices.setdefault("--target", sorted({*valid_names(), *alias_names()}))
+    choices.setdefault("--targets", ["all", "every", *valid_names()])
+    prev_cases = [f'        {o}) COMPREPLY=($(compgen -W "{" ".join(c)}" -- "$cur")); return 0;;'
+                  for o, c in sorted(choices.items())]
+    top = [*commands, *(o for a in _options(ap) for o in a.option_strings)]
+    script = f"""\
+# edgeopt shell completion (generated by 'edgeopt completion {shell}' from edgeopt {__version__})
+_edgeopt() {{
+    local cur prev cmd words i
+    cur="${{COMP_WORDS[COMP_CWORD]}}"
+    prev="${{COMP_WORDS[COMP_CWORD-1]}}"
+    cmd=""
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        case "${{COMP_WORDS[i]}}" in
+            {"|".join(value_opts)}) ((i++));;
+            -*) ;;
+            *) cmd="${{COMP_WORDS[i]}}"; break;;
+        esac
+    done
+    case "$prev" in
+{chr(10).join(prev_cases)}
+    esac
+    case "$cmd" in
+        "") words="{" ".join(top)}";;
+{chr(10).join(cases)}
+        *) words="";;
+    esac
+    if [[ "$cur" == -* || -z "$cmd" ]]; then
+        COMPREPLY=($(compgen -W "$words" -- "$cur"))
+    else
+        COMPREPLY=($(compgen -W "$(printf '%s\\n' $words | grep -v '^-')" -- "$cur") $(compgen -f -- "$cur"))
+    fi
+    return 0
+}}
+complete -o filenames -F _edgeopt edgeopt
+"""
+    if shell == "zsh":
+        script = "#compdef edgeopt\nautoload -U +X bashcompinit && bashcompinit\n" + script
+    return script
+
+
+def _cmd_completion(args: argparse.Namespace) -> int:
+    sys.stdout.write(_completion_script(args.shell))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {"targets": _cmd_targets, "analyze": _cmd_analyze, "plan": _cmd_plan, "compress": _cmd_compress,
                "build": _cmd_build, "fleet": _cmd_fleet, "demo": _cmd_demo, "profile": _cmd_profile,
-               "agent": _cmd_agent}[args.cmd]
+               "agent": _cmd_agent, "init": _cmd_init, "completion": _cmd_completion}[args.cmd]
     from .io import run_scratch
 
     try:

@@ -678,7 +678,8 @@ def _why_reference(analysis, target: Target, option, sens: dict, cap: float) -> 
 def build(inputs: BuildInputs, target: Target, out_dir: str | Path, *, plan: Plan | None = None,
           backend: str | None = None, precision: str | None = None, max_accuracy_drop: float | None = None,
           min_snr_db: float | None = None, objective: str = "latency", sensitivity: dict | None = None,
-          validate_artifact: bool = True, profile: bool = True, progress: Progress | None = None) -> Artifact:
+          validate_artifact: bool = True, profile: bool = True, progress: Progress | None = None,
+          project: dict[str, str] | None = None) -> Artifact:
     """Build one optimized artifact for ``target`` in ``out_dir`` (replaced atomically) and return its manifest.
 
     With the latency objective (the default) the plan is the fastest within the accuracy budget, and the build
@@ -703,6 +704,8 @@ def build(inputs: BuildInputs, target: Target, out_dir: str | Path, *, plan: Pla
         validate_artifact: measure the artifact's accuracy on the evaluation data.
         profile: time the artifact on this host where its runtime runs here.
         progress: called with one status line per stage.
+        project: the project file the settings came from (:meth:`edgeopt.project.Project.record`), recorded in the
+            manifest.
 
     Returns:
         The artifact's manifest, with measured accuracy and latency where they were obtained.
@@ -811,7 +814,7 @@ def build(inputs: BuildInputs, target: Target, out_dir: str | Path, *, plan: Pla
         timed = {"timed_with": inputs.timing_feed()[1]} if measured is not None else {}
         update = {"accuracy": {**artifact.accuracy, **accuracy}, "measured_latency_ms": measured, "plan": plan,
                   "numerics": {**artifact.numerics, **({"validated_with": how} if how else {}), **timed},
-                  "fidelity": fidelity, "accuracy_control": steps}
+                  "fidelity": fidelity, "accuracy_control": steps, "project": project}
         if measured is not None:
             update["measured_on"], update["measured_on_target"] = host_description(), on_target
         artifact = artifact.model_copy(update=update)
@@ -1020,7 +1023,7 @@ class FleetResult:
 
 def fleet(inputs: BuildInputs, targets: list[Target], out_dir: str | Path, *, jobs: int = 2,
           max_accuracy_drop: float | None = None, min_snr_db: float | None = None, objective: str = "latency",
-          progress: Progress | None = None) -> FleetResult:
+          progress: Progress | None = None, project: dict[str, str] | None = None) -> FleetResult:
     """Build every target into ``out_dir/<target>/`` in parallel, sharing calibration data and
     sensitivity; write ``fleet.json`` and ``report.html``.  The directory is replaced atomically.
 
@@ -1035,6 +1038,7 @@ def fleet(inputs: BuildInputs, targets: list[Target], out_dir: str | Path, *, jo
         min_snr_db: an output SNR floor instead.
         objective: ``latency`` or ``fidelity`` (see :func:`build`).
         progress: called with status lines.
+        project: the project file the settings came from, recorded in every manifest (see :func:`build`).
 
     Returns:
         One entry per target (in ``targets`` order) and the path of ``report.html``.
@@ -1061,7 +1065,7 @@ def fleet(inputs: BuildInputs, targets: list[Target], out_dir: str | Path, *, jo
         def one(target: Target) -> FleetEntry:
             try:
                 art = build(inputs, target, tmp / target.name, max_accuracy_drop=max_accuracy_drop, min_snr_db=min_snr_db,
-                            objective=objective, sensitivity=dict(sensitivity), progress=say)
+                            objective=objective, sensitivity=dict(sensitivity), progress=say, project=project)
                 return FleetEntry(target=target.name, ok=True, artifact=art)
             except EdgeoptError as e:
                 say(f"{target.name}: failed: {e}")

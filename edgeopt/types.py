@@ -553,6 +553,9 @@ class Artifact(_Frozen):
     fidelity: str = Field(default="", description="whether accuracy was measured on the artifact, how, or why not")
     accuracy_control: list[ControlStep] = Field(
         default_factory=list, description="each build measured against the accuracy budget and what was done next")
+    project: dict[str, str] | None = Field(
+        default=None, description="the project file the build's settings came from: path, sha256 (and table, for a "
+                                  "pyproject.toml); None: no project file")
     created_utc: str
 
 
