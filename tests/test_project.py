@@ -362,3 +362,16 @@ def test_readme_quick_start_project_file_loads_and_matches_init(tmp_path):
     # the keys it shows, set or commented out, are the keys edgeopt init writes
     assert {k for k in valid_keys() if re.search(rf"^#? ?{k}:", shown[0], re.M)} == set(valid_keys()) - {"eval", "labels",
                                                                                                          "inputs"}
+
+
+def test_the_headline_command_in_an_empty_folder(tmp_path):
+    """Issue 13's acceptance: `edgeopt init` then `edgeopt build --target jetson` (the family name) builds the embedded
+    default into build/jetson/ with a manifest naming the family's default device."""
+    import json
+
+    assert run("init", cwd=tmp_path).returncode == 0
+    p = run("build", "--target", "jetson", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    manifest = json.loads((tmp_path / "build" / "jetson" / "manifest.json").read_text())
+    assert manifest["target"] == "jetson-orin" and manifest["backend"] == "tensorrt"
+    assert manifest["project"]["path"].endswith("edgeopt.yaml")
