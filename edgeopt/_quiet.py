@@ -46,3 +46,48 @@ def quiet_stdout() -> Iterator[None]:
         yield
     finally:
         _local.depth -= 1
+
+
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Drop what this thread writes to Python's stderr inside the block (warnings libraries print on import)."""
+    with _install:
+        if not isinstance(sys.stderr, _ThreadMutedStream):
+            sys.stderr = _ThreadMutedStream(sys.stderr)
+    _local.depth = getattr(_local, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _local.depth -= 1
+
+
+def import_quietly(name: str):
+    """Import a chatty module (coremltools prints version and missing-library notices on import) with this thread's
+    stdout and stderr muted; later imports are cached and silent anyway."""
+    import importlib
+
+    with quiet_stdout(), quiet_stderr():
+        return importlib.import_module(name)
+
+
+_native = threading.Lock()
+
+
+@contextlib.contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    """Send what native code writes to file descriptor 2 inside the block to /dev/null (LiteRT's one-time
+    "Created TensorFlow Lite XNNPACK delegate" INFO line).  Process-wide while it lasts, so keep the block short;
+    one block at a time."""
+    import os
+
+    with _native:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, 2)
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(null)

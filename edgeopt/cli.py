@@ -717,6 +717,11 @@ def _cmd_completion(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    # converters' own progress bars (coremltools' MIL pass pipeline uses tqdm) would interleave with edgeopt's
+    # progress display, in fleets from several threads at once; tqdm reads this when it is first imported
+    os.environ.setdefault("TQDM_DISABLE", "1")
     args = _parser().parse_args(argv)
     handler = {"targets": _cmd_targets, "analyze": _cmd_analyze, "plan": _cmd_plan, "compress": _cmd_compress,
                "build": _cmd_build, "fleet": _cmd_fleet, "demo": _cmd_demo, "profile": _cmd_profile,

@@ -172,3 +172,10 @@ def test_sensitivity_records_inapplicable_options_but_raises_bugs(digits_data):
             sens.measure(m, cal.subset(16), options=("fp16",), cache=False)
     finally:
         technique.register(fp16, replace=True)
+
+
+def test_builds_print_no_runtime_noise(tmp_path):
+    """coremltools' import notices and MIL progress bars and LiteRT's XNNPACK INFO line stay out of the output."""
+    p = run("fleet", "default", "--targets", "ios,android-mid", "-o", tmp_path / "f", check_rc=0)
+    for noise in ("Torch version", "scikit-learn version", "libcoremlpython", "Running MIL", "XNNPACK"):
+        assert noise not in p.stderr + p.stdout, noise

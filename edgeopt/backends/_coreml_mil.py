@@ -195,6 +195,9 @@ class _Translator:
         return v.astype(np.float32) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v
 
     def translate(self, shapes: dict[str, list[int]]) -> Translation:
+        from .._quiet import import_quietly
+
+        import_quietly("coremltools")  # its version notices on first import
         import coremltools as ct
         from coremltools.converters.mil import Builder as mb
         from coremltools.converters.mil.mil import Function, Program
@@ -1274,6 +1277,9 @@ def to_mil(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> tuple[Transl
 
 def load_program(package: str):
     """The MIL program of a saved .mlpackage (no Core ML runtime needed)."""
+    from .._quiet import import_quietly
+
+    import_quietly("coremltools")  # its version notices on first import
     import coremltools as ct
     from coremltools.converters.mil.frontend.milproto import load as milproto_load
     from coremltools.models import utils as model_utils

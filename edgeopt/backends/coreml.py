@@ -151,6 +151,9 @@ def _apply(mlmodel, jobs, fn, joint: bool, record: list[dict], skipped: list[str
 
 def build_mlpackage(model: onnx.ModelProto, plan: Plan, path: Path) -> dict[str, Any]:
     """Translate, convert and compress ``model`` per ``plan`` into the .mlpackage ``path``; returns the record."""
+    from .._quiet import import_quietly
+
+    import_quietly("coremltools")  # its version notices on first import
     import coremltools as ct
     from coremltools.optimize.coreml import linear_quantize_weights, palettize_weights, prune_weights
 
@@ -327,6 +330,9 @@ def compare_with_onnx(artifact_dir: Path, reference: onnx.ModelProto, feeds: Map
 
 class CoreMLRunner(Runner):
     def __init__(self, package: Path, record: Mapping[str, Any]):
+        from .._quiet import import_quietly
+
+        import_quietly("coremltools")  # its version notices on first import
         import coremltools as ct
 
         units = getattr(ct.ComputeUnit, str(record.get("compute_units", "ALL")), ct.ComputeUnit.ALL)

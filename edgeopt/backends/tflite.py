@@ -209,8 +209,11 @@ class TfliteRunner(Runner):
         else:
             from ai_edge_litert.interpreter import Interpreter
 
-            self._interp = Interpreter(model_content=data, num_threads=int(threads) if threads else None)
-            self._interp.allocate_tensors()
+            from .._quiet import quiet_native_stderr
+
+            with quiet_native_stderr():  # LiteRT's one-time "Created TensorFlow Lite XNNPACK delegate" INFO line
+                self._interp = Interpreter(model_content=data, num_threads=int(threads) if threads else None)
+                self._interp.allocate_tensors()
             self._in_idx = [d["index"] for d in self._interp.get_input_details()]
             self._out_idx = [d["index"] for d in self._interp.get_output_details()]
 
