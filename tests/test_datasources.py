@@ -10,14 +10,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import init, make_model, save, vi
 from onnx import TensorProto, helper
 from PIL import Image
 
 from edgeopt.calibration import CalibrationError, as_calibration
 from edgeopt.datasources import AudioFolder, ImageFolder, Preprocess, Samples, wrap, wrap_data
 from edgeopt.memory import memory_limit
-
-from conftest import init, make_model, save, vi
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
