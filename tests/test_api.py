@@ -246,3 +246,38 @@ def test_mobilenet_v2_module_with_jpeg_calibration_builds(tmp_path):
     manifest = Artifact.model_validate_json((tmp_path / "mnv2" / "manifest.json").read_text())
     assert manifest.source == art.source and (tmp_path / "mnv2" / art.primary).is_file()
     assert art.accuracy["top1_agreement"] >= 0.99 and "8 evaluation sample" in art.fidelity  # the default budget
+
+
+def test_fleet_of_a_torch_model_records_the_export_in_every_artifact(tmp_path):
+    rng = np.random.default_rng(1)
+    calib = [rng.normal(size=(3, 32, 32)).astype(np.float32) for _ in range(6)]
+    res = edgeopt.fleet(small_cnn(), example_inputs=torch.zeros(1, 3, 32, 32), targets="x86-cpu,mcu-cortex-m7",
+                        output=tmp_path / "fleet", calib=calib, jobs=1)
+    assert [e.target for e in res.entries] == ["x86-cpu", "mcu-cortex-m7"]
+    assert all(e.ok for e in res.entries), [e.error for e in res.entries]
+    shas = {e.artifact.source.onnx_sha256 for e in res.entries}
+    assert len(shas) == 1 and res.report.is_file()
+    manifest = json.loads((tmp_path / "fleet" / "mcu-cortex-m7" / "manifest.json").read_text())
+    assert manifest["source"]["onnx_sha256"] in shas
+    with pytest.raises(EdgeoptError, match="targets is empty"):
+        edgeopt.fleet("default", targets=[], output=tmp_path / "none")
+
+
+def test_input_shape_target_and_max_memory_options(tmp_path):
+    from conftest import make_model, save, vi
+    from onnx import helper
+
+    from edgeopt.memory import max_memory
+
+    dyn = save(make_model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", ["n", 4])], [vi("y", ["n", 4])]),
+               tmp_path / "dyn.onnx")
+    assert edgeopt.analyze(dyn, input_shape={"x": [2, 4]}).inputs == {"x": [2, 4]}
+    assert edgeopt.analyze(str(dyn), input_shape=["x=3x4"]).inputs == {"x": [3, 4]}
+    with pytest.raises(EdgeoptError, match="bad --input-shape 'x=0x4'"):
+        edgeopt.analyze(dyn, input_shape={"x": [0, 4]})
+    with pytest.raises(UnknownTargetError, match="unknown target 'nano'"):
+        edgeopt.analyze("default", target="nano")
+    before = max_memory()
+    with pytest.raises(EdgeoptError, match="over the memory limit of 20.0 KiB"):
+        edgeopt.plan(small_cnn(), example_inputs=torch.zeros(1, 3, 32, 32), target="x86-cpu", max_memory="20KiB")
+    assert max_memory() == before  # the limit holds for the call only
