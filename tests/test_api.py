@@ -118,6 +118,12 @@ def test_onnx_model_proto(tmp_path):
     assert analysis.inputs == {"image": [1, 1, 8, 8]}
     p = edgeopt.plan(proto, target="mcu-cortex-m7")
     assert p.model_sha256 == analysis.sha256
+    from edgeopt.datasets import digits
+
+    x, y = digits("test")
+    art = edgeopt.build(proto, target="x86-cpu", output=tmp_path / "art", precision="int8", calib=x[:64], labels=y[:64])
+    assert art.source.kind == "onnx-proto" and art.source.onnx_sha256 == analysis.sha256 and art.source.opset is None
+    assert "accuracy" in art.accuracy
 
 
 def test_torch_cnn_with_jpeg_folder_builds_and_records_the_export(tmp_path):
