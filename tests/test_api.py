@@ -244,7 +244,7 @@ def test_mobilenet_v2_module_with_jpeg_calibration_builds(tmp_path):
     from edgeopt.zoo import mobilenet_v2
 
     imgs = jpeg_folder(tmp_path / "imgs", 8)
-    # planned with accuracy control (the default): int8 layers that cost agreement on these photos are reverted
+    # planned with accuracy control (the default): the artifact is validated against the module on the photos
     art = edgeopt.build(mobilenet_v2(), example_inputs=torch.zeros(1, 3, 224, 224), target="x86-cpu",
                         output=tmp_path / "mnv2", calib=imgs, preprocess="imagenet")
     assert art.source.kind == "torch-module" and art.source.name == "MobileNetV2"
