@@ -96,23 +96,27 @@ class Preprocess(BaseModel):
         }.get(str(name).lower())
         if base is None:
             raise CalibrationError(f"unknown preprocessing preset '{name}'; valid: {', '.join(PRESETS)}")
-        return cls(**{**base, **overrides})
+        return _validated(cls, {**base, **overrides})
+
+
+def _validated(cls: type[Preprocess], fields: dict) -> Preprocess:
+    from pydantic import ValidationError
+
+    try:
+        return cls(**fields)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise CalibrationError(f"preprocess {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
 
 
 def as_preprocess(p: str | Preprocess | Mapping | None) -> Preprocess | None:
     """A preset name, a :class:`Preprocess`, or a dict of its fields."""
-    from pydantic import ValidationError
-
     if p is None or isinstance(p, Preprocess):
         return p
     if isinstance(p, str):
         return Preprocess.preset(p)
     if isinstance(p, Mapping):
-        try:
-            return Preprocess(**p)
-        except ValidationError as e:
-            err = e.errors()[0]
-            raise CalibrationError(f"preprocess {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        return _validated(Preprocess, dict(p))
     raise CalibrationError(f"preprocess must be a preset name ({', '.join(PRESETS)}) or a Preprocess, "
                            f"not {type(p).__name__}")
 
@@ -150,9 +154,9 @@ def _folder_labels(folder: Path, files: list[Path], classes: list[str] | str | N
         if len(names) < 2 or not all(n.isdigit() for n in names):
             return None, None
         return np.array([int(t[0]) for t in tops], np.int64), names
-    order = names if classes == "sorted" else list(classes)
     if isinstance(classes, str) and classes != "sorted":
         raise CalibrationError(f"classes must be a list of class names or 'sorted', not {classes!r}")
+    order = names if classes == "sorted" else list(classes)
     index = {n: i for i, n in enumerate(order)}
     missing = [n for n in names if n not in index]
     if missing:

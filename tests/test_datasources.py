@@ -81,6 +81,10 @@ def test_presets():
         Preprocess.preset("vgg")
     with pytest.raises(ValueError):
         Preprocess(std=(0.0,))
+    with pytest.raises(CalibrationError, match="^preprocess layout: Input should be 'NCHW' or 'NHWC'$"):
+        Preprocess.preset("unit", layout="CHW")
+    with pytest.raises(CalibrationError, match="^preprocess std: Value error, std must not be 0$"):
+        ImageFolder(".", {"std": (0.0,)})
     with pytest.raises(ValueError):  # frozen
         p.scale = 1.0  # type: ignore[misc]
 
