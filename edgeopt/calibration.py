@@ -8,7 +8,9 @@ Accepted forms (see :func:`as_calibration`):
 * a folder of ``.npy`` files (single-input models: each file one sample or a
   batch) or ``.npz`` files (``{input_name: array}`` each), or one such file;
 * a callable returning an iterable of arrays or dicts (called each time the data is read);
-* a :class:`CalibrationData`.
+* a :class:`CalibrationData`;
+* an object with a ``for_model(model)`` method returning ``(callable, labels or None, description)``: the image and
+  audio folders and iterables of :mod:`edgeopt.datasources`.
 
 Labels (for accuracy) ride along optionally.
 
@@ -565,6 +567,13 @@ def as_calibration(data: Any, model: onnx.ModelProto, labels: np.ndarray | str |
     per_sample = per_sample_layout(inputs)
     fixed_batch = model_fixed_batch(inputs)
     bs = 1 if per_sample else fixed_batch or batch_size or 32
+    bind = getattr(data, "for_model", None)
+    if callable(bind) and not isinstance(data, CalibrationData):
+        # an image or audio folder, or an iterable (edgeopt.datasources): bound to this model's inputs; its own
+        # labels (class sub-folders, (sample, label) pairs) unless labels are given
+        data, found, desc = bind(model)
+        if labels is None and found is not None:
+            labels, labels_name = found, f"labels of {desc}"
     if isinstance(labels, (str, Path)):
         labels_name = labels_name or f"labels file {labels}"
         labels = load_labels(labels)

@@ -48,8 +48,13 @@ def _memory_limit(args: argparse.Namespace):
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calib", type=Path, help="calibration data: folder of .npy/.npz, or one .npy/.npz file")
+    p.add_argument("--calib", type=Path, help="calibration data: folder of .npy/.npz, or one .npy/.npz file; a folder "
+                                              "of JPEG/PNG images (with --preprocess) or of WAV files (raw waveform)")
     p.add_argument("--eval", dest="eval_data", type=Path, help="held-out inputs for accuracy (default: the calibration data)")
+    p.add_argument("--preprocess", choices=("imagenet", "unit", "raw", "none"),
+                   help="how images of an image folder become inputs: imagenet (resize 256/crop 224 scaled to the "
+                        "model's size, [0,1], ImageNet mean/std, RGB), unit (centre crop, [0,1]) or raw (0..255); "
+                        "layout from the model's input shape")
     p.add_argument("--labels", type=Path, help=".npy labels of the --eval (or --calib) samples")
     p.add_argument("--max-accuracy-drop", type=float,
                    help="accuracy the plan may lose: top-1 accuracy with --labels, else top-1 agreement with the "
@@ -341,10 +346,13 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_array_source(path: Path | None):
-    """A calibration/eval source: a folder or an .npy/.npz file, passed through (``edgeopt.calibration`` reads it with
-    every check: regular files, no pickles, sizes within the memory limit, finite samples)."""
-    return path
+def _read_array_sources(args: argparse.Namespace):
+    """The calibration and eval sources: folders or .npy/.npz files passed through (``edgeopt.calibration`` reads
+    them with every check: regular files, no pickles, sizes within the memory limit, finite samples); folders of
+    images (``--preprocess``) or WAV files read by ``edgeopt.datasources``."""
+    from .datasources import wrap_data
+
+    return wrap_data(args.calib, args.eval_data, preprocess=getattr(args, "preprocess", None))
 
 
 def _inputs(args: argparse.Namespace):
@@ -355,8 +363,8 @@ def _inputs(args: argparse.Namespace):
         if args.calib or args.eval_data or getattr(args, "inputs", None):
             raise EdgeoptError("'default' brings its own digits data; drop --calib/--eval/--inputs")
         return BuildInputs.default_model()
-    return BuildInputs.prepare(Path(args.model), calib=_read_array_source(args.calib),
-                               eval_data=_read_array_source(args.eval_data), labels=args.labels,
+    calib, eval_data = _read_array_sources(args)
+    return BuildInputs.prepare(Path(args.model), calib=calib, eval_data=eval_data, labels=args.labels,
                                input_shapes=parse_input_shapes(args.input_shape),
                                sample=getattr(args, "inputs", None))
 

@@ -13,7 +13,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import onnx
 
     from .calibration import CalibrationData
-    from .types import ModelAnalysis
+    from .types import ModelAnalysis, ModelSource
 
 
 @dataclass
@@ -27,6 +27,8 @@ class BuildInputs:
     evaluation: CalibrationData | None
     #: one run's inputs given by the user (``--inputs``), in the model's exact input shapes: what timing feeds first
     sample: dict[str, np.ndarray] | None = None
+    #: how the model was exported when it was not an ONNX file (recorded in every artifact's manifest)
+    source: ModelSource | None = None
 
     def timing_feed(self) -> tuple[dict[str, np.ndarray], str]:
         """What a timing run (and the smoke run) feeds, and a phrase saying what it is: the user's ``--inputs``,
@@ -42,12 +44,13 @@ class BuildInputs:
 
     @classmethod
     def prepare(cls, path: str | Path, *, calib=None, eval_data=None, labels: np.ndarray | str | Path | None = None,
-                input_shapes: dict[str, list[int]] | None = None, sample=None) -> BuildInputs:
+                input_shapes: dict[str, list[int]] | None = None, sample=None,
+                source: ModelSource | None = None) -> BuildInputs:
         """``labels`` may be an .npy file (read with :func:`edgeopt.calibration.load_labels`: checked, no pickles);
         ``calib``/``eval_data`` anything :func:`edgeopt.calibration.as_calibration` takes (folders and files too);
         ``sample`` one run's inputs (``--inputs``: an .npz, an .npy for one input, or a mapping;
-        :func:`edgeopt.calibration.as_sample`).  The model is smoke-run once on the first real sample (zeros only
-        without data)."""
+        :func:`edgeopt.calibration.as_sample`); ``source`` how the model file was exported (into manifests).  The
+        model is smoke-run once on the first real sample (zeros only without data)."""
         from .calibration import as_calibration, as_sample, load_labels
         from .graph import analyze, load_model
 
@@ -66,7 +69,7 @@ class BuildInputs:
         else:
             ev = None
         one = as_sample(sample, model) if sample is not None else None
-        inputs = cls(p, model, analysis, cal, ev, one)
+        inputs = cls(p, model, analysis, cal, ev, one, source)
         feed, how = inputs.timing_feed()
         smoke_run(model, analysis, feed, how)
         return inputs

@@ -815,6 +815,8 @@ def build(inputs: BuildInputs, target: Target, out_dir: str | Path, *, plan: Pla
         update = {"accuracy": {**artifact.accuracy, **accuracy}, "measured_latency_ms": measured, "plan": plan,
                   "numerics": {**artifact.numerics, **({"validated_with": how} if how else {}), **timed},
                   "fidelity": fidelity, "accuracy_control": steps, "project": project}
+        if inputs.source is not None:
+            update["source"] = inputs.source
         if measured is not None:
             update["measured_on"], update["measured_on_target"] = host_description(), on_target
         artifact = artifact.model_copy(update=update)

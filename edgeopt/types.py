@@ -532,6 +532,24 @@ class ControlStep(_Frozen):
     action: str
 
 
+class ModelSource(_Frozen):
+    """Where the ONNX model came from when it was not given as an ONNX file: an in-memory ``onnx.ModelProto``, or a
+    PyTorch module / ``ExportedProgram`` exported by edgeopt (:mod:`edgeopt.modelsrc`), and how the export was
+    checked."""
+
+    kind: Literal["onnx-proto", "torch-module", "torch-exported-program"]
+    name: str = Field(description="the model's class name (torch) or graph name (ONNX)")
+    onnx_sha256: str = Field(description="sha256 of the ONNX file edgeopt wrote and built from")
+    exporter: str | None = Field(default=None, description="e.g. 'torch.onnx.export (TorchScript, dynamo=False)'")
+    torch_version: str | None = None
+    opset: int | None = None
+    input_names: list[str] = Field(default_factory=list)
+    input_shapes: dict[str, list[int]] = Field(default_factory=dict, description="the example inputs' shapes (static)")
+    output_max_abs_diff: float | None = Field(
+        default=None, description="onnxruntime's outputs vs torch's on the example inputs: largest absolute difference")
+    tolerance: float | None = Field(default=None, description="the largest difference accepted")
+
+
 class Artifact(_Frozen):
     """A built model on disk plus what is known about it (serialised as manifest.json)."""
 
@@ -556,6 +574,7 @@ class Artifact(_Frozen):
     project: dict[str, str] | None = Field(
         default=None, description="the project file the build's settings came from: path, sha256 (and table, for a "
                                   "pyproject.toml); None: no project file")
+    source: ModelSource | None = Field(default=None, description="how the model was exported (torch, in-memory ONNX)")
     created_utc: str
 
 

