@@ -64,11 +64,13 @@ def _input_shapes(spec: InputShape) -> dict[str, list[int]]:
     return parse_input_shapes(list(spec))
 
 
-def _target(target: str | Path | Target) -> Target:
+def _target(target: str | Path | Target, max_latency_ms: float | None = None) -> Target:
+    from .planner import with_latency_limit
     from .targets import load_target
     from .types import Target
 
-    return target if isinstance(target, Target) else load_target(str(target))
+    tg = target if isinstance(target, Target) else load_target(str(target))
+    return tg if max_latency_ms is None else with_latency_limit(tg, max_latency_ms)
 
 
 def _is_default(model: Any) -> bool:
@@ -120,7 +122,7 @@ def analyze(model: Any, *, input_shape: InputShape = None, target: str | Path | 
 def plan(model: Any, *, target: str | Path | Target, backend: str | None = None, precision: str | None = None,
          calib: Any = None, eval: Any = None, labels: Any = None,  # noqa: A002 - the command line's --eval
          max_accuracy_drop: float | None = None, min_snr_db: float | None = None, objective: str = "latency",
-         output: str | Path | None = None, input_shape: InputShape = None,
+         max_latency_ms: float | None = None, output: str | Path | None = None, input_shape: InputShape = None,
          preprocess: str | Preprocess | Mapping | None = None, sample_rate: int | None = None,
          classes: list[str] | str | None = None, example_inputs: Any = None, input_names: list[str] | None = None,
          max_memory: str | int | None = None, progress: Progress | None = None) -> Plan:
@@ -129,7 +131,7 @@ def plan(model: Any, *, target: str | Path | Target, backend: str | None = None,
     from .pipeline import plan_for
 
     with _run(max_memory) as scratch:
-        tg = _target(target)
+        tg = _target(target, max_latency_ms)
         prepared = prepare(model, scratch, calib=calib, eval=eval, labels=labels, input_shape=input_shape,
                            preprocess=preprocess, sample_rate=sample_rate, classes=classes,
                            example_inputs=example_inputs, input_names=input_names)
@@ -146,7 +148,7 @@ def build(model: Any, *, target: str | Path | Target, output: str | Path, backen
           precision: str | None = None, plan: Plan | str | Path | None = None, calib: Any = None,
           eval: Any = None, labels: Any = None, inputs: Any = None,  # noqa: A002 - the command line's --eval
           max_accuracy_drop: float | None = None, min_snr_db: float | None = None, objective: str = "latency",
-          input_shape: InputShape = None, preprocess: str | Preprocess | Mapping | None = None,
+          max_latency_ms: float | None = None, input_shape: InputShape = None, preprocess: str | Preprocess | Mapping | None = None,
           sample_rate: int | None = None, classes: list[str] | str | None = None, example_inputs: Any = None,
           input_names: list[str] | None = None, max_memory: str | int | None = None,
           progress: Progress | None = None) -> Artifact:
@@ -157,7 +159,7 @@ def build(model: Any, *, target: str | Path | Target, output: str | Path, backen
     from .types import Plan
 
     with _run(max_memory) as scratch:
-        tg = _target(target)
+        tg = _target(target, max_latency_ms)
         replay = plan if isinstance(plan, Plan) or plan is None else load_plan(plan)
         prepared = prepare(model, scratch, calib=calib, eval=eval, labels=labels, inputs=inputs,
                            input_shape=input_shape, preprocess=preprocess, sample_rate=sample_rate, classes=classes,
@@ -170,7 +172,7 @@ def build(model: Any, *, target: str | Path | Target, output: str | Path, backen
 def fleet(model: Any, *, output: str | Path, targets: str | list[str | Path | Target] = "all", jobs: int = 2,
           calib: Any = None, eval: Any = None, labels: Any = None, inputs: Any = None,  # noqa: A002
           max_accuracy_drop: float | None = None, min_snr_db: float | None = None, objective: str = "latency",
-          input_shape: InputShape = None, preprocess: str | Preprocess | Mapping | None = None,
+          max_latency_ms: float | None = None, input_shape: InputShape = None, preprocess: str | Preprocess | Mapping | None = None,
           sample_rate: int | None = None, classes: list[str] | str | None = None, example_inputs: Any = None,
           input_names: list[str] | None = None, max_memory: str | int | None = None,
           progress: Progress | None = None) -> FleetResult:
@@ -181,7 +183,7 @@ def fleet(model: Any, *, output: str | Path, targets: str | list[str | Path | Ta
     from .targets import load_targets
 
     with _run(max_memory) as scratch:
-        tgs = load_targets(targets) if isinstance(targets, str) else [_target(t) for t in targets]
+        tgs = [_target(t, max_latency_ms) for t in (load_targets(targets) if isinstance(targets, str) else targets)]
         if not tgs:
             raise EdgeoptError("targets is empty; give 'all' or a list of targets")
         prepared = prepare(model, scratch, calib=calib, eval=eval, labels=labels, inputs=inputs,

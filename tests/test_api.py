@@ -287,3 +287,13 @@ def test_input_shape_target_and_max_memory_options(tmp_path):
     with pytest.raises(EdgeoptError, match="over the memory limit of 20.0 KiB"):
         edgeopt.plan(small_cnn(), example_inputs=torch.zeros(1, 3, 32, 32), target="x86-cpu", max_memory="20KiB")
     assert max_memory() == before  # the limit holds for the call only
+
+
+def test_api_max_latency_ms_is_a_limit_like_the_cli():
+    import edgeopt
+    from edgeopt.errors import BudgetError
+
+    with pytest.raises(BudgetError, match="no plan meets the budgets"):
+        edgeopt.plan("default", target="x86-cpu", max_latency_ms=1e-6)
+    check = next(c for c in edgeopt.plan("default", target="x86-cpu").budgets if c.name == "latency_ms")
+    assert check.limit is False and check.ok
