@@ -282,7 +282,7 @@ def _project(args: argparse.Namespace):
 _SETTING_ARGS = {"model": "model", "input_shapes": "input_shape", "calib": "calib", "eval_data": "eval_data",
                  "labels": "labels", "inputs": "inputs", "max_accuracy_drop": "max_accuracy_drop",
                  "min_snr_db": "min_snr_db", "objective": "objective", "target": "target", "targets": "targets",
-                 "output": "output"}
+                 "max_latency_ms": "max_latency_ms", "preprocess": "preprocess", "output": "output"}
 
 
 def _use_project(args: argparse.Namespace, *, output_for: str | None = None, need_target: bool = False):

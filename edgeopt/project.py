@@ -63,6 +63,8 @@ def _file_model():
         inputs: str | None = None
         max_accuracy_drop: float | None = None
         min_snr_db: float | None = None
+        max_latency_ms: float | None = None
+        preprocess: Literal["imagenet", "unit", "raw", "none"] | None = None
         objective: Literal["latency", "fidelity"] | None = None
         target: str | None = None
         targets: Any = None
@@ -80,6 +82,13 @@ def _file_model():
         def _drop(cls, v):
             if v is not None and not (math.isfinite(v) and 0 <= v <= 1):
                 raise ValueError(f"must be a fraction between 0 and 1, e.g. 0.01 for one point of top-1 (got {v})")
+            return v
+
+        @field_validator("max_latency_ms")
+        @classmethod
+        def _latency(cls, v):
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise ValueError(f"must be a positive number of milliseconds, e.g. 20 (got {v})")
             return v
 
         @field_validator("min_snr_db")
@@ -158,6 +167,8 @@ class Project:
     target: str | None
     targets: str | None  # 'all' or a comma-separated list, as --targets takes it
     output: Path
+    max_latency_ms: float | None = None  # a latency limit (--max-latency-ms); None: the target's latency is a goal
+    preprocess: str | None = None  # how image folders become inputs (--preprocess)
 
     @property
     def root(self) -> Path:
@@ -359,7 +370,8 @@ def load_project(path: str | Path, *, table: str | None = None) -> Project:
                    inputs=_path(root, pf.inputs, "inputs", source, file=True),
                    max_accuracy_drop=pf.max_accuracy_drop, min_snr_db=pf.min_snr_db, objective=pf.objective,
                    target=_target_ref(root, pf.target) if pf.target else None, targets=targets,
-                   output=_path(root, pf.output, "output", source, must_exist=False))
+                   output=_path(root, pf.output, "output", source, must_exist=False),
+                   max_latency_ms=pf.max_latency_ms, preprocess=pf.preprocess)
 
 
 def _target_ref(root: Path, name: str) -> str:
@@ -407,13 +419,15 @@ class Settings:
     targets: str
     output: Path | None
     project: Project | None
+    max_latency_ms: float | None = None
+    preprocess: str | None = None
 
 
 def resolve(project: Project | None, *, model: str | Path | None = None, input_shapes: list[str] | None = None,
             calib: Path | None = None, eval_data: Path | None = None, labels: Path | None = None,
             inputs: Path | None = None, max_accuracy_drop: float | None = None, min_snr_db: float | None = None,
             objective: str | None = None, target: str | None = None, targets: str | None = None,
-            output: Path | None = None, output_for: Literal["build", "fleet"] | None = None,
+            max_latency_ms: float | None = None, preprocess: str | None = None, output: Path | None = None, output_for: Literal["build", "fleet"] | None = None,
             need_model: bool = True, need_target: bool = False) -> Settings:
     """Merge explicit arguments (None: not given) with a project's values.
 
@@ -463,6 +477,8 @@ def resolve(project: Project | None, *, model: str | Path | None = None, input_s
         targets=targets or (project.targets if project and project.targets else "all"),
         output=output,
         project=project,
+        max_latency_ms=max_latency_ms if max_latency_ms is not None else (project.max_latency_ms if project else None),
+        preprocess=preprocess or (p.preprocess if p else None),
     )
 
 
@@ -496,8 +512,10 @@ model: {_yaml_scalar(model)}
 {d}input_shapes:
 {d}  x: 1x3x224x224
 
-# Calibration data: a folder of .npy/.npz files, or one .npy/.npz file (samples on the first axis).
+# Calibration data: a folder of .npy/.npz files, or one .npy/.npz file (samples on the first axis),
+# or a folder of JPEG/PNG images read with `preprocess` (imagenet, unit or raw), or of WAV files.
 {d}calib: data/calib/
+{d}preprocess: imagenet
 # Held-out inputs the accuracy is measured on (default: the calibration data).
 {d}eval: data/eval.npz
 # .npy integer labels of the eval (else calib) samples: accuracy instead of agreement with the original.
@@ -510,6 +528,8 @@ model: {_yaml_scalar(model)}
 # scores (default 30). The build checks it on the artifact.
 # max_accuracy_drop: 0.01
 # min_snr_db: 30
+# A latency limit in ms (plans predicted slower are refused); without it the target's latency is a goal.
+# max_latency_ms: 20
 
 # latency: the fastest plan within the budget; fidelity: the most faithful plan within the target's budgets.
 objective: latency

@@ -375,3 +375,22 @@ def test_the_headline_command_in_an_empty_folder(tmp_path):
     manifest = json.loads((tmp_path / "build" / "jetson" / "manifest.json").read_text())
     assert manifest["target"] == "jetson-orin" and manifest["backend"] == "tensorrt"
     assert manifest["project"]["path"].endswith("edgeopt.yaml")
+
+
+def test_latency_limit_and_preprocess_keys(tmp_path, monkeypatch, capsys):
+    write(tmp_path, "model: default\nmax_latency_ms: 0.000001\n")
+    proj = load_project(tmp_path / PROJECT_FILE)
+    assert proj.max_latency_ms == 1e-6
+    assert resolve(proj).max_latency_ms == 1e-6 and resolve(proj, max_latency_ms=5.0).max_latency_ms == 5.0
+    rc, _, err = main_in(tmp_path, monkeypatch, capsys, "plan", "--target", "x86-cpu")
+    one_line_error(rc, err, "no plan meets the budgets of x86-cpu")
+    write(tmp_path, "model: default\nmax_latency_ms: 0\n")
+    with pytest.raises(ProjectFileError, match="max_latency_ms: must be a positive number"):
+        load_project(tmp_path / PROJECT_FILE)
+    (tmp_path / "imgs").mkdir()
+    shutil.copy(ROOT / "edgeopt" / "data" / "digits_cnn.onnx", tmp_path / "m.onnx")
+    write(tmp_path, "model: m.onnx\ncalib: imgs\npreprocess: imagenet\n")
+    assert resolve(load_project(tmp_path / PROJECT_FILE)).preprocess == "imagenet"
+    write(tmp_path, "model: default\npreprocess: bicubic\n")
+    with pytest.raises(ProjectFileError, match="preprocess"):
+        load_project(tmp_path / PROJECT_FILE)
