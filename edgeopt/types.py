@@ -593,7 +593,8 @@ class RecoveryRecord(_Frozen):
     features_matched: list[str] = Field(default_factory=list, description="intermediate tensors matched (same name and shape)")
     loss_curve: list[float] = Field(default_factory=list, description="training loss, averaged over windows (at most 50 points)")
     lr: float
-    time_s: float
+    time_s: float = Field(description="wall time of the whole recovery (conversion, training, export, checks)")
+    cpu_time_s: float = Field(description="CPU time of this process over it (wall time inflates on a shared machine)")
     device: str = Field(description="cpu or cuda")
     threads: int
     seed: int
