@@ -66,7 +66,8 @@ WEIGHTED = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 class RecoveryResult:
     model: onnx.ModelProto
     record: RecoveryRecord
-    scales: dict[str, np.ndarray] = field(default_factory=dict)  # weight -> learned per-channel LSQ scale
+    #: weight -> its learned per-channel LSQ step, shaped to broadcast against the weight ([O, 1, 1, 1] for a Conv)
+    scales: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- ONNX -> torch
@@ -626,8 +627,9 @@ def recover(teacher: onnx.ModelProto, student: onnx.ModelProto, calib: Calibrati
         probe = [x[: min(n, 4)] for x in xs]
         feats = _pick_features(tnet, snet, probe, features)
         eval_data = calib.subset(min(eval_samples, n))
-        t_eval = fidelity.run(teacher, eval_data)[0]  # onnxruntime: several times faster than eager torch on CPU
-        before = _agreement_np(t_eval, fidelity.run(student, eval_data)[0])
+        # onnxruntime: several times faster than eager torch on CPU
+        t_eval = fidelity.run(fidelity.session(teacher, threads), eval_data)[0]
+        before = _agreement_np(t_eval, fidelity.run(fidelity.session(student, threads), eval_data)[0])
 
         curve: list[float] = []
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -703,7 +705,7 @@ def recover(teacher: onnx.ModelProto, student: onnx.ModelProto, calib: Calibrati
                 w = snet.params[snet.param_names[name]]
                 codes, s = q.codes(w)
                 w.copy_(codes * s)
-                scales[name] = s.reshape(-1).cpu().numpy().astype(np.float32)
+                scales[name] = s.cpu().numpy().astype(np.float32)  # broadcastable: [O, 1, 1, 1], [1, N]...
                 if name in masks:
                     w.mul_(masks[name])
             snet.weight_quant.clear()
@@ -718,7 +720,7 @@ def recover(teacher: onnx.ModelProto, student: onnx.ModelProto, calib: Calibrati
                 arr = snet.params[key].detach().cpu().numpy().astype(numpy_helper.to_array(t).dtype)
                 t.CopyFrom(numpy_helper.from_array(arr, t.name))
         err = _check_export(out, snet, {k: feeds[k][: min(n, 16)] for k in s_in}, s_in, device)
-        after = _agreement_np(t_eval, fidelity.run(out, eval_data)[0])
+        after = _agreement_np(t_eval, fidelity.run(fidelity.session(out, threads), eval_data)[0])
         for name, m in masks.items():
             w = next(numpy_helper.to_array(t) for t in out.graph.initializer if t.name == name)
             if np.any(w[m.cpu().numpy() == 0] != 0):
@@ -785,12 +787,10 @@ def grid_report(model: onnx.ModelProto, scales: dict[str, np.ndarray], bits: dic
     for name, s in scales.items():
         w = arrays[name]
         qmax = 2 ** (bits[name] - 1) - 1
-        axis = next(i for i, d in enumerate(w.shape) if d == len(s)) if w.shape[0] != len(s) else 0
-        shape = [1] * w.ndim
-        shape[axis] = -1
-        q = w / s.reshape(shape)
+        axis = next((i for i, d in enumerate(s.shape) if d != 1), 0)
+        q = w / s
         off = float(np.max(np.abs(q - np.round(q)))) if q.size else 0.0
-        per = np.moveaxis(np.round(q), axis, 0).reshape(len(s), -1)
+        per = np.moveaxis(np.round(q), axis, 0).reshape(w.shape[axis], -1)
         distinct = max(len(np.unique(r)) for r in per)
         exact = float(np.mean(np.max(np.abs(per), axis=1) == qmax))
         out[name] = {"max_off_grid": off, "max_distinct": distinct, "absmax_exact": exact}
