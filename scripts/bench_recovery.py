@@ -23,6 +23,36 @@ import time
 import numpy as np
 
 
+def unseen_photos(n: int, size: int = 224, seed: int = 7) -> np.ndarray:
+    """``n`` normalized crops of scikit-image photos that ``zoo.imagenet_samples`` never uses (the grayscale ones,
+    replicated to RGB, and the logo): held out by photo, not only by crop."""
+    from skimage import data as skd
+    from skimage.transform import resize
+
+    from edgeopt.zoo import IMAGENET_MEAN, IMAGENET_STD
+
+    photos = []
+    for name in ("camera", "coins", "brick", "grass", "gravel", "clock", "moon", "page", "text", "logo"):
+        try:
+            img = np.asarray(getattr(skd, name)()).astype(np.float32)
+        except Exception:  # a photo missing from this scikit-image build
+            continue
+        img = img / (255.0 if img.max() > 1 else 1.0)
+        img = np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img[..., :3]
+        if min(img.shape[:2]) >= 128:
+            photos.append(img)
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, 3, size, size), np.float32)
+    for i in range(n):
+        img = photos[i % len(photos)]
+        h, w = img.shape[:2]
+        side = int(min(h, w) * rng.uniform(0.5, 1.0))
+        y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+        crop = resize(img[y : y + side, x : x + side], (size, size), anti_aliasing=True)
+        out[i] = ((crop - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
+    return out
+
+
 def _latency(models: dict[str, object], x: np.ndarray, rounds: int) -> dict[str, float]:
     """Median ms per model, the models run one after the other in each round (interleaved: load drift hits all)."""
     from edgeopt.fidelity import session
@@ -72,7 +102,9 @@ def main() -> None:
     xte = zoo.imagenet_samples(args.heldout, seed=1234)
     train = as_calibration(xtr, teacher)
     test = as_calibration(xte, teacher)
-    print(f"data: {args.train} training crops (seed 0), {args.heldout} held-out crops (seed 1234), "
+    unseen = as_calibration(unseen_photos(args.heldout), teacher)
+    print(f"data: {args.train} training crops (seed 0), {args.heldout} held-out crops (seed 1234), {args.heldout} crops "
+          f"of photos never trained on, "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
 
     def build(kind: str):
@@ -118,15 +150,17 @@ def main() -> None:
             notes.append(f"learned grid: {len(g)} weights, max off-grid {max(v['max_off_grid'] for v in g.values()):.1e} steps, "
                          f"palettize reproduces it: SNR {compare(res.model, after, test.subset(16)).snr_db:.0f} dB")
         f0, f1 = compare(teacher, student, test), compare(teacher, after, test)
+        u0, u1 = compare(teacher, student, unseen), compare(teacher, after, unseen)
         lat = _latency({"fp32": teacher, "before": student, "after": after}, xte, args.rounds)
         r = res.record
-        rows.append((kind, f0, f1, student.ByteSize(), after.ByteSize(), lat, wall, r))
+        rows.append((kind, f0, f1, u0, u1, student.ByteSize(), after.ByteSize(), lat, wall, r))
         print(f"{kind}: agreement {f0.top1_agreement:.3f} -> {f1.top1_agreement:.3f}, SNR {f0.snr_db:.1f} -> {f1.snr_db:.1f} dB, "
               f"size {student.ByteSize() / 1e6:.2f} -> {after.ByteSize() / 1e6:.2f} MB (fp32 {teacher.ByteSize() / 1e6:.2f}), "
               f"latency fp32/before/after {lat['fp32']:.1f}/{lat['before']:.1f}/{lat['after']:.1f} ms, recovery {wall:.0f} s "
               f"({r.steps} steps x {r.batch_size}, {r.epochs:.1f} epochs, {r.device}, {r.threads} threads"
               f"{', ' + r.stop_reason if r.stopped_early else ''}); train-set agreement {r.agreement_before:.3f} -> "
-              f"{r.agreement_after:.3f}; loss {r.loss_curve[0]:.3f} -> {r.loss_curve[-1]:.3f}", flush=True)
+              f"{r.agreement_after:.3f}; unseen photos {u0.top1_agreement:.3f} -> {u1.top1_agreement:.3f}; "
+              f"loss {r.loss_curve[0]:.3f} -> {r.loss_curve[-1]:.3f}", flush=True)
         for n in notes:
             print("  " + n)
         if kind in ("2:4", "channel50"):
@@ -134,11 +168,12 @@ def main() -> None:
         verdicts.append((f"{kind} after > before", f1.top1_agreement > f0.top1_agreement))
         verdicts.append((f"{kind} recovery <= 15 min", wall <= 900))
 
-    print("\n| compression | agreement before -> after | SNR dB before -> after | size MB before -> after | "
+    print("\n| compression | agreement before -> after | unseen photos | SNR dB before -> after | size MB before -> after | "
           "latency ms fp32 / before / after | recovery |")
-    print("|---|---|---|---|---|---|")
-    for kind, f0, f1, s0, s1, lat, wall, r in rows:
-        print(f"| {kind} | {f0.top1_agreement:.3f} -> {f1.top1_agreement:.3f} | {f0.snr_db:.1f} -> {f1.snr_db:.1f} | "
+    print("|---|---|---|---|---|---|---|")
+    for kind, f0, f1, u0, u1, s0, s1, lat, wall, r in rows:
+        print(f"| {kind} | {f0.top1_agreement:.3f} -> {f1.top1_agreement:.3f} | {u0.top1_agreement:.3f} -> "
+              f"{u1.top1_agreement:.3f} | {f0.snr_db:.1f} -> {f1.snr_db:.1f} | "
               f"{s0 / 1e6:.2f} -> {s1 / 1e6:.2f} | {lat['fp32']:.1f} / {lat['before']:.1f} / {lat['after']:.1f} | "
               f"{wall:.0f} s, {r.steps} steps |")
     print()
