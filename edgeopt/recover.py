@@ -38,7 +38,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -515,7 +515,7 @@ def recover(teacher: onnx.ModelProto, student: onnx.ModelProto, calib: Calibrati
             labels: np.ndarray | None = None, steps: int = 300, lr: float = 1e-4, batch_size: int = 32,
             time_budget_s: float | None = None, quantize: dict[str, int] | None = None, augment: bool = True,
             temperature: float = 2.0, features: int = 4, feature_weight: float = 1.0, ce_weight: float = 1.0,
-            train_resolution: int | None = None, progress: Callable[[int, int, float], None] | None = None,
+            train_resolution: int | Sequence[int] | None = None, progress: Callable[[int, int, float], None] | None = None,
             seed: int = 0, device: str | None = None, threads: int | None = None,
             eval_samples: int = 64) -> RecoveryResult:
     """Fine-tune ``student`` (a compressed copy of ``teacher``) to reproduce ``teacher`` on ``calib``.
@@ -537,7 +537,9 @@ def recover(teacher: onnx.ModelProto, student: onnx.ModelProto, calib: Calibrati
         feature_weight: weight of the feature term.
         ce_weight: weight of the cross-entropy term (labels only).
         train_resolution: train on image crops resampled to this side (fully convolutional models: cheaper steps;
-            the teacher sees the same crops); None: the data's own size.
+            the teacher sees the same crops); a sequence: progressive resizing, each side for an equal share of the
+            run (of the steps, or of the time budget when that ends first), e.g. ``(128, 224)`` ends at the size the
+            model is evaluated at; None: the data's own size.
         progress: called as ``progress(step, steps, loss)`` after every step.
         seed: seeds sampling, augmentation and torch.
         device: "cpu" or "cuda"; None: CUDA when available.
@@ -593,8 +595,10 @@ def recover(teacher: onnx.ModelProto, student: onnx.ModelProto, calib: Calibrati
                 aug_desc.insert(1, "horizontal flip")
         bs = max(1, min(batch_size, n))
         channels_last = device == "cpu" and any(image)  # depthwise convs run 2-4x faster in it on CPU
-        if train_resolution:
-            aug_desc.append(f"trained at {train_resolution}x{train_resolution}")
+        sides = ([] if not train_resolution else [int(train_resolution)] if isinstance(train_resolution, int)
+                 else [int(v) for v in train_resolution])
+        if sides:
+            aug_desc.append("trained at " + " then ".join(f"{v}x{v}" for v in sides))
 
         # masks: zeros of pruned weights stay zero
         node_of: dict[str, tuple[str, dict]] = {}
@@ -638,6 +642,13 @@ def recover(teacher: onnx.ModelProto, student: onnx.ModelProto, calib: Calibrati
         stop_reason = ""
         step_times: list[float] = []
         loop_start = time.perf_counter()
+
+        def _progress(k: int) -> float:
+            """Share of the run done after ``k`` steps: of the steps, or of the time budget when that ends first."""
+            frac = k / max(steps, 1)
+            if time_budget_s is not None:
+                frac = max(frac, (time.perf_counter() - loop_start) / max(time_budget_s - (loop_start - t0), 1e-9))
+            return min(frac, 1.0)
         for step in range(steps):
             if time_budget_s is not None:
                 elapsed = time.perf_counter() - t0
@@ -652,9 +663,10 @@ def recover(teacher: onnx.ModelProto, student: onnx.ModelProto, calib: Calibrati
             idx = order[pos : pos + bs].to(device)
             pos += bs
             batch = [x[idx] for x in xs]
-            if augment or train_resolution:
-                batch = _augment(batch, image, gen, flips, train_resolution) if augment else [
-                    F.interpolate(b, size=(train_resolution, train_resolution), mode="bilinear", antialias=True,
+            side = sides[min(int(_progress(done) * len(sides)), len(sides) - 1)] if sides else None
+            if augment or side:
+                batch = _augment(batch, image, gen, flips, side) if augment else [
+                    F.interpolate(b, size=(side, side), mode="bilinear", antialias=True,
                                   align_corners=False) if im else b for b, im in zip(batch, image)]
             if channels_last:
                 batch = [b.contiguous(memory_format=torch.channels_last) if b.dim() == 4 else b for b in batch]
@@ -684,9 +696,7 @@ def recover(teacher: onnx.ModelProto, student: onnx.ModelProto, calib: Calibrati
                     g.mul_(m)
             opt.step()
             # cosine decay over the planned steps, or over the time budget when that ends first
-            frac = (done + 1) / max(steps, 1)
-            if time_budget_s is not None:
-                frac = max(frac, (time.perf_counter() - loop_start) / max(time_budget_s - (loop_start - t0), 1e-9))
+            frac = _progress(done + 1)
             for group in opt.param_groups:
                 group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
             with torch.no_grad():

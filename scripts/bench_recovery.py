@@ -87,7 +87,8 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=420, help="seconds per recovery")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--train-resolution", type=int, default=128, help="side of the training crops fed to teacher and student")
+    ap.add_argument("--train-resolution", default="128",
+                    help="side of the training crops fed to teacher and student; a list (128,224): progressive resizing")
     ap.add_argument("--rounds", type=int, default=20, help="latency rounds")
     ap.add_argument("--only", default="2:4,unstructured50,channel50,int4")
     args = ap.parse_args()
@@ -134,7 +135,8 @@ def main() -> None:
         start = teacher if art else student  # int4: LSQ trains the fp32 weights onto a 4-bit grid
         t = time.perf_counter()
         res = recover(art[0] if art else teacher, start, train, steps=args.steps, lr=args.lr, batch_size=args.batch,
-                      time_budget_s=args.budget, train_resolution=args.train_resolution, seed=0,
+                      time_budget_s=args.budget, seed=0,
+                      train_resolution=tuple(int(v) for v in args.train_resolution.split(",")),
                       progress=lambda i, n, loss: print(f"  {i}/{n} loss {loss:.4f}", flush=True) if i % 25 == 0 else None,
                       **extra)
         wall = time.perf_counter() - t
