@@ -1,0 +1,150 @@
+"""Recovery by distillation (edgeopt.recover) on the embedded digits CNN: masks, channel pruning, LSQ grids, export,
+time budget, labels, unsupported ops.  Margins, not exact numbers: any x86 CPU class gives the same verdicts."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+torch = pytest.importorskip("torch")
+
+from edgeopt.calibration import as_calibration  # noqa: E402
+from edgeopt.datasets import default_model_path, digits  # noqa: E402
+from edgeopt.fidelity import compare, session  # noqa: E402
+from edgeopt.passes import run_pass  # noqa: E402
+from edgeopt.recover import RecoveryError, grid_report, is_n_m, recover, torch_graph  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return onnx.load(default_model_path())
+
+
+@pytest.fixture(scope="module")
+def data(teacher):
+    xc, yc = digits("calib")
+    xt, yt = digits("test")
+    return as_calibration(xc, teacher), as_calibration(xt, teacher, labels=yt), yc
+
+
+def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def test_interpreter_matches_onnxruntime(teacher, data):
+    x = data[1].feeds()["image"][:32]
+    with torch.no_grad():
+        got = torch_graph(teacher)(torch.from_numpy(x))[0][0].numpy()
+    ref = session(teacher).run(None, {"image": x})[0]
+    assert np.abs(got - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
+
+
+def test_nm_mask_kept_and_fidelity_improves(teacher, data):
+    calib, test, _ = data
+    pruned = run_pass("prune", teacher, {"pattern": "n:m", "n": 1, "m": 4}, None, evaluate=False).model
+    res = recover(teacher, pruned, calib, steps=150, lr=2e-3, batch_size=64, seed=0)
+    before, after = _weights(pruned), _weights(res.model)
+    masked = [n for n, w in before.items() if w.ndim >= 2 and np.mean(w == 0) > 0.5]
+    assert masked and set(masked) <= set(res.record.masked)
+    for name in masked:
+        assert np.all(after[name][before[name] == 0] == 0), name  # every pruned zero stays zero
+        assert is_n_m(after[name], axis=1, n=1, m=4), name  # Conv [O, I, kh, kw] and Gemm(transB) [N, K]: axis 1
+        kept = before[name] != 0
+        assert np.mean(after[name][kept] != before[name][kept]) > 0.5  # and the kept weights did train
+    f0, f1 = compare(teacher, pruned, test), compare(teacher, res.model, test)
+    assert f1.snr_db > f0.snr_db + 3
+    assert f1.top1_agreement >= f0.top1_agreement + 0.05
+    r = res.record
+    assert r.steps == 150 and not r.stopped_early and r.device in ("cpu", "cuda")
+    assert r.agreement_after > r.agreement_before
+    assert r.loss_curve and len(r.loss_curve) <= 50 and np.mean(r.loss_curve[-5:]) < np.mean(r.loss_curve[:5])
+    assert r.features_matched  # tensors present with the same shape in both graphs
+    assert r.export_max_abs_error < 1e-3
+
+
+def test_channel_pruned_student_recovers(teacher, data):
+    calib, test, _ = data
+    small = run_pass("channel_prune", teacher, {"ratio": 0.5, "reconstruct": False, "min_channels": 4, "round_to": 4},
+                     None, evaluate=False).model
+    res = recover(teacher, small, calib, steps=150, lr=2e-3, batch_size=64)
+    f0, f1 = compare(teacher, small, test), compare(teacher, res.model, test)
+    assert f1.top1_agreement >= f0.top1_agreement + 0.3
+    assert f1.top1_agreement > 0.8
+    shapes0 = {n: w.shape for n, w in _weights(small).items()}
+    assert {n: w.shape for n, w in _weights(res.model).items()} == shapes0  # the student's own graph, retrained
+
+
+def test_lsq_int4_weights_export_on_the_grid(teacher, data):
+    calib, test, _ = data
+    res = recover(teacher, teacher, calib, steps=120, lr=1e-3, batch_size=64, quantize={"*": 4})
+    weights = {n: w for n, w in _weights(teacher).items() if w.ndim >= 2}
+    assert set(res.record.quantized) == set(weights) and set(res.record.quantized.values()) == {4}
+    grid = grid_report(res.model, res.scales, res.record.quantized)
+    for name, g in grid.items():
+        assert g["max_off_grid"] < 1e-3, (name, g)
+        assert g["max_distinct"] <= 15, (name, g)  # codes -7..7: 4-bit palettization reproduces them exactly
+    # round-to-nearest int4 (absmax per channel) as the post-training baseline
+    rtn = onnx.ModelProto()
+    rtn.CopyFrom(teacher)
+    for t in rtn.graph.initializer:
+        w = numpy_helper.to_array(t)
+        if t.name in weights:
+            s = np.abs(w).reshape(len(w), -1).max(1).reshape(-1, *[1] * (w.ndim - 1)) / 7
+            t.CopyFrom(numpy_helper.from_array((np.round(w / s) * s).astype(np.float32), t.name))
+    assert compare(teacher, res.model, test).snr_db > compare(teacher, rtn, test).snr_db + 1
+
+
+def test_export_matches_torch(teacher, data):
+    calib, test, _ = data
+    pruned = run_pass("prune", teacher, {"sparsity": 0.7}, None, evaluate=False).model
+    res = recover(teacher, pruned, calib, steps=20, lr=1e-3, batch_size=32)
+    assert [i.name for i in res.model.graph.input] == [i.name for i in pruned.graph.input]
+    assert [o.name for o in res.model.graph.output] == [o.name for o in pruned.graph.output]
+    assert list(res.model.opset_import) == list(pruned.opset_import)
+    onnx.checker.check_model(res.model)
+    x = test.feeds()["image"][:64]
+    with torch.no_grad():
+        got = torch_graph(res.model)(torch.from_numpy(x))[0][0].numpy()
+    ref = session(res.model).run(None, {"image": x})[0]
+    assert np.abs(got - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
+
+
+def test_time_budget_stops_early(teacher, data):
+    calib, _, _ = data
+    pruned = run_pass("prune", teacher, {"pattern": "n:m"}, None, evaluate=False).model
+    res = recover(teacher, pruned, calib, steps=10_000, time_budget_s=0.0)
+    r = res.record
+    assert r.stopped_early and "time budget" in r.stop_reason
+    assert r.steps < r.steps_planned == 10_000
+    assert compare(pruned, res.model, calib).snr_db > 100  # nothing trained: the student as it was
+
+
+def test_labels_add_cross_entropy(teacher, data):
+    calib, _, yc = data
+    with_labels = recover(teacher, teacher, calib, labels=yc, steps=2, augment=False)
+    assert with_labels.record.labels_used and "CE" in with_labels.record.loss
+    assert with_labels.record.augmentation == []
+    without = recover(teacher, teacher, calib, steps=2)
+    assert not without.record.labels_used and "CE" not in without.record.loss
+    assert without.record.augmentation  # 8x8 images: crop/shift and jitter, no flips (digits are not symmetric)
+    assert not any("flip" in a for a in without.record.augmentation)
+    staged = recover(teacher, teacher, calib, steps=4, train_resolution=(6, 8))
+    assert "trained at 6x6 then 8x8" in staged.record.augmentation
+    labelled = as_calibration(calib.feeds()["image"], teacher, labels=yc)
+    assert recover(teacher, teacher, labelled, steps=1).record.labels_used  # the calibration data's own labels
+
+
+def test_unsupported_op_is_one_line_error(teacher, data):
+    calib, _, _ = data
+    odd = onnx.ModelProto()
+    odd.CopyFrom(teacher)
+    last = odd.graph.node[-1]
+    out = last.output[0]
+    last.output[0] = out + "_pre"
+    odd.graph.node.append(helper.make_node("Hardmax", [out + "_pre"], [out], name="odd_hardmax"))
+    with pytest.raises(RecoveryError) as e:
+        recover(teacher, odd, calib, steps=1)
+    msg = str(e.value)
+    assert "\n" not in msg and "Hardmax" in msg and "odd_hardmax" in msg
