@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .datasources import Preprocess
     from .inputs import BuildInputs
     from .pipeline import FleetResult
-    from .types import Artifact, ModelAnalysis, Plan, Profile, Target
+    from .types import Artifact, ModelAnalysis, Plan, Profile, RecoverySettings, Target
 
 Progress = Callable[[str], None]
 InputShape = Mapping[str, Any] | list[str] | None
@@ -71,6 +71,15 @@ def _target(target: str | Path | Target, max_latency_ms: float | None = None) ->
 
     tg = target if isinstance(target, Target) else load_target(str(target))
     return tg if max_latency_ms is None else with_latency_limit(tg, max_latency_ms)
+
+
+def _recovery(recover: bool | RecoverySettings) -> RecoverySettings | None:
+    """``recover=True`` (the CLI's ``--recover`` with its defaults) or explicit settings; False: none."""
+    from .types import RecoverySettings
+
+    if isinstance(recover, RecoverySettings):
+        return recover
+    return RecoverySettings() if recover else None
 
 
 def _is_default(model: Any) -> bool:
@@ -148,7 +157,8 @@ def build(model: Any, *, target: str | Path | Target, output: str | Path, backen
           precision: str | None = None, plan: Plan | str | Path | None = None, calib: Any = None,
           eval: Any = None, labels: Any = None, inputs: Any = None,  # noqa: A002 - the command line's --eval
           max_accuracy_drop: float | None = None, min_snr_db: float | None = None, objective: str = "latency",
-          max_latency_ms: float | None = None, input_shape: InputShape = None, preprocess: str | Preprocess | Mapping | None = None,
+          max_latency_ms: float | None = None, recover: bool | RecoverySettings = False,
+          input_shape: InputShape = None, preprocess: str | Preprocess | Mapping | None = None,
           sample_rate: int | None = None, classes: list[str] | str | None = None, example_inputs: Any = None,
           input_names: list[str] | None = None, max_memory: str | int | None = None,
           progress: Progress | None = None) -> Artifact:
@@ -166,13 +176,14 @@ def build(model: Any, *, target: str | Path | Target, output: str | Path, backen
                            example_inputs=example_inputs, input_names=input_names)
         return _build(prepared, tg, output, plan=replay, backend=backend, precision=precision,
                       max_accuracy_drop=max_accuracy_drop, min_snr_db=min_snr_db, objective=objective,
-                      progress=progress)
+                      progress=progress, recover=_recovery(recover))
 
 
 def fleet(model: Any, *, output: str | Path, targets: str | list[str | Path | Target] = "all", jobs: int = 2,
           calib: Any = None, eval: Any = None, labels: Any = None, inputs: Any = None,  # noqa: A002
           max_accuracy_drop: float | None = None, min_snr_db: float | None = None, objective: str = "latency",
-          max_latency_ms: float | None = None, input_shape: InputShape = None, preprocess: str | Preprocess | Mapping | None = None,
+          max_latency_ms: float | None = None, recover: bool | RecoverySettings = False,
+          input_shape: InputShape = None, preprocess: str | Preprocess | Mapping | None = None,
           sample_rate: int | None = None, classes: list[str] | str | None = None, example_inputs: Any = None,
           input_names: list[str] | None = None, max_memory: str | int | None = None,
           progress: Progress | None = None) -> FleetResult:
@@ -190,7 +201,7 @@ def fleet(model: Any, *, output: str | Path, targets: str | list[str | Path | Ta
                            input_shape=input_shape, preprocess=preprocess, sample_rate=sample_rate, classes=classes,
                            example_inputs=example_inputs, input_names=input_names)
         return _fleet(prepared, tgs, output, jobs=jobs, max_accuracy_drop=max_accuracy_drop, min_snr_db=min_snr_db,
-                      objective=objective, progress=progress)
+                      objective=objective, progress=progress, recover=_recovery(recover))
 
 
 def profile(artifact: str | Path, *, device: str = "local", token: str | None = None,

@@ -72,6 +72,31 @@ def _add_latency_arg(p: argparse.ArgumentParser) -> None:
                         "latency_ms is a goal: the fastest plan within RAM/storage is built and a miss is said)")
 
 
+def _add_recover_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recover", action="store_true",
+                   help="recover compressed models by distillation fine-tuning against the original on the calibration "
+                        "data (pruning and 4-bit weights are then planned at their predicted post-recovery accuracy; "
+                        "the recovered artifact is measured); needs --calib and torch")
+    p.add_argument("--recover-steps", type=int, default=300, metavar="N", help="recovery optimizer steps at most (300)")
+    p.add_argument("--recover-time", type=float, default=600.0, metavar="S",
+                   help="recovery time budget per build in seconds (600)")
+
+
+def _recover_settings(args: argparse.Namespace):
+    """The recovery settings ``--recover`` asks for, or None."""
+    if not getattr(args, "recover", False):
+        return None
+    from pydantic import ValidationError
+
+    from .types import RecoverySettings
+
+    try:
+        return RecoverySettings(steps=args.recover_steps, time_budget_s=args.recover_time)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise EdgeoptError(f"--recover-{'steps' if err['loc'][0] == 'steps' else 'time'}: {err['msg']}") from None
+
+
 def _limited(target, args: argparse.Namespace):
     """The target with ``--max-latency-ms`` applied (a limit), or unchanged."""
     from .planner import with_latency_limit
@@ -150,6 +175,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--plan", type=Path, help="replay this plan.json instead of planning")
     _add_data_args(b)
     _add_latency_arg(b)
+    _add_recover_args(b)
     b.set_defaults(objective=None)
     _add_inputs_arg(b)
     _add_max_memory_arg(b)
@@ -165,6 +191,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--jobs", type=int, default=2, help="targets built at once")
     _add_data_args(f)
     _add_latency_arg(f)
+    _add_recover_args(f)
     f.set_defaults(objective=None)
     _add_inputs_arg(f)
     _add_max_memory_arg(f)
@@ -181,6 +208,20 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--labels", type=Path, help=".npy labels for the calibration samples (reports accuracy)")
     c.add_argument("-o", "--output", type=Path, required=True, help="where to write the transformed .onnx")
     c.add_argument("--json", action="store_true", help="print the pass report as JSON")
+
+    r = sub.add_parser("recover", help="fine-tune a compressed model against its original (distillation)")
+    r.add_argument("model", type=Path, help="the compressed model (e.g. from edgeopt compress --pass prune)")
+    r.add_argument("--teacher", type=Path, required=True, help="the original model it was compressed from")
+    r.add_argument("--calib", type=Path, required=True,
+                   help="training inputs: a folder of .npy/.npz files, or one .npy/.npz file (no labels needed)")
+    r.add_argument("--labels", type=Path, help=".npy labels of the --calib samples (adds a cross-entropy term)")
+    r.add_argument("--steps", type=int, default=300, help="optimizer steps at most (default 300)")
+    r.add_argument("--time", type=float, default=600.0, metavar="S", help="time budget in seconds (default 600)")
+    r.add_argument("--weight-bits", type=int, choices=(4, 8),
+                   help="also learn a per-channel weight grid of this many bits (LSQ) for every Conv/Gemm/MatMul")
+    r.add_argument("-o", "--output", type=Path, required=True, help="where to write the recovered .onnx")
+    r.add_argument("--json", action="store_true", help="print the recovery record as JSON")
+    _add_max_memory_arg(r)
 
     d = sub.add_parser("demo", help="analyse and plan the embedded default model, a digits CNN")
     d.add_argument("--target", default="mcu-cortex-m7", help="target (default: mcu-cortex-m7)")
@@ -457,7 +498,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     with status:
         art = build(inputs, target, args.output, plan=plan, backend=args.backend, precision=args.precision,
                     max_accuracy_drop=args.max_accuracy_drop, min_snr_db=args.min_snr_db, objective=args.objective,
-                    progress=say, project=project.record() if project is not None else None)
+                    progress=say, project=project.record() if project is not None else None,
+                    recover=_recover_settings(args))
     out = console()
     plan_summary(art.plan, out, layers=False)
     print(f"artifact {_shown(args.output)}: {art.backend}, {art.size_bytes:,} bytes, predicted {art.predicted_latency_ms:.3f} ms, "
@@ -465,6 +507,11 @@ def _cmd_build(args: argparse.Namespace) -> int:
     for step in art.accuracy_control:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in step.measured.items() if k in ("accuracy_delta", "top1_agreement", "snr_db"))
         print(f"accuracy control {step.iteration}: {step.summary}: {shown or 'not measured'}: {step.action}")
+    if art.recovery is not None:
+        r = art.recovery
+        agree = (f"; agreement with the original on the training samples {r.agreement_before:.4f} -> "
+                 f"{r.agreement_after:.4f}" if r.agreement_before is not None and r.agreement_after is not None else "")
+        print(f"recovery: {r.steps} steps in {r.time_s:.0f} s on {r.samples} samples{agree}")
     if art.accuracy:
         print("validated: " + ", ".join(f"{k} {v:.4f}" for k, v in art.accuracy.items()))
     print(f"fidelity: {art.fidelity}")
@@ -496,7 +543,8 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
     with status:
         res = fleet(inputs, targets, args.output, jobs=args.jobs, max_accuracy_drop=args.max_accuracy_drop,
                     min_snr_db=args.min_snr_db, objective=args.objective, progress=say,
-                    project=project.record() if project is not None else None)
+                    project=project.record() if project is not None else None,
+                    recover=_recover_settings(args))
     out = console()
     for e in res.entries:
         if e.ok:
@@ -525,6 +573,36 @@ def _parse_sets(items: list[str]) -> dict:
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+def _cmd_recover(args: argparse.Namespace) -> int:
+    from .calibration import as_calibration
+    from .graph import load_model
+    from .io import atomic_write_model
+    from .recover import recover
+
+    if args.steps < 1 or not args.time > 0:
+        raise EdgeoptError("--steps must be at least 1 and --time positive")
+    student = load_model(args.model, load_external_data=True)
+    teacher = load_model(args.teacher, load_external_data=True)
+    calib = as_calibration(args.calib, teacher, labels=args.labels)
+    status, say = _progress()
+    with status:
+        res = recover(teacher, student, calib, steps=args.steps, time_budget_s=args.time,
+                      quantize={"*": args.weight_bits} if args.weight_bits else None,
+                      progress=lambda i, n, loss: say(f"recovery {i}/{n}: loss {loss:.4g}"))
+    atomic_write_model(res.model, args.output)
+    rec = res.record
+    if args.json:
+        print(rec.model_dump_json(indent=2))
+    else:
+        print(f"recovered in {rec.steps} steps ({rec.time_s:.0f} s, {rec.device}, {rec.samples} samples, "
+              f"{'labels and ' if rec.labels_used else ''}distillation){'; stopped early: ' + rec.stop_reason if rec.stopped_early else ''}")
+        if rec.agreement_before is not None:
+            print(f"top-1 agreement with the teacher on the training samples: {rec.agreement_before:.4f} -> "
+                  f"{rec.agreement_after:.4f}")
+        print(f"wrote {args.output}")
+    return 0
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
@@ -732,6 +810,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")
     args = _parser().parse_args(argv)
     handler = {"targets": _cmd_targets, "analyze": _cmd_analyze, "plan": _cmd_plan, "compress": _cmd_compress,
+               "recover": _cmd_recover,
                "build": _cmd_build, "fleet": _cmd_fleet, "demo": _cmd_demo, "profile": _cmd_profile,
                "agent": _cmd_agent, "init": _cmd_init, "completion": _cmd_completion}[args.cmd]
     from .io import run_scratch

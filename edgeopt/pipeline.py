@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import EdgeoptError, PlanError
 from .inputs import BuildInputs
-from .types import AccuracyBudget, Artifact, Plan, Target
+from .types import AccuracyBudget, Artifact, Plan, RecoverySettings, Target
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -110,6 +110,41 @@ def structural_passes(model: onnx.ModelProto, plan: Plan, calib: CalibrationData
         if note:
             notes.append(note)
     return model, notes
+
+
+def recoverable(plan: Plan) -> bool:
+    """Whether recovery can help the plan: it prunes, or stores weights in a format recovery trains for (4-bit)."""
+    from .technique import get
+
+    return any(lp.sparsity != "none" or get(lp.precision).recovered_noise < 1.0 for lp in plan.layers)
+
+
+def recover_model(inputs: BuildInputs, model: onnx.ModelProto, plan: Plan, settings: RecoverySettings,
+                  progress: Progress | None = None):
+    """Fine-tune ``model`` (the pruned student) against the original (``inputs.model``) on the calibration data
+    (:func:`edgeopt.recover.recover`), with LSQ fake-quant for the weights the plan stores in 4 bits; returns the
+    recovered model and its :class:`~edgeopt.types.RecoveryRecord`."""
+    from .recover import recover
+    from .technique import get
+
+    weights = {ly.name: ly.weights for ly in inputs.analysis.layers}
+    present = {t.name for t in model.graph.initializer}
+    quantize = {w: get(lp.precision).weight_bits for lp in plan.layers
+                if get(lp.precision).recovered_noise < 1.0 and get(lp.precision).weight_bits <= 4
+                for w in weights.get(lp.name, [])[:1] if w in present}
+    say = progress or (lambda _msg: None)
+    last = [0.0]
+
+    def step(i: int, n: int, loss: float) -> None:
+        import time
+
+        if time.monotonic() - last[0] >= 2 or i == n:
+            last[0] = time.monotonic()
+            say(f"recovery {i}/{n}: loss {loss:.4g}")
+
+    res = recover(inputs.model, model, inputs.calib, steps=settings.steps, lr=settings.lr,
+                  time_budget_s=settings.time_budget_s, quantize=quantize or None, seed=settings.seed, progress=step)
+    return res.model, res.record
 
 
 def open_here(artifact_dir: Path):
@@ -300,6 +335,9 @@ class Planning:
     reference: list[np.ndarray] | None = None
     budget: AccuracyBudget | None = None
     error_model: object | None = None  # accuracy.ErrorModel
+    #: the build recovers compressed models (--recover): pruning and 4-bit weights are planned at their predicted
+    #: post-recovery noise (planner.after_recovery)
+    recover: bool = False
 
     def prepare(self) -> None:
         """Compute the reference outputs, the budget and the error model (once; needs data)."""
@@ -534,6 +572,10 @@ def plan_latency(pl: Planning, *, noise_cap: float | None = None, float_only: bo
     model = pl.error_model
     cap = noise_cap if noise_cap is not None else model.noise_cap()
     rationale.append(f"objective: fastest plan with {pl.budget.describe()}: predicted total output noise <= {cap:.3g}")
+    if pl.recover:
+        rationale.append("with recovery (--recover): pruning and 4-bit weights planned at their predicted noise after "
+                         "distillation fine-tuning (each technique's recovered_noise share of the post-training noise); "
+                         "the recovered artifact is measured")
     best_res = None
     chosen_configs: dict = {}
     for option in runnable:
@@ -547,6 +589,10 @@ def plan_latency(pl: Planning, *, noise_cap: float | None = None, float_only: bo
         sim_int8 = {k: v for k, v in sim_int8.items() if k != "bias_correction"}
         heavy = costly_layers(analysis, target, option)
         sens = pl.measure_sensitivity(techs, sim_int8 or None, sparsity_layers=heavy)
+        if pl.recover:
+            from .planner import after_recovery
+
+            sens = after_recovery(sens)
         chosen_configs = {"int8": chosen} if chosen else {}
         measured = pl.measured if pl.measured is not None and getattr(pl.measured, "option", None) == option.label else None
         res = None
@@ -679,7 +725,7 @@ def build(inputs: BuildInputs, target: Target, out_dir: str | Path, *, plan: Pla
           backend: str | None = None, precision: str | None = None, max_accuracy_drop: float | None = None,
           min_snr_db: float | None = None, objective: str = "latency", sensitivity: dict | None = None,
           validate_artifact: bool = True, profile: bool = True, progress: Progress | None = None,
-          project: dict[str, str] | None = None) -> Artifact:
+          project: dict[str, str] | None = None, recover: RecoverySettings | None = None) -> Artifact:
     """Build one optimized artifact for ``target`` in ``out_dir`` (replaced atomically) and return its manifest.
 
     With the latency objective (the default) the plan is the fastest within the accuracy budget, and the build
@@ -706,6 +752,8 @@ def build(inputs: BuildInputs, target: Target, out_dir: str | Path, *, plan: Pla
         progress: called with one status line per stage.
         project: the project file the settings came from (:meth:`edgeopt.project.Project.record`), recorded in the
             manifest.
+        recover: fine-tune the pruned / 4-bit model against the original after the structural passes
+            (:func:`recover_model`; needs calibration data) and plan with recovery in mind; None: post-training only.
 
     Returns:
         The artifact's manifest, with measured accuracy and latency where they were obtained.
@@ -726,13 +774,17 @@ def build(inputs: BuildInputs, target: Target, out_dir: str | Path, *, plan: Pla
     pl = None
     if objective not in ("latency", "fidelity"):
         raise EdgeoptError(f"unknown objective '{objective}'; valid: latency, fidelity")
+    if recover is not None and inputs.calib is None:
+        raise EdgeoptError("--recover fine-tunes on the calibration data: give --calib")
+    record = None
     # the work folder (and its temp files) exists from the start: a build killed while planning leaves nothing
     with atomic_dir(out_dir) as tmp:
         if plan is None:
             say(f"{target.name}: planning")
             if objective == "latency" and precision is None:
                 pl = Planning(inputs, target, backend=backend, max_accuracy_drop=max_accuracy_drop, min_snr_db=min_snr_db,
-                              sensitivity=sensitivity if sensitivity is not None else {}, progress=say)
+                              sensitivity=sensitivity if sensitivity is not None else {}, progress=say,
+                              recover=recover is not None)
                 plan = plan_latency(pl)
             else:
                 plan = plan_for(inputs, target, backend=backend, precision=precision, max_accuracy_drop=max_accuracy_drop,
@@ -747,6 +799,12 @@ def build(inputs: BuildInputs, target: Target, out_dir: str | Path, *, plan: Pla
             for rnd in range(1, MAX_CONTROL_ROUNDS + 1):
                 say(f"{target.name}: passes" + (f" (accuracy control round {rnd})" if rnd > 1 else ""))
                 model, notes = structural_passes(inputs.model, plan, inputs.calib)
+                record = None
+                if recover is not None and recoverable(plan):
+                    say(f"{target.name}: recovering (distillation fine-tuning, at most {recover.steps} steps)")
+                    model, record = recover_model(inputs, model, plan, recover, progress=say)
+                    notes.append(f"recovery: {record.steps} steps, agreement with the original on the training "
+                                 f"samples {record.agreement_before} -> {record.agreement_after}")
                 say(f"{target.name}: converting with {plan.backend}")
                 artifact_dir = tmp / f"artifact-{rnd}"
                 artifact = build_artifact(model, plan, artifact_dir, inputs.calib)
@@ -817,6 +875,8 @@ def build(inputs: BuildInputs, target: Target, out_dir: str | Path, *, plan: Pla
                   "fidelity": fidelity, "accuracy_control": steps, "project": project}
         if inputs.source is not None:
             update["source"] = inputs.source
+        if record is not None:
+            update["recovery"] = record
         if measured is not None:
             update["measured_on"], update["measured_on_target"] = host_description(), on_target
         artifact = artifact.model_copy(update=update)
@@ -1025,7 +1085,8 @@ class FleetResult:
 
 def fleet(inputs: BuildInputs, targets: list[Target], out_dir: str | Path, *, jobs: int = 2,
           max_accuracy_drop: float | None = None, min_snr_db: float | None = None, objective: str = "latency",
-          progress: Progress | None = None, project: dict[str, str] | None = None) -> FleetResult:
+          progress: Progress | None = None, project: dict[str, str] | None = None,
+          recover: RecoverySettings | None = None) -> FleetResult:
     """Build every target into ``out_dir/<target>/`` in parallel, sharing calibration data and
     sensitivity; write ``fleet.json`` and ``report.html``.  The directory is replaced atomically.
 
@@ -1041,6 +1102,7 @@ def fleet(inputs: BuildInputs, targets: list[Target], out_dir: str | Path, *, jo
         objective: ``latency`` or ``fidelity`` (see :func:`build`).
         progress: called with status lines.
         project: the project file the settings came from, recorded in every manifest (see :func:`build`).
+        recover: recover every target's compressed model (see :func:`build`).
 
     Returns:
         One entry per target (in ``targets`` order) and the path of ``report.html``.
@@ -1051,6 +1113,8 @@ def fleet(inputs: BuildInputs, targets: list[Target], out_dir: str | Path, *, jo
     from .report import FleetEntry, fleet_html
 
     say = progress or (lambda _msg: None)
+    if recover is not None and inputs.calib is None:
+        raise EdgeoptError("--recover fine-tunes on the calibration data: give --calib")
     sensitivity: dict = {}
     if inputs.calib is not None:
         from . import technique
@@ -1067,7 +1131,8 @@ def fleet(inputs: BuildInputs, targets: list[Target], out_dir: str | Path, *, jo
         def one(target: Target) -> FleetEntry:
             try:
                 art = build(inputs, target, tmp / target.name, max_accuracy_drop=max_accuracy_drop, min_snr_db=min_snr_db,
-                            objective=objective, sensitivity=dict(sensitivity), progress=say, project=project)
+                            objective=objective, sensitivity=dict(sensitivity), progress=say, project=project,
+                            recover=recover)
                 return FleetEntry(target=target.name, ok=True, artifact=art)
             except EdgeoptError as e:
                 say(f"{target.name}: failed: {e}")

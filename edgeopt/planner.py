@@ -415,6 +415,21 @@ def _to_plan(analysis: ModelAnalysis, target: Target, ev: Evaluation, rationale:
 # --------------------------------------------------------------------------- sensitivity-driven search
 
 
+def after_recovery(sens: dict) -> dict:
+    """Sensitivity as the planner predicts it after recovery (``--recover``): each technique's post-training noise and
+    flips scaled by its :attr:`~edgeopt.technique.Technique.recovered_noise` (pruning and 4-bit weights shrink; formats
+    recovery does not train stay).  Accuracy control measures the recovered artifact against the same budget."""
+    out = {}
+    for key, s in sens.items():
+        try:
+            f = technique.get(key[1]).recovered_noise
+        except (EdgeoptError, KeyError, IndexError, TypeError):
+            f = 1.0
+        out[key] = s if f == 1.0 or not s.applicable else s.model_copy(
+            update={"noise": s.noise * f, "flips": None if s.flips is None else s.flips * f})
+    return out
+
+
 def layer_choices(analysis: ModelAnalysis, option: BackendOption, sens: dict) -> dict[str, list[tuple[Choice, float, float]]]:
     """Per weighted layer: every (Choice, noise, flips) the backend option can run and sensitivity measured.
 

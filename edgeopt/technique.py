@@ -118,6 +118,10 @@ class Technique:
     # -- sparsity
     ratio: float = 0.0  # fraction removed when planned (2:4: 0.5)
     removes_channels: bool = False  # whole output channels go: the layer, its outputs and metadata shrink
+    # -- recovery (edgeopt.recover): the planner's prior for the share of the post-training noise sensitivity
+    #    measured that is left after distillation fine-tuning (1.0: recovery does not help, e.g. activation formats);
+    #    accuracy control then measures the recovered artifact
+    recovered_noise: float = 1.0
     storage: Callable[[int, float, bool], tuple[float, float]] = _dense  # (weights, ratio, compresses) -> (kept, index B)
     # -- hooks
     simulate: Simulator | None = None

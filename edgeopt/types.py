@@ -550,6 +550,46 @@ class ModelSource(_Frozen):
     tolerance: float | None = Field(default=None, description="the largest difference accepted")
 
 
+class RecoveryRecord(_Frozen):
+    """What a recovery (distillation fine-tuning of a compressed student against its original as teacher,
+    :func:`edgeopt.recover.recover`) did: what a manifest records about it."""
+
+    steps: int = Field(description="optimizer steps taken")
+    steps_planned: int
+    epochs: float = Field(description="passes over the training samples (steps * batch / samples)")
+    samples: int = Field(description="training samples used")
+    batch_size: int
+    augmentation: list[str] = Field(default_factory=list, description="augmentations applied to teacher and student alike")
+    labels_used: bool = False
+    loss: str = Field(description="the loss terms and weights")
+    features_matched: list[str] = Field(default_factory=list, description="intermediate tensors matched (same name and shape)")
+    loss_curve: list[float] = Field(default_factory=list, description="training loss, averaged over windows (at most 50 points)")
+    lr: float
+    time_s: float = Field(description="wall time of the whole recovery (conversion, training, export, checks)")
+    cpu_time_s: float = Field(description="CPU time of this process over it (wall time inflates on a shared machine)")
+    device: str = Field(description="cpu or cuda")
+    threads: int
+    seed: int
+    stopped_early: bool = False
+    stop_reason: str = ""
+    masked: dict[str, float] = Field(default_factory=dict, description="weight -> fraction of zeros kept fixed (sparsity masks)")
+    quantized: dict[str, int] = Field(default_factory=dict, description="weight -> bits of its learned (LSQ) fake-quant grid")
+    agreement_before: float | None = Field(default=None, description="student/teacher top-1 agreement on the training "
+                                                                      "samples before recovery (classifiers)")
+    agreement_after: float | None = None
+    export_max_abs_error: float = Field(description="largest |onnxruntime - torch| output difference of the exported student")
+
+
+class RecoverySettings(_Frozen):
+    """How a build recovers a compressed model (``--recover``): distillation fine-tuning against the original
+    (:func:`edgeopt.recover.recover`), after pruning and before the backend sets numeric formats."""
+
+    steps: int = Field(default=300, ge=1, description="optimizer steps at most")
+    time_budget_s: float | None = Field(default=600.0, gt=0, description="stop after this many seconds (None: the steps)")
+    lr: float = Field(default=1e-4, gt=0, description="peak learning rate (Adam, cosine decay)")
+    seed: int = 0
+
+
 class Artifact(_Frozen):
     """A built model on disk plus what is known about it (serialised as manifest.json)."""
 
@@ -575,6 +615,8 @@ class Artifact(_Frozen):
         default=None, description="the project file the build's settings came from: path, sha256 (and table, for a "
                                   "pyproject.toml); None: no project file")
     source: ModelSource | None = Field(default=None, description="how the model was exported (torch, in-memory ONNX)")
+    recovery: RecoveryRecord | None = Field(default=None, description="the distillation fine-tuning the build ran "
+                                                                      "after compression (--recover), else None")
     created_utc: str
 
 
@@ -604,33 +646,3 @@ class Profile(_Frozen):
         default=None, description="whether the machine measured is of the artifact's target class (only such profiles "
                                   "calibrate the target's predictions); None: not recorded (older profiles)")
     created_utc: str
-
-
-class RecoveryRecord(_Frozen):
-    """What a recovery (distillation fine-tuning of a compressed student against its original as teacher,
-    :func:`edgeopt.recover.recover`) did: what a manifest records about it."""
-
-    steps: int = Field(description="optimizer steps taken")
-    steps_planned: int
-    epochs: float = Field(description="passes over the training samples (steps * batch / samples)")
-    samples: int = Field(description="training samples used")
-    batch_size: int
-    augmentation: list[str] = Field(default_factory=list, description="augmentations applied to teacher and student alike")
-    labels_used: bool = False
-    loss: str = Field(description="the loss terms and weights")
-    features_matched: list[str] = Field(default_factory=list, description="intermediate tensors matched (same name and shape)")
-    loss_curve: list[float] = Field(default_factory=list, description="training loss, averaged over windows (at most 50 points)")
-    lr: float
-    time_s: float = Field(description="wall time of the whole recovery (conversion, training, export, checks)")
-    cpu_time_s: float = Field(description="CPU time of this process over it (wall time inflates on a shared machine)")
-    device: str = Field(description="cpu or cuda")
-    threads: int
-    seed: int
-    stopped_early: bool = False
-    stop_reason: str = ""
-    masked: dict[str, float] = Field(default_factory=dict, description="weight -> fraction of zeros kept fixed (sparsity masks)")
-    quantized: dict[str, int] = Field(default_factory=dict, description="weight -> bits of its learned (LSQ) fake-quant grid")
-    agreement_before: float | None = Field(default=None, description="student/teacher top-1 agreement on the training "
-                                                                      "samples before recovery (classifiers)")
-    agreement_after: float | None = None
-    export_max_abs_error: float = Field(description="largest |onnxruntime - torch| output difference of the exported student")

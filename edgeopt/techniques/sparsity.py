@@ -73,14 +73,20 @@ def _channel_storage(weights: int, ratio: float, compresses: bool) -> tuple[floa
     return 1.0 - ratio, 0.0
 
 
+#: The planner's prior for the share of a pruned layer's post-training noise left after recovery (distillation with
+#: the masks fixed, ``edgeopt.recover``): scripts/bench_recovery.py measures MobileNetV2's whole-model noise after
+#: vs before recovery far below this; accuracy control measures every recovered artifact anyway.
+RECOVERED_PRUNING = 0.1
+
 TECHNIQUES = [
     Technique(name="2:4", kind="sparsity", description="two of every four weights along the reduction axis kept "
               "(sparse tensor cores)", ratio=0.5, storage=_nm_storage,
-              simulate=_prune_simulator(_nm), apply=_prune_applier(_nm)),
+              simulate=_prune_simulator(_nm), apply=_prune_applier(_nm), recovered_noise=RECOVERED_PRUNING),
     Technique(name="unstructured", kind="sparsity", description="the smallest weights set to zero",
               ratio=UNSTRUCTURED_RATIO, storage=_unstructured_storage,
-              simulate=_prune_simulator(_unstructured), apply=_prune_applier(_unstructured)),
+              simulate=_prune_simulator(_unstructured), apply=_prune_applier(_unstructured),
+              recovered_noise=RECOVERED_PRUNING),
     Technique(name="channel", kind="sparsity", description="whole output channels removed, consumers re-fitted",
               ratio=CHANNEL_RATIO, removes_channels=True, storage=_channel_storage,
-              simulate=_simulate_channel, apply=_apply_channel),
+              simulate=_simulate_channel, apply=_apply_channel, recovered_noise=RECOVERED_PRUNING),
 ]

@@ -48,5 +48,6 @@ TECHNIQUES = [
     Technique(name="wint4", kind="precision", description="4-bit weights per block of 32 along K, float activations "
               "(MatMul/Gemm only)", fidelity=50, weight_bits=4, activation_bits=None, float_bits=32,
               metadata_bytes=_block_metadata, ops=OPS, profiled=True,
-              simulate=_simulator(4), apply=_applier(4), apply_order=10),
+              simulate=_simulator(4), apply=_applier(4), apply_order=10,
+              recovered_noise=0.3),  # LSQ learns the per-channel 4-bit grid; the block quantizer re-fits it
 ]

@@ -1,0 +1,90 @@
+"""Recovery wired into planning and building: ``--recover`` plans pruning / 4-bit weights at their predicted
+post-recovery noise, the build fine-tunes the compressed model before the backend, and the manifest records the run;
+``edgeopt recover`` runs it on a model compressed by hand."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from edgeopt import technique  # noqa: E402
+from edgeopt.datasets import default_model_path, digits  # noqa: E402
+from edgeopt.pipeline import BuildInputs, build, plan_for, recoverable  # noqa: E402
+from edgeopt.planner import after_recovery  # noqa: E402
+from edgeopt.sensitivity import Sensitivity  # noqa: E402
+from edgeopt.targets import load_target  # noqa: E402
+from edgeopt.types import RecoverySettings  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args, cwd=None):
+    env = {"PYTHONPATH": str(ROOT)}
+    import os
+
+    return subprocess.run([sys.executable, "-m", "edgeopt.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, cwd=cwd, env={**os.environ, **env})
+
+
+def test_after_recovery_scales_only_what_recovery_trains():
+    s = {("a", "channel"): Sensitivity(layer="a", option="channel", noise=0.1, flips=0.2),
+         ("a", "int8"): Sensitivity(layer="a", option="int8", noise=0.1, flips=0.2),
+         ("a", "wint4"): Sensitivity(layer="a", option="wint4", noise=0.1, flips=None),
+         ("b", "2:4"): Sensitivity(layer="b", option="2:4", noise=1.0, flips=0.5, applicable=False)}
+    r = after_recovery(s)
+    assert r[("a", "channel")].noise == pytest.approx(0.1 * technique.get("channel").recovered_noise)
+    assert r[("a", "channel")].noise < 0.1
+    assert r[("a", "channel")].flips < 0.2 and r[("a", "int8")] == s[("a", "int8")]
+    assert r[("a", "wint4")].noise < 0.1 and r[("a", "wint4")].flips is None
+    assert r[("b", "2:4")] == s[("b", "2:4")]  # not applicable: untouched
+    assert all(technique.get(t).recovered_noise < 1 for t in ("2:4", "unstructured", "channel", "wint4"))
+    assert all(technique.get(t).recovered_noise == 1 for t in ("fp32", "fp16", "int8"))
+
+
+def test_build_recovers_a_pruned_plan_and_records_it(tmp_path):
+    inputs = BuildInputs.default_model()
+    target = load_target("x86-cpu")
+    plan = plan_for(inputs, target, backend="onnxruntime", precision="fp32")
+    convs = [lp.name for lp in plan.layers if lp.op_type == "Conv"]
+    pruned = [lp.model_copy(update={"sparsity": "channel", "sparsity_ratio": 0.5}) if lp.name in convs[:2] else lp
+              for lp in plan.layers]
+    plan = plan.model_copy(update={"layers": pruned})
+    assert recoverable(plan)
+    art = build(inputs, target, tmp_path / "post", plan=plan, profile=False)
+    rec = build(inputs, target, tmp_path / "rec", plan=plan, profile=False,
+                recover=RecoverySettings(steps=120, time_budget_s=120))
+    assert art.recovery is None and rec.recovery is not None and rec.recovery.steps > 0
+    manifest = json.loads((tmp_path / "rec" / "manifest.json").read_text())
+    assert manifest["recovery"]["steps"] == rec.recovery.steps and manifest["recovery"]["loss_curve"]
+    # recovery does not make the pruned model worse than post-training (a margin for noise)
+    assert rec.accuracy["top1_agreement"] >= art.accuracy["top1_agreement"] - 0.01
+    assert rec.accuracy["snr_db"] >= art.accuracy["snr_db"] - 0.5
+
+
+def test_cli_recover_flag_needs_calibration_data(tmp_path):
+    p = _cli("build", default_model_path(), "--target", "x86-cpu", "--recover", "-o", tmp_path / "o")
+    assert p.returncode == 2 and p.stderr.strip() == "error: --recover fine-tunes on the calibration data: give --calib"
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_recover_command(tmp_path):
+    x, y = digits("calib")
+    np.save(tmp_path / "x.npy", x[:128])
+    np.save(tmp_path / "y.npy", y[:128])
+    p = _cli("compress", default_model_path(), "--pass", "prune", "--set", "pattern=n:m", "-o", tmp_path / "p.onnx")
+    assert p.returncode == 0, p.stderr
+    p = _cli("recover", tmp_path / "p.onnx", "--teacher", default_model_path(), "--calib", tmp_path / "x.npy",
+             "--labels", tmp_path / "y.npy", "--steps", "40", "-o", tmp_path / "r.onnx", "--json")
+    assert p.returncode == 0, p.stderr
+    rec = json.loads(p.stdout)
+    assert rec["steps"] == 40 and rec["labels_used"] and (tmp_path / "r.onnx").exists()
+    p = _cli("recover", tmp_path / "p.onnx", "--teacher", default_model_path(), "--calib", tmp_path / "x.npy",
+             "--steps", "0", "-o", tmp_path / "r2.onnx")
+    assert p.returncode == 2 and "--steps must be at least 1" in p.stderr
