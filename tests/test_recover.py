@@ -133,6 +133,8 @@ def test_labels_add_cross_entropy(teacher, data):
     # the digits CNN flattens into a Gemm, so it runs at 8x8 only (fully convolutional models take smaller sides)
     staged = recover(teacher, teacher, calib, steps=4, train_resolution=(8, 8))
     assert "trained at 8x8 then 8x8" in staged.record.augmentation
+    with pytest.raises(RecoveryError, match="train_resolution 6"):
+        recover(teacher, teacher, calib, steps=2, train_resolution=6)
     labelled = as_calibration(calib.feeds()["image"], teacher, labels=yc)
     assert recover(teacher, teacher, labelled, steps=1).record.labels_used  # the calibration data's own labels
 
