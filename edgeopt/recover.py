@@ -670,9 +670,15 @@ def recover(teacher: onnx.ModelProto, student: onnx.ModelProto, calib: Calibrati
                                   align_corners=False) if im else b for b, im in zip(batch, image)]
             if channels_last:
                 batch = [b.contiguous(memory_format=torch.channels_last) if b.dim() == 4 else b for b in batch]
-            with torch.no_grad():
-                t_out, t_feat = tnet(*batch, keep=tuple(feats))
-            s_out, s_feat = snet(*batch, keep=tuple(feats))
+            try:
+                with torch.no_grad():
+                    t_out, t_feat = tnet(*batch, keep=tuple(feats))
+                s_out, s_feat = snet(*batch, keep=tuple(feats))
+            except RuntimeError as e:
+                if side is None or all(x.shape[-1] == side for x, im in zip(xs, image) if im):
+                    raise
+                raise RecoveryError(f"recover: the model does not run at train_resolution {side} (not fully "
+                                    f"convolutional?): {' '.join(str(e).split())[:200]}") from None
             loss = torch.zeros((), device=device)
             for to, so in zip(t_out, s_out):
                 if not to.is_floating_point():

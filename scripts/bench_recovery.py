@@ -87,7 +87,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=420, help="seconds per recovery")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--train-resolution", default="128",
+    ap.add_argument("--train-resolution", default="128,224",
                     help="side of the training crops fed to teacher and student; a list (128,224): progressive resizing")
     ap.add_argument("--rounds", type=int, default=20, help="latency rounds")
     ap.add_argument("--only", default="2:4,unstructured50,channel50,int4")
