@@ -509,9 +509,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
         print(f"accuracy control {step.iteration}: {step.summary}: {shown or 'not measured'}: {step.action}")
     if art.recovery is not None:
         r = art.recovery
-        agree = (f"; agreement with the original on the training samples {r.agreement_before:.4f} -> "
-                 f"{r.agreement_after:.4f}" if r.agreement_before is not None and r.agreement_after is not None else "")
-        print(f"recovery: {r.steps} steps in {r.time_s:.0f} s on {r.samples} samples{agree}")
+        held = ", ".join(f"{k} {r.heldout_before[k]:.4f} -> {v:.4f}" for k, v in r.heldout_after.items()
+                         if k in r.heldout_before)
+        print(f"recovery: {r.steps} steps in {r.time_s:.0f} s on {r.samples} samples; held-out: {held}; "
+              + ("kept" if r.kept else "not kept: the post-training model was better"))
     if art.accuracy:
         print("validated: " + ", ".join(f"{k} {v:.4f}" for k, v in art.accuracy.items()))
     print(f"fidelity: {art.fidelity}")

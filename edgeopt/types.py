@@ -578,6 +578,11 @@ class RecoveryRecord(_Frozen):
                                                                       "samples before recovery (classifiers)")
     agreement_after: float | None = None
     export_max_abs_error: float = Field(description="largest |onnxruntime - torch| output difference of the exported student")
+    heldout_before: dict[str, float] = Field(default_factory=dict, description="the compressed model against the "
+                                             "original on held-out samples before recovery (a build's check)")
+    heldout_after: dict[str, float] = Field(default_factory=dict, description="... and after recovery")
+    kept: bool = Field(default=True, description="whether the build kept the recovered model (False: recovery did "
+                                                 "not beat the post-training model on held-out samples)")
 
 
 class RecoverySettings(_Frozen):

@@ -42,10 +42,10 @@ def test_after_recovery_scales_only_what_recovery_trains():
     assert r[("a", "channel")].noise == pytest.approx(0.1 * technique.get("channel").recovered_noise)
     assert r[("a", "channel")].noise < 0.1
     assert r[("a", "channel")].flips < 0.2 and r[("a", "int8")] == s[("a", "int8")]
-    assert r[("a", "wint4")].noise < 0.1 and r[("a", "wint4")].flips is None
+    assert r[("a", "wint4")] == s[("a", "wint4")]  # no recovery prior for block-wise 4-bit weights
     assert r[("b", "2:4")] == s[("b", "2:4")]  # not applicable: untouched
-    assert all(technique.get(t).recovered_noise < 1 for t in ("2:4", "unstructured", "channel", "wint4"))
-    assert all(technique.get(t).recovered_noise == 1 for t in ("fp32", "fp16", "int8"))
+    assert all(technique.get(t).recovered_noise < 1 for t in ("2:4", "unstructured", "channel"))
+    assert all(technique.get(t).recovered_noise == 1 for t in ("fp32", "fp16", "int8", "wint4"))
 
 
 def test_build_recovers_a_pruned_plan_and_records_it(tmp_path):
@@ -63,9 +63,13 @@ def test_build_recovers_a_pruned_plan_and_records_it(tmp_path):
     assert art.recovery is None and rec.recovery is not None and rec.recovery.steps > 0
     manifest = json.loads((tmp_path / "rec" / "manifest.json").read_text())
     assert manifest["recovery"]["steps"] == rec.recovery.steps and manifest["recovery"]["loss_curve"]
-    # recovery does not make the pruned model worse than post-training (a margin for noise)
+    # the build keeps the recovered model only when it beats post-training on held-out samples
+    r = rec.recovery
+    assert r.heldout_before and r.heldout_after
+    first = "accuracy" if "accuracy" in r.heldout_after else "top1_agreement"
+    assert r.kept == ((r.heldout_after[first], r.heldout_after["snr_db"]) >= (r.heldout_before[first],
+                                                                               r.heldout_before["snr_db"]))
     assert rec.accuracy["top1_agreement"] >= art.accuracy["top1_agreement"] - 0.01
-    assert rec.accuracy["snr_db"] >= art.accuracy["snr_db"] - 0.5
 
 
 def test_cli_recover_flag_needs_calibration_data(tmp_path):
