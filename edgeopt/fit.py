@@ -40,6 +40,14 @@ SIDES = (192, 160, 128, 112, 96, 80, 64, 48, 32, 24, 16)
 #: channels removed per step, as a fraction of a layer's original channels
 STEP = 0.125
 MAX_ITERATIONS = 80
+#: TFLite/TFLM per-channel int8 quantization parameters in the flatbuffer: a float32 scale and an int64 zero point
+#: for each output channel of a weight and of most biases (measured on MobileNetV2: 23465 parameters, 12696 channels)
+QUANT_PARAM_BYTES_PER_CHANNEL = 22  # 12 bytes per parameter, ~1.85 parameters per channel
+#: TFLite Micro's tail (runtime structs after the tensors), as its recording allocator measures it on a 64-bit host
+#: (what the tflm backend checks against the RAM budget): each conv/fully-connected kernel's per-channel output
+#: multiplier and shift (int32 each), and per op the node, registration and eval-tensor records
+TFLM_TAIL_BYTES_PER_CHANNEL = 8
+TFLM_TAIL_BYTES_PER_LAYER = 96
 
 
 class FitError(EdgeoptError):
@@ -63,9 +71,11 @@ class FitProposal(BaseModel):
     round_to: int
     min_channels: int
     margin: float
-    predicted_ram: int
-    predicted_arena: int
-    predicted_storage: int
+    predicted_ram: int = Field(description="arena (+ weights where loaded into RAM) + the runtime's overhead")
+    predicted_arena: int = Field(description="the planner's arena (TFLite PAD copies included)")
+    predicted_storage: int = Field(description="weights + graph + the format's quantization parameters")
+    runtime_ram: int = Field(default=0, description="of predicted_ram: the runtime's tail (TFLM structs, 64-bit)")
+    runtime_storage: int = Field(default=0, description="of predicted_storage: per-channel quantization parameters")
     ram_budget: int
     storage_budget: int
     original_ram: int
@@ -232,6 +242,31 @@ def _evaluate(model: onnx.ModelProto, target: Target, option: BackendOption, pre
     return analysis, evaluate(analysis, target, option, precision)
 
 
+def runtime_overheads(analysis: ModelAnalysis, option: BackendOption) -> tuple[int, int]:
+    """(RAM, storage) bytes the backend adds beyond the arena and the weights: for TFLite/TFLM, the per-channel int8
+    quantization parameters in the flatbuffer; for TFLM also the runtime tail of the arena (per-channel requantization
+    data and per-op records).  The planner's :func:`~edgeopt.planner.evaluate` does not count them; on MobileNetV2 at
+    128x128 they are ~110 KiB of RAM and ~280 KiB of flash."""
+    if option.backend not in ("tflite", "tflm"):
+        return 0, 0
+    channels = 0
+    for ly in analysis.layers:
+        if ly.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and ly.weight_shapes and ly.output_shapes:
+            shape = ly.output_shapes[0]
+            if len(shape) >= 2:
+                channels += int(shape[1] if ly.op_type in ("Conv", "ConvTranspose") else shape[-1])
+    storage = QUANT_PARAM_BYTES_PER_CHANNEL * channels
+    ram = TFLM_TAIL_BYTES_PER_CHANNEL * channels + TFLM_TAIL_BYTES_PER_LAYER * len(analysis.layers) if (
+        option.backend == "tflm") else 0
+    return ram, storage
+
+
+def _needs(analysis: ModelAnalysis, option: BackendOption, ev, overheads: bool) -> tuple[int, int]:
+    """(RAM, storage) the model needs: the planner's prediction plus the backend's runtime overheads."""
+    extra = runtime_overheads(analysis, option) if overheads else (0, 0)
+    return int(ev.ram) + extra[0], int(ev.storage) + extra[1]
+
+
 def _peak_live(analysis: ModelAnalysis, option: BackendOption, precision: str) -> tuple[dict[str, int], int]:
     """(tensor -> bytes) alive at the step where the most activation bytes are alive (the TFLite PAD copies included,
     named by the tensor they copy), and that step's total."""
@@ -273,6 +308,7 @@ def _keep_frac(ratios: dict[str, float], name: str) -> float:
 
 
 def _step_down(ratios: dict[str, float], g: _Group, min_keep: float) -> bool:
+    """Remove another :data:`STEP` of ``g``'s channels unless that goes below ``min_keep``."""
     keep = _keep_frac(ratios, g.name)
     new = round(keep - STEP, 6)
     if new < min_keep - 1e-9:
@@ -281,16 +317,25 @@ def _step_down(ratios: dict[str, float], g: _Group, min_keep: float) -> bool:
     return True
 
 
-def _storage_moves(groups: list[_Group], ratios: dict[str, float], excess: float, min_keep: float) -> list[str]:
-    """Step down the groups holding the most weight bytes until the estimated saving covers ``excess``."""
+def _storage_moves(groups: list[_Group], ratios: dict[str, float], excess: float, min_keep: float,
+                   floor: float) -> list[str]:
+    """Step down the groups whose next step saves the most weight bytes until the estimated saving covers ``excess``;
+    below ``min_keep`` (down to ``floor``) a step's saving counts half."""
     moved: list[str] = []
     saved = 0.0
+
+    def score(g: _Group) -> float:  # bytes a step saves; going below min_keep counts half (capacity first)
+        below = _keep_frac(ratios, g.name) - STEP < min_keep - 1e-9
+        return g.per_channel * g.channels * (0.5 if below else 1.0)
+
     while saved < excess:
-        cands = [g for g in groups if _keep_frac(ratios, g.name) - STEP >= min_keep - 1e-9]
+        cands = [g for g in groups if _keep_frac(ratios, g.name) - STEP >= floor - 1e-9]
         if not cands:
             break
-        g = max(cands, key=lambda g: g.per_channel * g.channels * _keep_frac(ratios, g.name))
-        _step_down(ratios, g, min_keep)
+        # the layer where a step saves the most bytes: the biggest weights; a layer already at min_keep goes lower
+        # only while that still saves more than pruning a small layer to min_keep would (flash has no other lever)
+        g = max(cands, key=lambda g: (score(g), g.per_channel * g.channels * _keep_frac(ratios, g.name)))
+        _step_down(ratios, g, floor)
         saved += g.per_channel * g.channels * STEP
         moved.append(g.name)
     return moved
@@ -325,8 +370,8 @@ def _params(model: onnx.ModelProto) -> int:
 
 def fit_search(model: onnx.ModelProto, analysis: ModelAnalysis, target: Target, option: BackendOption, *,
                allow_resolution: bool, calib: CalibrationData | None = None, margin: float = 0.10,
-               min_keep: float = 0.5, round_to: int = 8, min_channels: int = 8, sides: tuple[int, ...] | None = None,
-               precision: str | None = None, why: list[str] | None = None) -> FitProposal | None:
+               min_keep: float = 0.5, storage_floor: float = 0.25, round_to: int = 8, min_channels: int = 8, sides: tuple[int, ...] | None = None,
+               precision: str | None = None, overheads: bool = True, why: list[str] | None = None) -> FitProposal | None:
     """Find channel keep ratios (and, with ``allow_resolution``, a smaller square input side) under which the
     model's predicted RAM and storage fit ``target``'s budgets with ``margin`` to spare.
 
@@ -341,11 +386,14 @@ def fit_search(model: onnx.ModelProto, analysis: ModelAnalysis, target: Target, 
         allow_resolution: whether the input side may shrink (only when channels alone cannot fit).
         calib: calibration data (unused by the search).
         margin: fraction of each budget kept free (predictions are estimates).
-        min_keep: no layer keeps fewer than this fraction of its channels.
+        min_keep: no layer keeps fewer than this fraction of its channels, except that where flash cannot fit
+            otherwise the largest layers go on down to ``storage_floor`` (resolution does not change flash).
+        storage_floor: the lowest keep fraction flash may push a layer to.
         round_to: channel counts kept a multiple of this (the pass's rounding).
         min_channels: never fewer channels than this.
         sides: the smaller sides tried, largest first (default: :data:`SIDES` below the original side).
         precision: the numeric format predicted (default int8 where the option runs it, else its first).
+        overheads: add the backend's runtime overheads to the planner's prediction (:func:`runtime_overheads`).
         why: when given, lines saying why no proposal was found (or what was tried) are appended to it.
 
     Returns:
@@ -361,19 +409,24 @@ def fit_search(model: onnx.ModelProto, analysis: ModelAnalysis, target: Target, 
     b = target.budgets
     ram_cap, sto_cap = int(b.ram) * (1 - margin), int(b.storage) * (1 - margin)
     ev0 = evaluate(analysis, target, option, precision)
+    ram0, sto0 = _needs(analysis, option, ev0, overheads)
     base = onnx.ModelProto()
     base.CopyFrom(model)
     normalize(base)
     groups = _groups(base, min_channels)
     input_name, _ = _input(base)
     side0 = square_side(base)
-    rationale = [f"original ({precision}, {option.label}): predicted RAM {fmt_bytes(ev0.ram)} vs "
-                 f"{fmt_bytes(b.ram)}, storage {fmt_bytes(ev0.storage)} vs {fmt_bytes(b.storage)}; fitting with "
+    extra = (" (runtime overheads included: " + ", ".join(
+        f"{k} {fmt_bytes(v)}" for k, v in zip(("RAM", "storage"), runtime_overheads(analysis, option)) if v) + ")"
+        if overheads and any(runtime_overheads(analysis, option)) else "")
+    rationale = [f"original ({precision}, {option.label}): predicted RAM {fmt_bytes(ram0)} vs "
+                 f"{fmt_bytes(b.ram)}, storage {fmt_bytes(sto0)} vs {fmt_bytes(b.storage)}{extra}; fitting with "
                  f"{margin:.0%} margin: RAM <= {fmt_bytes(ram_cap)}, storage <= {fmt_bytes(sto_cap)}"]
-    if ev0.ram <= ram_cap and ev0.storage <= sto_cap:
+    if ram0 <= ram_cap and sto0 <= sto_cap:
         rationale.append("the model already fits: nothing to change")
         return _proposal(target, option, precision, input_name, side0, None, {}, groups, round_to, min_channels,
-                         min_keep, margin, ev0, ev0, b, _params(base), _params(base), rationale)
+                         min_keep, margin, (ram0, sto0), (ram0, sto0), ev0, runtime_overheads(analysis, option)
+                         if overheads else (0, 0), b, _params(base), _params(base), rationale)
     trials: list[int | None] = [None]
     if allow_resolution:
         if side0 is None:
@@ -393,6 +446,7 @@ def fit_search(model: onnx.ModelProto, analysis: ModelAnalysis, target: Target, 
         work = Path(tmp)
         storage_ratios: dict[str, float] | None = None  # found at the first side; the weights do not depend on it
         storage_moves: list[str] = []
+        storage_failed = False
         for side in trials:
             try:
                 shaped = base if side is None else resize_input(base, side)
@@ -406,18 +460,21 @@ def fit_search(model: onnx.ModelProto, analysis: ModelAnalysis, target: Target, 
             for it in range(MAX_ITERATIONS):
                 cand = _prune(shaped, ratios, round_to, min_channels)
                 an, ev = _evaluate(cand, target, option, precision, work, f"s{side or 0}_{it}")
-                ram_ok, sto_ok = ev.ram <= ram_cap, ev.storage <= sto_cap
+                ram, sto = _needs(an, option, ev, overheads)
+                ram_ok, sto_ok = ram <= ram_cap, sto <= sto_cap
                 if ram_ok and sto_ok:
-                    result = (cand, ev)
+                    result = (cand, ev, (ram, sto), runtime_overheads(an, option) if overheads else (0, 0))
                     break
                 progressed = False
                 if not sto_ok:
-                    moved = _storage_moves(groups, ratios, ev.storage - sto_cap, min_keep)
+                    moved = _storage_moves(groups, ratios, sto - sto_cap, min_keep, storage_floor)
                     moves += [f"storage: {m}" for m in moved]
                     progressed = bool(moved)
                     if not moved:
-                        notes.append(f"at {where}: storage {fmt_bytes(ev.storage)} > {fmt_bytes(sto_cap)} with every "
-                                     f"prunable layer at its floor ({min_keep:.0%} of its channels kept)")
+                        notes.append(f"storage {fmt_bytes(sto)} > {fmt_bytes(sto_cap)} with every prunable layer at its "
+                                     f"floor ({storage_floor:.0%} of its channels kept); a lower resolution does not "
+                                     f"reduce flash")
+                        storage_failed = True
                         break
                 elif not ram_ok:
                     live, _ = _peak_live(an, option, precision)
@@ -427,7 +484,7 @@ def fit_search(model: onnx.ModelProto, analysis: ModelAnalysis, target: Target, 
                         progressed = True
                     else:
                         top = sorted(live.items(), key=lambda kv: -kv[1])[:3]
-                        notes.append(f"at {where}: RAM {fmt_bytes(ev.ram)} > {fmt_bytes(ram_cap)}; the peak is held by "
+                        notes.append(f"at {where}: RAM {fmt_bytes(ram)} > {fmt_bytes(ram_cap)}; the peak is held by "
                                      + ", ".join(f"{k} ({fmt_bytes(v)})" for k, v in top)
                                      + f", which no prunable layer above its floor ({min_keep:.0%} kept) controls")
                         break
@@ -442,22 +499,24 @@ def fit_search(model: onnx.ModelProto, analysis: ModelAnalysis, target: Target, 
                 storage_moves = [m for m in moves if m.startswith("storage: ")]
                 for m in storage_moves:
                     g = next(g for g in groups if g.name == m[9:])
-                    _step_down(storage_ratios, g, min_keep)
+                    _step_down(storage_ratios, g, storage_floor)
             if result is None:
+                if storage_failed:
+                    break
                 continue
-            cand, ev = result
+            cand, ev, need, over = result
             chans = _channels(groups, ratios, round_to, min_channels)
             pruned = {k: v for k, v in chans.items() if v[1] < v[0]}
-            rationale += _explain(notes, side0, side, pruned, moves, min_keep, ev, ram_cap, sto_cap)
+            rationale += _explain(notes, side0, side, pruned, moves, min_keep, need, ram_cap, sto_cap)
             return _proposal(target, option, precision, input_name, side0, side, {k: ratios[k] for k in pruned},
-                             groups, round_to, min_channels, min_keep, margin, ev0, ev, b, _params(base),
-                             _params(cand), rationale)
+                             groups, round_to, min_channels, min_keep, margin, (ram0, sto0), need, ev, over, b,
+                             _params(base), _params(cand), rationale)
     if not allow_resolution and side0 is not None:
         notes.append("a lower input resolution was not allowed (allow_resolution / --allow-resolution)")
     return None
 
 
-def _explain(notes, side0, side, pruned, moves, min_keep, ev, ram_cap, sto_cap) -> list[str]:
+def _explain(notes, side0, side, pruned, moves, min_keep, need, ram_cap, sto_cap) -> list[str]:
     lines = [f"tried first: {n}" for n in notes]
     n_sto = sum(m.startswith("storage") for m in moves)
     n_ram = sum(m.startswith("RAM") for m in moves)
@@ -465,28 +524,31 @@ def _explain(notes, side0, side, pruned, moves, min_keep, ev, ram_cap, sto_cap) 
         lines.append(f"input {side0}x{side0} -> {side}x{side}: channels alone (each layer keeping >= {min_keep:.0%}) "
                      f"could not fit at the larger sides; the arena scales with the feature maps' area")
     if n_sto:
+        low = min((b / a for a, b in pruned.values()), default=1.0)
         lines.append(f"flash: {n_sto} step(s) of {STEP:.0%} of a layer's channels where the weight bytes are (the "
-                     f"largest producer+consumer weights first)")
+                     f"largest producer+consumer weights first)"
+                     + (f"; flash needed layers below {min_keep:.0%} (down to {low:.0%} kept)" if low < min_keep - 0.02
+                        else ""))
     if n_ram:
         lines.append(f"RAM: {n_ram} step(s) of {STEP:.0%} of the channels of the layer holding the most bytes at the "
                      f"arena's peak step (PAD copies included)")
     top = sorted(pruned.items(), key=lambda kv: kv[1][1] / kv[1][0])[:4]
     if top:
         lines.append("most pruned: " + ", ".join(f"{k} {a}->{b}" for k, (a, b) in top))
-    lines.append(f"predicted RAM {fmt_bytes(ev.ram)} <= {fmt_bytes(ram_cap)}, storage {fmt_bytes(ev.storage)} <= "
+    lines.append(f"predicted RAM {fmt_bytes(need[0])} <= {fmt_bytes(ram_cap)}, storage {fmt_bytes(need[1])} <= "
                  f"{fmt_bytes(sto_cap)}")
     return lines
 
 
 def _proposal(target, option, precision, input_name, side0, side, ratios, groups, round_to, min_channels, min_keep,
-              margin, ev0, ev, b, p0, p1, rationale) -> FitProposal:
+              margin, need0, need, ev, over, b, p0, p1, rationale) -> FitProposal:
     return FitProposal(
         target=target.name, option=option.label, precision=precision, input_name=input_name, original_side=side0,
         resolution=side, ratios=ratios, channels=_channels(groups, ratios, round_to, min_channels), min_keep=min_keep,
-        round_to=round_to, min_channels=min_channels, margin=margin, predicted_ram=int(ev.ram),
-        predicted_arena=int(ev.arena), predicted_storage=int(ev.storage), ram_budget=int(b.ram),
-        storage_budget=int(b.storage), original_ram=int(ev0.ram), original_storage=int(ev0.storage), params_before=p0,
-        params_after=p1, rationale=rationale)
+        round_to=round_to, min_channels=min_channels, margin=margin, predicted_ram=int(need[0]),
+        predicted_arena=int(ev.arena), predicted_storage=int(need[1]), runtime_ram=int(over[0]),
+        runtime_storage=int(over[1]), ram_budget=int(b.ram), storage_budget=int(b.storage), original_ram=int(need0[0]),
+        original_storage=int(need0[1]), params_before=p0, params_after=p1, rationale=rationale)
 
 
 def apply_fit(model: onnx.ModelProto, proposal: FitProposal, calib: CalibrationData | None = None) -> onnx.ModelProto:
