@@ -210,3 +210,39 @@ def test_digits_cnn_fits_a_tiny_mcu():
     out = apply_fit(m, p, as_calibration(xc[:32], m))
     name = out.graph.input[0].name
     assert session(out).run(None, {name: xc[:2]})[0].shape[0] == 2
+
+
+def test_runtime_overheads_counted_for_tflm_only(net):
+    from edgeopt.fit import runtime_overheads
+
+    m, a, opt, ev = net
+    ram, storage = runtime_overheads(a, opt)
+    channels = 32 + 64 + 64 + 10
+    assert ram >= 8 * channels and storage >= 20 * channels
+    host = load_target("x86-avx2") if "x86-avx2" in _targets() else None
+    if host is not None:
+        other = [o for o in candidate_options(host, None) if o.backend not in ("tflite", "tflm")]
+        if other:
+            assert runtime_overheads(a, other[0]) == (0, 0)
+    p, _ = search(m, a, tiny_mcu(10**8, 10**8), opt, False)
+    assert p.predicted_ram == ev.ram + ram and p.predicted_storage == ev.storage + storage
+    p0, _ = search(m, a, tiny_mcu(10**8, 10**8), opt, False, overheads=False)
+    assert p0.predicted_ram == ev.ram and p0.runtime_ram == 0
+
+
+def _targets():
+    from edgeopt.targets import builtin_names
+
+    return builtin_names()
+
+
+def test_flash_goes_below_min_keep_only_down_to_the_storage_floor(net):
+    m, a, opt, ev = net
+    target = tiny_mcu(10**8, int(ev.storage * 0.4))
+    p, why = search(m, a, target, opt, False)
+    assert p is not None, why
+    kept = [b / c for c, b in p.channels.values()]
+    assert 0.25 - 1e-9 <= min(kept) < 0.5
+    assert fits(p, target)
+    p2, why2 = search(m, a, target, opt, False, storage_floor=0.5)
+    assert p2 is None and any("storage" in w and "does not reduce flash" in w for w in why2)
