@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from . import PassConfig, PassError, PassOutcome
 from ._util import Graph
@@ -70,6 +70,17 @@ class Config(PassConfig):
     round_to: int = Field(default=8, ge=1, description="keep channel counts a multiple of this when possible")
     min_channels: int = Field(default=8, ge=1, description="never keep fewer channels than this")
     calib_samples: int = Field(default=64, ge=1, description="calibration samples used for reconstruction")
+    ratios: dict[str, float] = Field(default_factory=dict,
+                                     description="per-producer fraction removed (node name -> ratio in [0, 1)), "
+                                                 "overriding `ratio` for those layers; 0 leaves a layer whole")
+
+    @field_validator("ratios")
+    @classmethod
+    def _check_ratios(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = [k for k, r in v.items() if not 0 <= r < 1]
+        if bad:
+            raise ValueError(f"ratio of {bad[0]} is {v[bad[0]]}, not in [0, 1)")
+        return v
 
 
 def needs_calibration(config: Config) -> bool:
@@ -135,6 +146,7 @@ class _Group:
     producer: onnx.NodeProto
     channels: int
     edits: list[_Edit] = field(default_factory=list)
+    tensors: set[str] = field(default_factory=set)  # the tensors carrying the pruned channels
 
     def nodes(self, kind: str) -> list[onnx.NodeProto]:
         return [e.node for e in self.edits if e.kind == kind]
@@ -337,14 +349,19 @@ def _trace(g: Graph, p: onnx.NodeProto, dims: dict[str, list[int | None]], exclu
                        f"a residual connection, a gate...")
     if not group.consumers:
         raise _Blocked("the pruned channels reach no layer that can drop input channels")
+    group.tensors = set(chain)
     return group
 
 
-def _keep_count(channels: int, config: Config) -> int:
+def _keep_count(channels: int, config: Config, ratio: float | None = None) -> int:
     """Channels kept: ``(1 - ratio) * C`` rounded to the nearest multiple of ``round_to`` (ties: keep more), at
-    least ``min_channels`` (rounded up to a multiple); ``C`` when that removes nothing."""
+    least ``min_channels`` (rounded up to a multiple); ``C`` when that removes nothing.  ``ratio``: this layer's
+    ratio (default ``config.ratio``)."""
     r = config.round_to
-    keep = max(r, int(math.floor(channels * (1 - config.ratio) / r + 0.5)) * r)
+    ratio = config.ratio if ratio is None else ratio
+    if ratio <= 0:
+        return channels
+    keep = max(r, int(math.floor(channels * (1 - ratio) / r + 0.5)) * r)
     if keep < config.min_channels:
         keep = math.ceil(config.min_channels / r) * r
     return min(keep, channels)
@@ -656,7 +673,7 @@ def apply(model: onnx.ModelProto, config: Config, calib: CalibrationData | None 
     consumers: list[onnx.NodeProto] = []
     for group in groups:
         p = group.producer
-        k = _keep_count(group.channels, config)
+        k = _keep_count(group.channels, config, config.ratios.get(p.name))
         if k >= group.channels:
             out.skip(p.name, f"rounding {group.channels} channels to a multiple of {config.round_to} removes none")
             continue
