@@ -157,7 +157,7 @@ def build(model: Any, *, target: str | Path | Target, output: str | Path, backen
           precision: str | None = None, plan: Plan | str | Path | None = None, calib: Any = None,
           eval: Any = None, labels: Any = None, inputs: Any = None,  # noqa: A002 - the command line's --eval
           max_accuracy_drop: float | None = None, min_snr_db: float | None = None, objective: str = "latency",
-          max_latency_ms: float | None = None, recover: bool | RecoverySettings = False,
+          max_latency_ms: float | None = None, recover: bool | RecoverySettings = False, allow_resolution: bool = False,
           input_shape: InputShape = None, preprocess: str | Preprocess | Mapping | None = None,
           sample_rate: int | None = None, classes: list[str] | str | None = None, example_inputs: Any = None,
           input_names: list[str] | None = None, max_memory: str | int | None = None,
@@ -176,13 +176,14 @@ def build(model: Any, *, target: str | Path | Target, output: str | Path, backen
                            example_inputs=example_inputs, input_names=input_names)
         return _build(prepared, tg, output, plan=replay, backend=backend, precision=precision,
                       max_accuracy_drop=max_accuracy_drop, min_snr_db=min_snr_db, objective=objective,
-                      progress=progress, recover=_recovery(recover))
+                      progress=progress, recover=_recovery(recover),
+                      allow_resolution=allow_resolution)
 
 
 def fleet(model: Any, *, output: str | Path, targets: str | list[str | Path | Target] = "all", jobs: int = 2,
           calib: Any = None, eval: Any = None, labels: Any = None, inputs: Any = None,  # noqa: A002
           max_accuracy_drop: float | None = None, min_snr_db: float | None = None, objective: str = "latency",
-          max_latency_ms: float | None = None, recover: bool | RecoverySettings = False,
+          max_latency_ms: float | None = None, recover: bool | RecoverySettings = False, allow_resolution: bool = False,
           input_shape: InputShape = None, preprocess: str | Preprocess | Mapping | None = None,
           sample_rate: int | None = None, classes: list[str] | str | None = None, example_inputs: Any = None,
           input_names: list[str] | None = None, max_memory: str | int | None = None,
@@ -201,7 +202,8 @@ def fleet(model: Any, *, output: str | Path, targets: str | list[str | Path | Ta
                            input_shape=input_shape, preprocess=preprocess, sample_rate=sample_rate, classes=classes,
                            example_inputs=example_inputs, input_names=input_names)
         return _fleet(prepared, tgs, output, jobs=jobs, max_accuracy_drop=max_accuracy_drop, min_snr_db=min_snr_db,
-                      objective=objective, progress=progress, recover=_recovery(recover))
+                      objective=objective, progress=progress, recover=_recovery(recover),
+                      allow_resolution=allow_resolution)
 
 
 def profile(artifact: str | Path, *, device: str = "local", token: str | None = None,

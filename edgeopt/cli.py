@@ -80,6 +80,9 @@ def _add_recover_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recover-steps", type=int, default=300, metavar="N", help="recovery optimizer steps at most (300)")
     p.add_argument("--recover-time", type=float, default=600.0, metavar="S",
                    help="recovery time budget per build in seconds (600)")
+    p.add_argument("--allow-resolution", action="store_true",
+                   help="with --recover: a model over the target's RAM/flash may also get a smaller square input "
+                        "(channel pruning alone otherwise)")
 
 
 def _recover_settings(args: argparse.Namespace):
@@ -499,7 +502,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         art = build(inputs, target, args.output, plan=plan, backend=args.backend, precision=args.precision,
                     max_accuracy_drop=args.max_accuracy_drop, min_snr_db=args.min_snr_db, objective=args.objective,
                     progress=say, project=project.record() if project is not None else None,
-                    recover=_recover_settings(args))
+                    recover=_recover_settings(args), allow_resolution=args.allow_resolution)
     out = console()
     plan_summary(art.plan, out, layers=False)
     print(f"artifact {_shown(args.output)}: {art.backend}, {art.size_bytes:,} bytes, predicted {art.predicted_latency_ms:.3f} ms, "
@@ -507,6 +510,16 @@ def _cmd_build(args: argparse.Namespace) -> int:
     for step in art.accuracy_control:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in step.measured.items() if k in ("accuracy_delta", "top1_agreement", "snr_db"))
         print(f"accuracy control {step.iteration}: {step.summary}: {shown or 'not measured'}: {step.action}")
+    if art.fit is not None:
+        f = art.fit
+        print(f"fit to {art.target}: {f.summary}")
+        if f.recovery is not None and f.recovery.heldout_after:
+            r = f.recovery
+            shown = ", ".join(f"{k} {r.heldout_before[k]:.4f} -> {v:.4f}" for k, v in r.heldout_after.items()
+                              if k in r.heldout_before)
+            print(f"  against the original on {f.heldout_samples} held-out samples, fitted -> recovered: {shown} "
+                  f"({'recovered model kept' if r.kept else 'recovery did not help: the fitted model kept'}); the "
+                  "validation below compares the artifact with the fitted model")
     if art.recovery is not None:
         r = art.recovery
         held = ", ".join(f"{k} {r.heldout_before[k]:.4f} -> {v:.4f}" for k, v in r.heldout_after.items()
@@ -545,7 +558,7 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
         res = fleet(inputs, targets, args.output, jobs=args.jobs, max_accuracy_drop=args.max_accuracy_drop,
                     min_snr_db=args.min_snr_db, objective=args.objective, progress=say,
                     project=project.record() if project is not None else None,
-                    recover=_recover_settings(args))
+                    recover=_recover_settings(args), allow_resolution=args.allow_resolution)
     out = console()
     for e in res.entries:
         if e.ok:

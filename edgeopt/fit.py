@@ -606,3 +606,62 @@ def resize_images(x: np.ndarray, side: int) -> np.ndarray:
         return x
     r = resize_matrix(x.shape[2], side)
     return np.einsum("ij,ncjk,lk->ncil", r, x.astype(np.float32), r, optimize=True).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- recovery at a lower resolution
+
+#: the tensor a resize prefix feeds the fitted model's first layers with
+PREFIX_IN = "fit_resized"
+
+
+def with_resize_prefix(student: onnx.ModelProto, src: int, dst: int) -> onnx.ModelProto:
+    """``student`` (a ``dst`` x ``dst`` input) behind a fixed resampling of a ``src`` x ``src`` input (MatMuls with
+    the constant on the left, which :func:`edgeopt.recover.recover` does not train), so that teacher and student
+    share their input during recovery; :func:`strip_resize_prefix` takes it off again."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(student)
+    inp = m.graph.input[0]
+    name = inp.name
+    for n in m.graph.node:
+        for i, x in enumerate(n.input):
+            if x == name:
+                n.input[i] = PREFIX_IN
+    m.graph.initializer.append(numpy_helper.from_array(resize_matrix(src, dst), "fit_resize_r"))
+    pre = [helper.make_node("MatMul", ["fit_resize_r", name], ["fit_r1"], name="fit_resize_rows"),
+           helper.make_node("Transpose", ["fit_r1"], ["fit_r2"], name="fit_resize_t1", perm=[0, 1, 3, 2]),
+           helper.make_node("MatMul", ["fit_resize_r", "fit_r2"], ["fit_r3"], name="fit_resize_cols"),
+           helper.make_node("Transpose", ["fit_r3"], [PREFIX_IN], name="fit_resize_t2", perm=[0, 1, 3, 2])]
+    nodes = pre + list(m.graph.node)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    inp.type.tensor_type.shape.dim[2].dim_value = src
+    inp.type.tensor_type.shape.dim[3].dim_value = src
+    del m.graph.value_info[:]
+    return m
+
+
+def strip_resize_prefix(model: onnx.ModelProto, dst: int) -> onnx.ModelProto:
+    """The model :func:`with_resize_prefix` wrapped, back on its own ``dst`` x ``dst`` input."""
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    keep = [n for n in m.graph.node if not n.name.startswith("fit_resize_")]
+    name = m.graph.input[0].name
+    for n in keep:
+        for i, x in enumerate(n.input):
+            if x == PREFIX_IN:
+                n.input[i] = name
+    del m.graph.node[:]
+    m.graph.node.extend(keep)
+    inits = [t for t in m.graph.initializer if t.name != "fit_resize_r"]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(inits)
+    m.graph.input[0].type.tensor_type.shape.dim[2].dim_value = dst
+    m.graph.input[0].type.tensor_type.shape.dim[3].dim_value = dst
+    del m.graph.value_info[:]
+    onnx.checker.check_model(m)
+    return m

@@ -152,17 +152,93 @@ def recover_model(inputs: BuildInputs, model: onnx.ModelProto, plan: Plan, setti
     before = compare_outputs(ref, run(model, held, EVAL_LIMIT), held.labels)
     after = compare_outputs(ref, run(res.model, held, EVAL_LIMIT), held.labels)
 
-    def rank(f) -> tuple:
-        first = f.accuracy if f.accuracy is not None else f.top1_agreement
-        return (first if first is not None else 0.0, f.snr_db)
-
-    def shown(f) -> dict[str, float]:
-        return {k: v for k, v in (("accuracy", f.accuracy), ("top1_agreement", f.top1_agreement),
-                                  ("snr_db", f.snr_db)) if v is not None}
-
-    kept = rank(after) >= rank(before)
-    record = res.record.model_copy(update={"heldout_before": shown(before), "heldout_after": shown(after), "kept": kept})
+    kept = _rank(after) >= _rank(before)
+    record = res.record.model_copy(update={"heldout_before": _shown(before), "heldout_after": _shown(after),
+                                           "kept": kept})
     return (res.model if kept else model), record
+
+
+def fit_inputs(inputs: BuildInputs, target: Target, settings: RecoverySettings, allow_resolution: bool,
+               refused: Exception, *, backend: str | None = None, progress: Progress | None = None):
+    """Make a model that misses ``target``'s RAM/storage fit (``--recover``): :func:`edgeopt.fit.fit_search` proposes
+    channel pruning (and a smaller square input with ``allow_resolution``), :func:`edgeopt.fit.apply_fit` applies it
+    (consumers re-fitted on the calibration data), :func:`edgeopt.recover.recover` fine-tunes it against the original
+    (at a lower resolution through a fixed resampling prefix, so that both see the same images), and the result comes
+    back as new build inputs (data resampled to the new size) with a :class:`~edgeopt.types.FitRecord`.
+
+    Raises:
+        ``refused`` (the planner's own refusal), with what the fit tried appended, when no proposal fits or the
+        model already fits (then the refusal was not about RAM/storage).
+    """
+    import tempfile
+
+    import onnx
+
+    from .calibration import as_calibration
+    from .fidelity import compare_outputs, run
+    from .fit import apply_fit, fit_search, resize_images, strip_resize_prefix, with_resize_prefix
+    from .recover import recover
+    from .types import FitRecord
+
+    say = progress or (lambda _msg: None)
+    runnable, _, _ = _runnable(inputs.analysis, target, backend)
+    option = runnable[0]
+    why: list[str] = []
+    say(f"{target.name}: searching for channel pruning{' and a lower resolution' if allow_resolution else ''} "
+        "that fits")
+    prop = fit_search(inputs.model, inputs.analysis, target, option, allow_resolution=allow_resolution, why=why)
+    if prop is None or not prop.ratios and prop.resolution is None:
+        tried = "; ".join(why) if why else "the model already fits its RAM and storage"
+        hint = "" if allow_resolution else " (--allow-resolution lets it lower the input size)"
+        raise type(refused)(f"{refused}; fitting by channel pruning found nothing: {tried}{hint}") from None
+    say(f"{target.name}: fitting: {prop.summary()}")
+    calib, held = inputs.calib, inputs.evaluation if inputs.evaluation is not None else inputs.calib
+    if calib.per_sample or len(inputs.analysis.inputs) != 1:
+        raise EdgeoptError("fitting a model to its target needs one stacked image-like input (per-sample data and "
+                           "several inputs are not supported)")
+    fitted = apply_fit(inputs.model, prop, calib)
+    side, src = prop.resolution, prop.original_side
+    student = with_resize_prefix(fitted, src, side) if side else fitted
+    ref = run(inputs.model, held, EVAL_LIMIT, original=True)
+    before = compare_outputs(ref, run(student, held, EVAL_LIMIT), held.labels)
+    say(f"{target.name}: recovering the fitted model (at most {settings.steps} steps)")
+    res = recover(inputs.model, student, calib, steps=settings.steps, lr=settings.lr,
+                  time_budget_s=settings.time_budget_s, seed=settings.seed)
+    after = compare_outputs(ref, run(res.model, held, EVAL_LIMIT), held.labels)
+    kept = _rank(after) >= _rank(before)
+    chosen = res.model if kept else student
+    model = strip_resize_prefix(chosen, side) if side else chosen
+    name = next(iter(inputs.analysis.inputs))
+
+    def data(d):
+        x = d.feeds()[name]
+        return as_calibration(resize_images(x, side) if side else x, model, labels=d.labels)
+
+    work = Path(tempfile.mkdtemp(prefix="edgeopt-fit-"))  # inside the run's scratch folder (io.run_scratch)
+    path = work / f"{inputs.path.stem}.fitted.onnx"
+    onnx.save(model, path)
+    fitted_inputs = BuildInputs.prepare(path, calib=data(calib), eval_data=data(held) if held is not calib else None,
+                                        source=inputs.source)
+    record = FitRecord(summary=prop.summary(), rationale=list(prop.rationale), original_side=src, resolution=side,
+                       params_before=prop.params_before, params_after=prop.params_after,
+                       predicted_ram=prop.predicted_ram, predicted_storage=prop.predicted_storage,
+                       heldout_samples=before.samples, agreement_fitted=before.top1_agreement,
+                       agreement_recovered=after.top1_agreement, snr_db_fitted=before.snr_db,
+                       snr_db_recovered=after.snr_db,
+                       recovery=res.record.model_copy(update={"kept": kept, "heldout_before": _shown(before),
+                                                              "heldout_after": _shown(after)}))
+    return fitted_inputs, record
+
+
+def _rank(f) -> tuple:
+    """How a candidate compares with another against the original: accuracy (labels), else top-1 agreement, then SNR."""
+    first = f.accuracy if f.accuracy is not None else f.top1_agreement
+    return (first if first is not None else 0.0, f.snr_db)
+
+
+def _shown(f) -> dict[str, float]:
+    return {k: v for k, v in (("accuracy", f.accuracy), ("top1_agreement", f.top1_agreement), ("snr_db", f.snr_db))
+            if v is not None}
 
 
 def open_here(artifact_dir: Path):
@@ -743,7 +819,8 @@ def build(inputs: BuildInputs, target: Target, out_dir: str | Path, *, plan: Pla
           backend: str | None = None, precision: str | None = None, max_accuracy_drop: float | None = None,
           min_snr_db: float | None = None, objective: str = "latency", sensitivity: dict | None = None,
           validate_artifact: bool = True, profile: bool = True, progress: Progress | None = None,
-          project: dict[str, str] | None = None, recover: RecoverySettings | None = None) -> Artifact:
+          project: dict[str, str] | None = None, recover: RecoverySettings | None = None,
+          allow_resolution: bool = False, _fit: bool = True) -> Artifact:
     """Build one optimized artifact for ``target`` in ``out_dir`` (replaced atomically) and return its manifest.
 
     With the latency objective (the default) the plan is the fastest within the accuracy budget, and the build
@@ -771,7 +848,10 @@ def build(inputs: BuildInputs, target: Target, out_dir: str | Path, *, plan: Pla
         project: the project file the settings came from (:meth:`edgeopt.project.Project.record`), recorded in the
             manifest.
         recover: fine-tune the pruned / 4-bit model against the original after the structural passes
-            (:func:`recover_model`; needs calibration data) and plan with recovery in mind; None: post-training only.
+            (:func:`recover_model`; needs calibration data) and plan with recovery in mind; and when no plan meets
+            the target's RAM/storage, make the model fit first (:func:`fit_inputs`: channel pruning, and a smaller
+            input with ``allow_resolution``), recover it, and build that.  None: post-training only.
+        allow_resolution: with ``recover``, the fit may lower a square image input's resolution.
 
     Returns:
         The artifact's manifest, with measured accuracy and latency where they were obtained.
@@ -794,6 +874,25 @@ def build(inputs: BuildInputs, target: Target, out_dir: str | Path, *, plan: Pla
         raise EdgeoptError(f"unknown objective '{objective}'; valid: latency, fidelity")
     if recover is not None and inputs.calib is None:
         raise EdgeoptError("--recover fine-tunes on the calibration data: give --calib")
+    if allow_resolution and recover is None:
+        raise EdgeoptError("--allow-resolution lowers the input size of a model made to fit, which needs --recover")
+    if recover is not None and plan is None and _fit:
+        from .errors import BudgetError
+
+        kw = dict(backend=backend, precision=precision, max_accuracy_drop=max_accuracy_drop, min_snr_db=min_snr_db,
+                  objective=objective, sensitivity=sensitivity, validate_artifact=validate_artifact, profile=profile,
+                  progress=progress, project=project)
+        try:
+            return build(inputs, target, out_dir, recover=recover, **kw, _fit=False)
+        except BudgetError as e:
+            fitted, fit_record = fit_inputs(inputs, target, recover, allow_resolution, e, backend=backend,
+                                            progress=progress)
+        from .backends.base import write_manifest
+
+        art = build(fitted, target, out_dir, recover=None, **kw)
+        art = art.model_copy(update={"fit": fit_record})
+        write_manifest(art, out_dir)
+        return art
     record = None
     # the work folder (and its temp files) exists from the start: a build killed while planning leaves nothing
     with atomic_dir(out_dir) as tmp:
@@ -1104,7 +1203,7 @@ class FleetResult:
 def fleet(inputs: BuildInputs, targets: list[Target], out_dir: str | Path, *, jobs: int = 2,
           max_accuracy_drop: float | None = None, min_snr_db: float | None = None, objective: str = "latency",
           progress: Progress | None = None, project: dict[str, str] | None = None,
-          recover: RecoverySettings | None = None) -> FleetResult:
+          recover: RecoverySettings | None = None, allow_resolution: bool = False) -> FleetResult:
     """Build every target into ``out_dir/<target>/`` in parallel, sharing calibration data and
     sensitivity; write ``fleet.json`` and ``report.html``.  The directory is replaced atomically.
 
@@ -1120,7 +1219,9 @@ def fleet(inputs: BuildInputs, targets: list[Target], out_dir: str | Path, *, jo
         objective: ``latency`` or ``fidelity`` (see :func:`build`).
         progress: called with status lines.
         project: the project file the settings came from, recorded in every manifest (see :func:`build`).
-        recover: recover every target's compressed model (see :func:`build`).
+        recover: recover every target's compressed model, and fit models over a target's RAM/storage (see
+            :func:`build`).
+        allow_resolution: the fit may lower the input resolution (see :func:`build`).
 
     Returns:
         One entry per target (in ``targets`` order) and the path of ``report.html``.
@@ -1150,7 +1251,7 @@ def fleet(inputs: BuildInputs, targets: list[Target], out_dir: str | Path, *, jo
             try:
                 art = build(inputs, target, tmp / target.name, max_accuracy_drop=max_accuracy_drop, min_snr_db=min_snr_db,
                             objective=objective, sensitivity=dict(sensitivity), progress=say, project=project,
-                            recover=recover)
+                            recover=recover, allow_resolution=allow_resolution)
                 return FleetEntry(target=target.name, ok=True, artifact=art)
             except EdgeoptError as e:
                 say(f"{target.name}: failed: {e}")

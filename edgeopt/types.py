@@ -585,6 +585,28 @@ class RecoveryRecord(_Frozen):
                                                  "not beat the post-training model on held-out samples)")
 
 
+class FitRecord(_Frozen):
+    """How a build made a model fit its target's RAM/flash (``--recover``, ``--allow-resolution``): the structural
+    change (:func:`edgeopt.fit.fit_search`), the recovery of the fitted model against the original, and how far the
+    result is from the original on held-out samples."""
+
+    summary: str
+    rationale: list[str] = Field(default_factory=list)
+    original_side: int | None = None
+    resolution: int | None = Field(default=None, description="the new square input side; None: unchanged")
+    params_before: int
+    params_after: int
+    predicted_ram: int
+    predicted_storage: int
+    heldout_samples: int = 0
+    agreement_fitted: float | None = Field(default=None, description="top-1 agreement of the fitted float model with "
+                                           "the original (at full resolution) on held-out samples, before recovery")
+    agreement_recovered: float | None = Field(default=None, description="... after recovery")
+    snr_db_fitted: float | None = None
+    snr_db_recovered: float | None = None
+    recovery: RecoveryRecord | None = None
+
+
 class RecoverySettings(_Frozen):
     """How a build recovers a compressed model (``--recover``): distillation fine-tuning against the original
     (:func:`edgeopt.recover.recover`), after pruning and before the backend sets numeric formats."""
@@ -622,6 +644,8 @@ class Artifact(_Frozen):
     source: ModelSource | None = Field(default=None, description="how the model was exported (torch, in-memory ONNX)")
     recovery: RecoveryRecord | None = Field(default=None, description="the distillation fine-tuning the build ran "
                                                                       "after compression (--recover), else None")
+    fit: FitRecord | None = Field(default=None, description="how the model was made to fit the target's RAM/flash "
+                                                            "(--recover on a model over them), else None")
     created_utc: str
 
 

@@ -92,3 +92,31 @@ def test_cli_recover_command(tmp_path):
     p = _cli("recover", tmp_path / "p.onnx", "--teacher", default_model_path(), "--calib", tmp_path / "x.npy",
              "--steps", "0", "-o", tmp_path / "r2.onnx")
     assert p.returncode == 2 and "--steps must be at least 1" in p.stderr
+
+
+def _tiny_mcu(ram: int, storage: int):
+    t = load_target("mcu-cortex-m7")
+    return t.model_copy(update={"name": "tiny-mcu", "budgets": t.budgets.model_copy(update={"ram": ram, "storage": storage})})
+
+
+def test_build_fits_a_model_over_the_flash_then_recovers_it(tmp_path):
+    """A digits CNN over a tiny MCU's flash: refused post-training; with recovery the build prunes channels to fit,
+    recovers, builds the TFLM artifact within the limits and records the fit."""
+    from edgeopt.errors import BudgetError
+    from edgeopt.planner import candidate_options, evaluate
+
+    inputs = BuildInputs.default_model()
+    mcu = load_target("mcu-cortex-m7")
+    ev = evaluate(inputs.analysis, mcu, candidate_options(mcu, None)[0], "int8")
+    target = _tiny_mcu(10**7, int(ev.storage * 0.55))  # below what the planner's 30% channel pruning reaches
+    with pytest.raises(BudgetError):
+        build(inputs, target, tmp_path / "post", profile=False)
+    art = build(inputs, target, tmp_path / "fit", profile=False, recover=RecoverySettings(steps=80, time_budget_s=60))
+    assert art.fit is not None and art.fit.params_after < art.fit.params_before and art.fit.resolution is None
+    assert art.fit.recovery is not None and art.fit.agreement_recovered is not None
+    assert art.size_bytes <= target.budgets.storage
+    manifest = json.loads((tmp_path / "fit" / "manifest.json").read_text())
+    assert manifest["fit"]["summary"] == art.fit.summary and manifest["backend"] == "tflm"
+    # the refusal without recovery says what would help; --allow-resolution needs --recover
+    with pytest.raises(Exception, match="needs --recover"):
+        build(inputs, target, tmp_path / "x", allow_resolution=True)
