@@ -764,9 +764,13 @@ def _check_export(model: onnx.ModelProto, snet, feed: dict[str, np.ndarray], nam
     """Largest |onnxruntime - torch| difference of the exported student, relative checks against its scale."""
     import torch
 
-    from .fidelity import session
+    from .fidelity import fixed_batch, session
 
-    ref = session(model).run(None, feed)
+    sess = session(model)
+    fb = fixed_batch(sess)
+    if fb:  # a model exported with a fixed batch (torch.onnx.export without dynamic axes) takes exactly that many
+        feed = {k: v[:fb] for k, v in feed.items()}
+    ref = sess.run(None, feed)
     with torch.no_grad():
         got = snet(*[torch.from_numpy(np.ascontiguousarray(feed[k])).to(device) for k in names])[0]
     err = 0.0

@@ -120,3 +120,31 @@ def test_build_fits_a_model_over_the_flash_then_recovers_it(tmp_path):
     # the refusal without recovery says what would help; --allow-resolution needs --recover
     with pytest.raises(Exception, match="needs --recover"):
         build(inputs, target, tmp_path / "x", allow_resolution=True)
+
+
+def test_build_lowers_the_resolution_only_when_allowed(tmp_path):
+    """A 32x32 conv net whose activations are over a tiny MCU's RAM: channels alone cannot fit, so the build refuses
+    (saying --allow-resolution would help); with it the input shrinks, the artifact takes the smaller input, and the
+    calibration images were resampled for it."""
+    import onnx
+    from test_fit import conv_net
+
+    from edgeopt.errors import BudgetError
+    from edgeopt.graph import analyze
+    from edgeopt.planner import candidate_options, evaluate
+
+    path = tmp_path / "net.onnx"
+    onnx.save(conv_net(), path)
+    mcu = load_target("mcu-cortex-m7")
+    ev = evaluate(analyze(path), mcu, candidate_options(mcu, None)[0], "int8")
+    target = _tiny_mcu(int(ev.ram * 0.3), 10**7)
+    x = np.random.default_rng(0).uniform(0, 1, size=(48, 3, 32, 32)).astype(np.float32)
+    inputs = BuildInputs.prepare(path, calib=x[:32], eval_data=x[32:])
+    settings = RecoverySettings(steps=20, time_budget_s=30)
+    with pytest.raises(BudgetError, match="allow-resolution"):
+        build(inputs, target, tmp_path / "a", profile=False, recover=settings)
+    art = build(inputs, target, tmp_path / "b", profile=False, recover=settings, allow_resolution=True)
+    side = art.fit.resolution
+    assert side is not None and side < 32 and art.fit.original_side == 32
+    assert art.plan.input_shapes["x"] == [1, 3, side, side]
+    assert art.fit.heldout_samples == 16 and art.fit.agreement_recovered is not None
