@@ -33,68 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
-PREFIX_IN = "fit_resized"
-
 
 def _unseen(n: int, size: int) -> np.ndarray:
     spec = importlib.util.spec_from_file_location("bench_recovery", Path(__file__).with_name("bench_recovery.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.unseen_photos(n, size)
-
-
-def with_resize_prefix(student, src: int, dst: int):
-    """``student`` (input ``dst`` x ``dst``) behind a fixed resampling of a ``src`` x ``src`` input (MatMuls with the
-    constant on the left: not trained by recover), so teacher and student share the input."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    from edgeopt.fit import resize_matrix
-
-    m = onnx.ModelProto()
-    m.CopyFrom(student)
-    inp = m.graph.input[0]
-    name = inp.name
-    for n in m.graph.node:
-        for i, x in enumerate(n.input):
-            if x == name:
-                n.input[i] = PREFIX_IN
-    r = resize_matrix(src, dst)
-    m.graph.initializer.append(numpy_helper.from_array(r, "fit_resize_r"))
-    pre = [helper.make_node("MatMul", ["fit_resize_r", name], ["fit_r1"], name="fit_resize_rows"),
-           helper.make_node("Transpose", ["fit_r1"], ["fit_r2"], name="fit_resize_t1", perm=[0, 1, 3, 2]),
-           helper.make_node("MatMul", ["fit_resize_r", "fit_r2"], ["fit_r3"], name="fit_resize_cols"),
-           helper.make_node("Transpose", ["fit_r3"], [PREFIX_IN], name="fit_resize_t2", perm=[0, 1, 3, 2])]
-    nodes = pre + list(m.graph.node)
-    del m.graph.node[:]
-    m.graph.node.extend(nodes)
-    inp.type.tensor_type.shape.dim[2].dim_value = src
-    inp.type.tensor_type.shape.dim[3].dim_value = src
-    del m.graph.value_info[:]
-    return m
-
-
-def strip_resize_prefix(model, dst: int):
-    import onnx
-
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    keep = [n for n in m.graph.node if not n.name.startswith("fit_resize_")]
-    name = m.graph.input[0].name
-    for n in keep:
-        for i, x in enumerate(n.input):
-            if x == PREFIX_IN:
-                n.input[i] = name
-    del m.graph.node[:]
-    m.graph.node.extend(keep)
-    inits = [t for t in m.graph.initializer if t.name != "fit_resize_r"]
-    del m.graph.initializer[:]
-    m.graph.initializer.extend(inits)
-    m.graph.input[0].type.tensor_type.shape.dim[2].dim_value = dst
-    m.graph.input[0].type.tensor_type.shape.dim[3].dim_value = dst
-    del m.graph.value_info[:]
-    onnx.checker.check_model(m)
-    return m
 
 
 def logits(model, x: np.ndarray) -> np.ndarray:
@@ -114,7 +58,7 @@ def main() -> None:
 
     from edgeopt import hostinfo, zoo
     from edgeopt.calibration import as_calibration
-    from edgeopt.fit import apply_fit, fit_search, resize_images
+    from edgeopt.fit import apply_fit, fit_search, resize_images, strip_resize_prefix, with_resize_prefix
     from edgeopt.graph import analyze
     from edgeopt.inputs import BuildInputs
     from edgeopt.pipeline import build
