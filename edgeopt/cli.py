@@ -212,7 +212,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", type=Path, required=True, help="where to write the transformed .onnx")
     c.add_argument("--json", action="store_true", help="print the pass report as JSON")
 
-    r = sub.add_parser("recover", help="fine-tune a compressed model against its original (distillation)")
+    r = sub.add_parser("recover", help="distil a compressed model against its original (recovery)")
     r.add_argument("model", type=Path, help="the compressed model (e.g. from edgeopt compress --pass prune)")
     r.add_argument("--teacher", type=Path, required=True, help="the original model it was compressed from")
     r.add_argument("--calib", type=Path, required=True,
