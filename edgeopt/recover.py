@@ -517,7 +517,7 @@ def recover(teacher: onnx.ModelProto, student: onnx.ModelProto, calib: Calibrati
             temperature: float = 2.0, features: int = 4, feature_weight: float = 1.0, ce_weight: float = 1.0,
             train_resolution: int | Sequence[int] | None = None, progress: Callable[[int, int, float], None] | None = None,
             seed: int = 0, device: str | None = None, threads: int | None = None,
-            eval_samples: int = 64) -> RecoveryResult:
+            eval_samples: int = 64, checkpoints: int = 8) -> RecoveryResult:
     """Fine-tune ``student`` (a compressed copy of ``teacher``) to reproduce ``teacher`` on ``calib``.
 
     Args:
@@ -545,6 +545,9 @@ def recover(teacher: onnx.ModelProto, student: onnx.ModelProto, calib: Calibrati
         device: "cpu" or "cuda"; None: CUDA when available.
         threads: torch CPU threads; None: the cores this process may use that the load average leaves idle.
         eval_samples: the record's before/after agreement is measured on the first this many samples.
+        checkpoints: the student is scored against the teacher on those samples before training and this many times
+            during it (evenly over the run); the best-scoring weights are kept (top-1 agreement, then output noise),
+            so fine-tuning cannot end worse than it started there.  0: the last weights.
 
     Returns:
         The trained student as ONNX (the student's graph with its trained weights), the record, and the learned
@@ -635,6 +638,25 @@ def recover(teacher: onnx.ModelProto, student: onnx.ModelProto, calib: Calibrati
         t_eval = fidelity.run(fidelity.session(teacher, threads), eval_data)[0]
         before = _agreement_np(t_eval, fidelity.run(fidelity.session(student, threads), eval_data)[0])
 
+        m_eval = min(eval_samples, n)
+
+        def score() -> tuple[float, float]:
+            """(top-1 agreement, -relative output noise) of the student against the teacher on the eval samples."""
+            snet.eval()
+            with torch.no_grad():
+                outs = [snet(*[x[i : i + bs] for x in xs])[0][0].float().cpu().numpy() for i in range(0, m_eval, bs)]
+            snet.train()
+            got = np.concatenate(outs)
+            agree = _agreement_np(t_eval, got)
+            return (agree if agree is not None else 0.0, -fidelity.relative_noise(t_eval, got))
+
+        def snapshot() -> list:
+            return [p.detach().clone() for p in [*params, *scale_params]]
+
+        best = (score(), 0, snapshot()) if checkpoints > 0 else None
+        scores: list[list[float]] = [[0, *best[0]]] if best is not None else []
+        next_check = 1
+
         curve: list[float] = []
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         pos = 0
@@ -711,8 +733,26 @@ def recover(teacher: onnx.ModelProto, student: onnx.ModelProto, calib: Calibrati
             curve.append(float(loss.detach()))
             done += 1
             step_times.append(time.perf_counter() - s0)
+            if best is not None and (_progress(done) * checkpoints >= next_check or done == steps):
+                next_check = int(_progress(done) * checkpoints) + 1
+                sc = score()
+                scores.append([done, *sc])
+                if sc > best[0]:
+                    best = (sc, done, snapshot())
             if progress is not None:
                 progress(done, steps, curve[-1])
+        selected = done
+        if best is not None and best[1] != done:
+            if not scores or scores[-1][0] != done:  # stopped by the time budget between checks: score the last too
+                sc = score()
+                scores.append([done, *sc])
+                if sc > best[0]:
+                    best = (sc, done, snapshot())
+            if best[1] != done:
+                with torch.no_grad():
+                    for p, saved in zip([*params, *scale_params], best[2]):
+                        p.copy_(saved)
+                selected = best[1]
         snet.eval()
         # bake the fake-quant grid into the weights
         scales: dict[str, np.ndarray] = {}
@@ -753,7 +793,9 @@ def recover(teacher: onnx.ModelProto, student: onnx.ModelProto, calib: Calibrati
             stop_reason=stop_reason,
             masked={k: round(1 - float(m.mean()), 4) for k, m in masks.items()},
             quantized={k: q.bits for k, q in quant.items()},
-            agreement_before=before, agreement_after=after, export_max_abs_error=err)
+            agreement_before=before, agreement_after=after, export_max_abs_error=err,
+            selected_step=selected, checkpoint_scores=[[int(s[0]), round(float(s[1]), 4), round(float(s[2]), 6)]
+                                                        for s in scores])
         return RecoveryResult(out, record, scales)
     finally:
         if device == "cpu":

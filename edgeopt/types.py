@@ -578,6 +578,10 @@ class RecoveryRecord(_Frozen):
                                                                       "samples before recovery (classifiers)")
     agreement_after: float | None = None
     export_max_abs_error: float = Field(description="largest |onnxruntime - torch| output difference of the exported student")
+    selected_step: int | None = Field(default=None, description="the step whose weights were kept: the best-scoring "
+                                                                "checkpoint (0: the compressed model as it came)")
+    checkpoint_scores: list[list[float]] = Field(default_factory=list, description="[step, top-1 agreement, -relative "
+                                                 "output noise] of each checkpoint on the first eval samples")
     heldout_before: dict[str, float] = Field(default_factory=dict, description="the compressed model against the "
                                              "original on held-out samples before recovery (a build's check)")
     heldout_after: dict[str, float] = Field(default_factory=dict, description="... and after recovery")

@@ -151,3 +151,18 @@ def test_unsupported_op_is_one_line_error(teacher, data):
         recover(teacher, odd, calib, steps=1)
     msg = str(e.value)
     assert "\n" not in msg and "Hardmax" in msg and "odd_hardmax" in msg
+
+
+def test_best_checkpoint_keeps_recovery_from_ending_worse(teacher, data):
+    """A diverging run (a learning rate far too high) ends worse than its start; with checkpoints the best-scoring
+    weights (here: the start) are kept, and the record says which step they came from."""
+    calib, _, _ = data
+    pruned = run_pass("channel_prune", teacher, {"ratio": 0.3}, calib, evaluate=False).model
+    wild = dict(steps=40, lr=3.0, batch_size=64, seed=0, augment=False)
+    last = recover(teacher, pruned, calib, checkpoints=0, **wild).record
+    best = recover(teacher, pruned, calib, checkpoints=4, **wild).record
+    assert last.agreement_after < last.agreement_before - 0.1  # it did diverge
+    assert best.agreement_after >= best.agreement_before - 0.02
+    assert best.selected_step is not None and best.selected_step < 40
+    assert len(best.checkpoint_scores) >= 4 and best.checkpoint_scores[0][0] == 0
+    assert last.selected_step == 40 and not last.checkpoint_scores
