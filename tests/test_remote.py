@@ -279,8 +279,12 @@ def ssh_server(tmp_path):
                 f"-o StrictHostKeyChecking=yes -o ConnectTimeout=20")
 
     yield SimpleNamespace(port=port, options=options, commands=commands)
-    server.close()
-    asyncio.run_coroutine_threadsafe(server.wait_closed(), loop).result(10)
+
+    async def stop():  # on the server's own loop: asyncio servers are not thread-safe (closing one from this thread
+        server.close()  # raced the loop and failed in asyncio's _wakeup once in CI)
+        await server.wait_closed()
+
+    asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(10)
 
