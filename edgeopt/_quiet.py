@@ -36,29 +36,26 @@ class _ThreadMutedStream:
 
 
 @contextlib.contextmanager
-def quiet_stdout() -> Iterator[None]:
+def _muted(stream: str) -> Iterator[None]:
+    """Mute this thread's writes to ``sys.<stream>`` inside the block (the proxy is installed once, then stays)."""
+    with _install:
+        if not isinstance(getattr(sys, stream), _ThreadMutedStream):
+            setattr(sys, stream, _ThreadMutedStream(getattr(sys, stream)))
+    _local.depth = getattr(_local, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _local.depth -= 1
+
+
+def quiet_stdout():
     """Drop what this thread prints to stdout inside the block; other threads print as usual."""
-    with _install:
-        if not isinstance(sys.stdout, _ThreadMutedStream):
-            sys.stdout = _ThreadMutedStream(sys.stdout)
-    _local.depth = getattr(_local, "depth", 0) + 1
-    try:
-        yield
-    finally:
-        _local.depth -= 1
+    return _muted("stdout")
 
 
-@contextlib.contextmanager
-def quiet_stderr() -> Iterator[None]:
+def quiet_stderr():
     """Drop what this thread writes to Python's stderr inside the block (warnings libraries print on import)."""
-    with _install:
-        if not isinstance(sys.stderr, _ThreadMutedStream):
-            sys.stderr = _ThreadMutedStream(sys.stderr)
-    _local.depth = getattr(_local, "depth", 0) + 1
-    try:
-        yield
-    finally:
-        _local.depth -= 1
+    return _muted("stderr")
 
 
 def import_quietly(name: str):
