@@ -243,3 +243,23 @@ def atomic_write_model(model, path: str | Path) -> None:
         else:
             onnx.save(model, str(tmp))
         os.replace(tmp, path)
+
+
+def read_small_file(path: Path, limit: int, error: type[Exception], what: str, hint: str) -> bytes:
+    """The bytes of a small configuration file, read with every check: a regular file (a FIFO must not block the
+    open), at most ``limit`` bytes.  Each failure is one ``error(...)`` line naming ``what`` and ``path``; ``hint``
+    ends the too-large message (what such a file normally is)."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # before fdopen, which refuses a directory with its own error
+            os.close(fd)
+            raise error(f"{what} {path} is not a regular file")
+        with os.fdopen(fd, "rb") as f:
+            raw = f.read(limit + 1)
+    except OSError as e:
+        raise error(f"cannot read {what} {path}: {e.strerror or e}") from e
+    if len(raw) > limit:
+        raise error(f"{what} {path} is larger than {limit >> 20} MiB; {hint}")
+    return raw

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import re
-import stat
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
@@ -195,19 +194,9 @@ class Project:
 
 
 def _read_bytes(path: Path, what: str) -> bytes:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block the open
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise ProjectFileError(f"{what} {path} is not a regular file")
-        with os.fdopen(fd, "rb") as f:
-            raw = f.read(MAX_PROJECT_FILE_BYTES + 1)
-    except OSError as e:
-        raise ProjectFileError(f"cannot read {what} {path}: {e.strerror or e}") from e
-    if len(raw) > MAX_PROJECT_FILE_BYTES:
-        raise ProjectFileError(f"{what} {path} is larger than {MAX_PROJECT_FILE_BYTES >> 20} MiB; a project file is a "
-                               "few lines of YAML")
-    return raw
+    from .io import read_small_file
+
+    return read_small_file(path, MAX_PROJECT_FILE_BYTES, ProjectFileError, what, "a project file is a few lines of YAML")
 
 
 def _decode(raw: bytes, path: Path, what: str) -> str:

@@ -16,9 +16,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import os
 import re
-import stat
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -223,17 +221,9 @@ def _check_tree(data: Any, source: str) -> None:
 def _read_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block the open
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise TargetFileError(f"target file {path} is not a regular file")
-            raw = f.read(MAX_TARGET_FILE_BYTES + 1)
-    except OSError as e:
-        raise TargetFileError(f"cannot read target file {path}: {e.strerror or e}") from e
-    if len(raw) > MAX_TARGET_FILE_BYTES:
-        raise TargetFileError(f"target file {path} is larger than {MAX_TARGET_FILE_BYTES >> 20} MiB; a target is a "
-                              "small YAML mapping")
+    from .io import read_small_file
+
+    raw = read_small_file(path, MAX_TARGET_FILE_BYTES, TargetFileError, "target file", "a target is a small YAML mapping")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
