@@ -364,13 +364,17 @@ def torch_graph(model: onnx.ModelProto, what: str = "model"):
             q = self.weight_quant.get(name)
             return q(w) if q is not None else w
 
-        def forward(self, *xs, keep: tuple[str, ...] = ()):
+        def base_env(self) -> dict[str, Any]:
             env: dict[str, Any] = dict(self.consts)
             for name in self.param_names:
                 env[name] = self.value(name)
-            env.update(zip(self.inputs, xs))
+            return env
+
+        def run_nodes(self, env: dict[str, Any], start: int = 0, stop: int | None = None,
+                      keep: tuple[str, ...] = ()) -> dict[str, Any]:
+            """Run ``nodes[start:stop]`` on ``env`` (tensor name -> value, updated); returns the ``keep`` ones."""
             kept = {}
-            for _op, ins, outs, a, fn in self.nodes:
+            for _op, ins, outs, a, fn in self.nodes[start:stop]:
                 args = [env[i] if i else None for i in ins]
                 while args and args[-1] is None:
                     args.pop()
@@ -378,6 +382,12 @@ def torch_graph(model: onnx.ModelProto, what: str = "model"):
                 env[outs[0]] = y
                 if outs[0] in keep:
                     kept[outs[0]] = y
+            return kept
+
+        def forward(self, *xs, keep: tuple[str, ...] = ()):
+            env = self.base_env()
+            env.update(zip(self.inputs, xs))
+            kept = self.run_nodes(env, keep=keep)
             return [env[o] for o in self.outputs], kept
 
     return TorchGraph()
@@ -456,6 +466,28 @@ def _augment(xs: list, image: list[bool], gen, flips: list[bool], size: int | No
 # --------------------------------------------------------------------------- recovery
 
 
+def _busy_cores(cores: int, window_s: float = 0.3) -> int:
+    """Cores other work keeps busy now: the non-idle share of CPU time over a short window while this process
+    sleeps (``/proc/stat``); elsewhere the 1-minute load average, which also counts this process's own recent work."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+        return vals[3] + (vals[4] if len(vals) > 4 else 0), sum(vals)  # idle + iowait, total
+
+    try:
+        i0, t0 = sample()
+        time.sleep(window_s)
+        i1, t1 = sample()
+        all_cores = os.cpu_count() or cores
+        busy = (1 - (i1 - i0) / max(t1 - t0, 1)) * all_cores
+        return int(round(max(0.0, busy - (all_cores - cores))))  # cores outside our affinity do not count
+    except (OSError, ValueError, IndexError):
+        try:
+            return int(round(os.getloadavg()[0]))
+        except (AttributeError, OSError):
+            return 0
+
+
 def _threads() -> int:
     """The cores this process may use that are not busy: on a shared machine, torch threads that wait for cores
     other jobs hold cost more than they bring (MobileNetV2 steps on 2 cores with a load of 5: 0.8 s with one thread,
@@ -464,11 +496,7 @@ def _threads() -> int:
         cores = max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    try:
-        busy = int(round(os.getloadavg()[0]))
-    except (AttributeError, OSError):
-        busy = 0
-    return max(1, min(cores, cores - busy))
+    return max(1, min(cores, cores - _busy_cores(cores)))
 
 
 def _pick_features(teacher, student, probe: list, limit: int) -> list[str]:
@@ -511,13 +539,194 @@ def _downsample(curve: list[float], points: int = 50) -> list[float]:
     return [round(float(np.mean(curve[a:b])), 6) for a, b in zip(edges[:-1], edges[1:])]
 
 
+def _cuts(net) -> list[int]:
+    """Indices ``i`` of nodes after which exactly one computed tensor is live (``nodes[i]``'s output): the
+    boundaries between blocks (after each residual Add, not inside a residual block)."""
+    nodes = net.nodes
+    made = {outs[0]: i for i, (_, _, outs, _, _) in enumerate(nodes)}
+    last: dict[str, int] = {}
+    for i, (_, ins, _, _, _) in enumerate(nodes):
+        for t in ins:
+            if t in made or t in net.inputs:
+                last[t] = i
+    for o in net.outputs:
+        last[o] = len(nodes)
+    cuts = []
+    for i, (_, _, outs, _, _) in enumerate(nodes[:-1]):
+        live = [t for t, j in last.items() if j > i and (made.get(t, -1) <= i)]
+        if live == [outs[0]]:
+            cuts.append(i)
+    return cuts
+
+
+def _segments(tnet, snet, probe: list, min_layers: int = 3) -> list[tuple[int, int, int, int, str | None]]:
+    """Blocks both graphs share: ``(s_start, s_stop, t_start, t_stop, tensor)`` node ranges of the student and
+    the teacher ending at the same tensor (same name and shape in both; None: the graph outputs), each with
+    trainable weights.  One segment (the whole graph) when the graphs share no block boundary."""
+    import torch
+
+    s_cuts, t_cuts = _cuts(snet), _cuts(tnet)
+    t_at = {tnet.nodes[i][2][0]: i for i in t_cuts}
+    names = [snet.nodes[i][2][0] for i in s_cuts if snet.nodes[i][2][0] in t_at]
+    if names:
+        with torch.no_grad():
+            _, ts = tnet(*probe, keep=tuple(names))
+            _, ss = snet(*probe, keep=tuple(names))
+        names = [t for t in names if t in ts and t in ss and ts[t].shape == ss[t].shape]
+    s_at = {snet.nodes[i][2][0]: i for i in s_cuts}
+    ends, last_t = [], -1
+    for t in names:
+        if t_at[t] > last_t:  # in the same order in both graphs
+            ends.append((s_at[t] + 1, t_at[t] + 1, t))
+            last_t = t_at[t]
+    ends.append((len(snet.nodes), len(tnet.nodes), None))
+
+    def weighted(a: int, b: int) -> int:
+        return sum(1 for op, ins, _, _, _ in snet.nodes[a:b] if any(i in snet.param_names for i in ins))
+
+    # atomic pieces between shared boundaries; a piece without weights (an activation, a pool) joins the piece
+    # before it, so blocks end after their activation, not on pre-activation values
+    pieces: list[list] = []
+    s0 = t0 = 0
+    for s1, t1, t in ends:
+        if pieces and not weighted(s0, s1):
+            pieces[-1][1], pieces[-1][3], pieces[-1][4] = s1, t1, t
+        else:
+            pieces.append([s0, s1, t0, t1, t])
+        s0, t0 = s1, t1
+    # then pieces are merged until each block holds at least `min_layers` weighted layers (a residual block of
+    # MobileNetV2 is one piece of three; its blocks without a skip are three pieces of one)
+    segs: list[tuple[int, int, int, int, str | None]] = []
+    cur: list | None = None
+    for piece in pieces:
+        if cur is None:
+            cur = list(piece)
+        else:
+            cur[1], cur[3], cur[4] = piece[1], piece[3], piece[4]
+        if weighted(cur[0], cur[1]) >= min_layers:
+            segs.append(tuple(cur))
+            cur = None
+    if cur is not None:
+        if segs and weighted(cur[0], cur[1]) < min_layers:
+            last = segs.pop()
+            cur[0], cur[2] = last[0], last[2]
+        segs.append(tuple(cur))
+    return segs
+
+
+def _output_loss(t_out: list, s_out: list, temperature: float):
+    import torch
+    import torch.nn.functional as F
+
+    loss = torch.zeros(())
+    for to, so in zip(t_out, s_out):
+        if not to.is_floating_point():
+            continue
+        if _is_logits(to):
+            T = temperature
+            loss = loss + F.kl_div(F.log_softmax(so / T, 1), F.log_softmax(to / T, 1), reduction="batchmean",
+                                   log_target=True) * T * T
+        else:
+            loss = loss + F.mse_loss(so, to) / to.pow(2).mean().clamp_min(1e-12)
+    return loss
+
+
+def _block_phase(tnet, snet, xs: list, masks: dict, quant: dict, *, steps: int, lr: float, batch_size: int,
+                 time_budget_s: float | None, temperature: float, seed: int, say) -> dict[str, Any]:
+    """Block-wise reconstruction (BRECQ-style, on weights): for each block in order, its student weights are
+    trained for ``steps`` Adam steps (cosine decay) so that the block's output on the *student's* input to it
+    matches the teacher's output of the same block on the teacher's input (normalised MSE; KL on logits), masks
+    fixed.  Local targets converge in far fewer steps than end-to-end distillation and do not drift from the
+    original function on data they were not fitted on.  Returns what the record keeps."""
+    import torch
+
+    t_start = time.perf_counter()
+    probe = [x[:2] for x in xs]
+    segs = _segments(tnet, snet, probe)
+    n = len(xs[0])
+    bs = max(1, min(batch_size, n))
+    gen = torch.Generator().manual_seed(seed)
+    chunk = 32
+
+    def run(net, env_in: dict, a: int, b: int, want: list[str], grad: bool):
+        env = net.base_env()
+        # depthwise convolutions run 2-4x faster channels-last on CPU
+        env.update({k2: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
+                    for k2, v in env_in.items()})
+        with torch.set_grad_enabled(grad):
+            net.run_nodes(env, a, b)
+        return [env[w] for w in want]
+
+    # the tensors entering each block: graph inputs first, then the previous block's output
+    t_in = dict(zip(tnet.inputs, xs))
+    s_in = dict(zip(snet.inputs, xs))
+    rows = []
+    steps_done = 0
+    for k, (s0, s1, t0, t1, tensor) in enumerate(segs):
+        want = [tensor] if tensor is not None else list(snet.outputs)
+        s_need = sorted({i for _, ins, _, _, _ in snet.nodes[s0:s1] for i in ins} & set(s_in))
+        t_need = sorted({i for _, ins, _, _, _ in tnet.nodes[t0:t1] for i in ins} & set(t_in))
+        # teacher targets of this block, in chunks
+        with torch.no_grad():
+            t_out = [torch.cat(v) for v in zip(*[run(tnet, {k2: t_in[k2][i:i + chunk] for k2 in t_need}, t0, t1, want, False)
+                                                 for i in range(0, n, chunk)])]
+        weights = sorted({i for _, ins, _, _, _ in snet.nodes[s0:s1] for i in ins if i in snet.param_names})
+        params = [snet.params[snet.param_names[w]] for w in weights]
+        qscales = [quant[w].scale for w in weights if w in quant]
+        left = None if time_budget_s is None else time_budget_s - (time.perf_counter() - t_start)
+        planned = steps
+        losses = []
+        if params:
+            opt = torch.optim.Adam([*params, *qscales], lr=lr)
+            times = []
+            for step in range(planned):
+                if left is not None and times:
+                    per = float(np.median(times[-5:]))
+                    share = left / max(len(segs) - k, 1)
+                    planned = min(planned, max(step + 1, int(share / max(per, 1e-9))))
+                    if step >= planned:
+                        break
+                c0 = time.perf_counter()
+                idx = torch.randint(0, n, (bs,), generator=gen)
+                pred = run(snet, {k2: s_in[k2][idx] for k2 in s_need}, s0, s1, want, True)
+                loss = _output_loss([t[idx] for t in t_out], pred, temperature)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                for w in weights:
+                    if w in masks and snet.params[snet.param_names[w]].grad is not None:
+                        snet.params[snet.param_names[w]].grad.mul_(masks[w])
+                opt.step()
+                for group in opt.param_groups:
+                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min((step + 1) / max(planned, 1), 1.0)))
+                with torch.no_grad():
+                    for w in weights:
+                        if w in masks:
+                            snet.params[snet.param_names[w]].mul_(masks[w])
+                losses.append(float(loss.detach()))
+                times.append(time.perf_counter() - c0)
+            steps_done += len(losses)
+        # the student's input to the next block: its own output (upstream errors included)
+        with torch.no_grad():
+            s_out = [torch.cat(v) for v in zip(*[run(snet, {k2: s_in[k2][i:i + chunk] for k2 in s_need}, s0, s1, want, False)
+                                                 for i in range(0, n, chunk)])]
+        if tensor is not None:
+            t_in, s_in = {tensor: t_out[0]}, {tensor: s_out[0]}
+        rows.append([tensor or "outputs", len(losses), round(losses[0], 5) if losses else None,
+                     round(float(np.mean(losses[-5:])), 5) if losses else None])
+        if say is not None:
+            say(k + 1, len(segs), losses[-1] if losses else 0.0)
+    return {"blocks": len(segs), "steps": steps_done, "time_s": round(time.perf_counter() - t_start, 2),
+            "losses": rows}
+
+
 def recover(teacher: onnx.ModelProto, student: onnx.ModelProto, calib: CalibrationData, *,
             labels: np.ndarray | None = None, steps: int = 300, lr: float = 1e-4, batch_size: int = 32,
             time_budget_s: float | None = None, quantize: dict[str, int] | None = None, augment: bool = True,
             temperature: float = 2.0, features: int = 4, feature_weight: float = 1.0, ce_weight: float = 1.0,
             train_resolution: int | Sequence[int] | None = None, progress: Callable[[int, int, float], None] | None = None,
             seed: int = 0, device: str | None = None, threads: int | None = None,
-            eval_samples: int = 64, checkpoints: int = 8) -> RecoveryResult:
+            eval_samples: int = 64, checkpoints: int = 8, validation: CalibrationData | None = None,
+            block_steps: int = 0, block_share: float = 0.5) -> RecoveryResult:
     """Fine-tune ``student`` (a compressed copy of ``teacher``) to reproduce ``teacher`` on ``calib``.
 
     Args:
@@ -544,10 +753,19 @@ def recover(teacher: onnx.ModelProto, student: onnx.ModelProto, calib: Calibrati
         seed: seeds sampling, augmentation and torch.
         device: "cpu" or "cuda"; None: CUDA when available.
         threads: torch CPU threads; None: the cores this process may use that the load average leaves idle.
-        eval_samples: the record's before/after agreement is measured on the first this many samples.
-        checkpoints: the student is scored against the teacher on those samples before training and this many times
-            during it (evenly over the run); the best-scoring weights are kept (top-1 agreement, then output noise),
-            so fine-tuning cannot end worse than it started there.  0: the last weights.
+        eval_samples: validation samples held out of ``calib`` when ``validation`` is None: the last this many
+            (at most a quarter of them; none when fewer than 16 samples, then the first training samples score).
+        checkpoints: the student is scored against the teacher on the validation samples before training and this
+            many times during it (evenly over the run); the best-scoring weights are kept (top-1 agreement, then
+            output noise), so fine-tuning cannot end worse than it started there.  0: the last weights.
+        block_steps: first, block-wise reconstruction: each block shared by both graphs (the nodes between two
+            points where one tensor of the same name and shape is live in both) is trained this many steps to
+            reproduce the teacher's block output from the student's own input to it; kept only when it scores better
+            on the validation samples; end-to-end distillation then continues from the better weights.  0: none.
+        block_share: of ``time_budget_s``, the share the block phase may use (the rest is end-to-end).
+        validation: samples to score checkpoints and the record's before/after agreement on (not trained on);
+            None: held out of ``calib``.  Samples a post-training re-fit was solved on flatter the start: hold those
+            out of neither.
 
     Returns:
         The trained student as ONNX (the student's graph with its trained weights), the record, and the learned
@@ -589,6 +807,21 @@ def recover(teacher: onnx.ModelProto, student: onnx.ModelProto, calib: Calibrati
         n = len(xs[0])
         y = labels if labels is not None else calib.labels
         y_t = torch.from_numpy(np.asarray(y, np.int64)[:n]).to(device) if y is not None else None
+        # validation: scores checkpoints; never trained on
+        if validation is not None:
+            eval_data, val_desc = validation, "given"
+        elif n >= 16 and eval_samples > 0:
+            m_val = min(eval_samples, n // 4)
+            eval_data = calib.subset(m_val, start=n - m_val)
+            n -= m_val
+            xs = [x[:n] for x in xs]
+            y_t = y_t[:n] if y_t is not None else None
+            val_desc = f"the last {m_val} calibration samples, held out of training"
+        else:
+            eval_data, val_desc = calib.subset(min(eval_samples, n)), "the first training samples (too few to hold out)"
+        vfeeds = eval_data.feeds()
+        vx = [torch.from_numpy(np.ascontiguousarray(vfeeds[name])).to(device) for name in s_in]
+        m_eval = len(vx[0])
         image = [x.dim() == 4 and x.is_floating_point() and x.shape[2] >= 4 and x.shape[3] >= 4 for x in xs]
         flips = [x.shape[2] >= 32 and x.shape[3] >= 32 for x in xs]
         aug_desc = []
@@ -633,18 +866,16 @@ def recover(teacher: onnx.ModelProto, student: onnx.ModelProto, calib: Calibrati
         gen = torch.Generator(device=device).manual_seed(seed)
         probe = [x[: min(n, 4)] for x in xs]
         feats = _pick_features(tnet, snet, probe, features)
-        eval_data = calib.subset(min(eval_samples, n))
         # onnxruntime: several times faster than eager torch on CPU
         t_eval = fidelity.run(fidelity.session(teacher, threads), eval_data)[0]
         before = _agreement_np(t_eval, fidelity.run(fidelity.session(student, threads), eval_data)[0])
 
-        m_eval = min(eval_samples, n)
-
         def score() -> tuple[float, float]:
-            """(top-1 agreement, -relative output noise) of the student against the teacher on the eval samples."""
+            """(top-1 agreement, -relative output noise) of the student against the teacher on the validation
+            samples."""
             snet.eval()
             with torch.no_grad():
-                outs = [snet(*[x[i : i + bs] for x in xs])[0][0].float().cpu().numpy() for i in range(0, m_eval, bs)]
+                outs = [snet(*[x[i : i + bs] for x in vx])[0][0].float().cpu().numpy() for i in range(0, m_eval, bs)]
             snet.train()
             got = np.concatenate(outs)
             agree = _agreement_np(t_eval, got)
@@ -653,9 +884,27 @@ def recover(teacher: onnx.ModelProto, student: onnx.ModelProto, calib: Calibrati
         def snapshot() -> list:
             return [p.detach().clone() for p in [*params, *scale_params]]
 
+        first = snapshot() if block_steps > 0 else []
         best = (score(), 0, snapshot()) if checkpoints > 0 else None
         scores: list[list[float]] = [[0, *best[0]]] if best is not None else []
         next_check = 1
+
+        block: dict[str, Any] = {}
+        if block_steps > 0:
+            start_score = best[0] if best is not None else score()
+            left = None if time_budget_s is None else block_share * (time_budget_s - (time.perf_counter() - t0))
+            block = _block_phase(tnet, snet, xs, masks, quant, steps=block_steps, lr=lr, batch_size=bs,
+                                 time_budget_s=left, temperature=temperature, seed=seed, say=None)
+            sc = score()
+            block.update(score_before=[round(float(v), 6) for v in start_score],
+                         score_after=[round(float(v), 6) for v in sc], kept=bool(sc > start_score))
+            if sc > start_score:
+                best = (sc, 0, snapshot()) if best is not None else None
+                scores = [[0, *sc]] if best is not None else []
+            else:  # the block phase made it worse on the validation samples: back to the start
+                with torch.no_grad():
+                    for p, saved in zip([*params, *scale_params], first):
+                        p.copy_(saved)
 
         curve: list[float] = []
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -789,6 +1038,7 @@ def recover(teacher: onnx.ModelProto, student: onnx.ModelProto, calib: Calibrati
             augmentation=aug_desc, labels_used=y_t is not None, loss=loss_desc,
             features_matched=feats, loss_curve=_downsample(curve), lr=lr, time_s=round(time.perf_counter() - t0, 2),
             cpu_time_s=round(time.process_time() - c0, 2),
+            validation=val_desc, validation_samples=m_eval, block_phase=block,
             device=device, threads=threads if device == "cpu" else 0, seed=seed, stopped_early=bool(stop_reason),
             stop_reason=stop_reason,
             masked={k: round(1 - float(m.mean()), 4) for k, m in masks.items()},

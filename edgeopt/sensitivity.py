@@ -71,7 +71,7 @@ def _cache_key(model: onnx.ModelProto, calib: CalibrationData, samples: int,
                configs: Mapping[str, Mapping[str, Any]]) -> str:
     from .calibration import fingerprint
 
-    return fingerprint(model, calib, {"v": 5, "samples": samples, "configs": configs})[:24]
+    return fingerprint(model, calib, {"v": 6, "samples": samples, "configs": configs})[:24]
 
 
 def measure(model: onnx.ModelProto, calib: CalibrationData, options: Iterable[str] | None = None,

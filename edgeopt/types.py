@@ -574,14 +574,20 @@ class RecoveryRecord(_Frozen):
     stop_reason: str = ""
     masked: dict[str, float] = Field(default_factory=dict, description="weight -> fraction of zeros kept fixed (sparsity masks)")
     quantized: dict[str, int] = Field(default_factory=dict, description="weight -> bits of its learned (LSQ) fake-quant grid")
-    agreement_before: float | None = Field(default=None, description="student/teacher top-1 agreement on the training "
-                                                                      "samples before recovery (classifiers)")
+    validation: str = Field(default="", description="the samples checkpoints are scored on: held out of the training "
+                                                    "samples, given, or (too few samples) the training samples")
+    validation_samples: int = 0
+    block_phase: dict[str, Any] = Field(default_factory=dict, description="block-wise reconstruction before "
+                                        "end-to-end training: blocks, steps, time_s, per-block [tensor, steps, first "
+                                        "loss, last loss], validation scores before/after, kept")
+    agreement_before: float | None = Field(default=None, description="student/teacher top-1 agreement on the "
+                                                                      "validation samples before recovery (classifiers)")
     agreement_after: float | None = None
     export_max_abs_error: float = Field(description="largest |onnxruntime - torch| output difference of the exported student")
     selected_step: int | None = Field(default=None, description="the step whose weights were kept: the best-scoring "
                                                                 "checkpoint (0: the compressed model as it came)")
     checkpoint_scores: list[list[float]] = Field(default_factory=list, description="[step, top-1 agreement, -relative "
-                                                 "output noise] of each checkpoint on the first eval samples")
+                                                 "output noise] of each checkpoint on the validation samples")
     heldout_before: dict[str, float] = Field(default_factory=dict, description="the compressed model against the "
                                              "original on held-out samples before recovery (a build's check)")
     heldout_after: dict[str, float] = Field(default_factory=dict, description="... and after recovery")

@@ -53,6 +53,39 @@ def unseen_photos(n: int, size: int = 224, seed: int = 7) -> np.ndarray:
     return out
 
 
+def folder_photos(folder: str, n: int, size: int = 224, seed: int = 7) -> np.ndarray:
+    """``n`` normalized crops (random position, 50-100% of the short side) of the colour photos in ``folder``
+    (.jpg/.png, at least 200 px on the short side): photos never trained on, e.g. OpenCV's sample photos
+    (``apt-get download opencv-doc && dpkg-deb -x opencv-doc_*.deb d``: ``d/usr/share/doc/opencv-doc/examples/data``)."""
+    from pathlib import Path
+
+    from PIL import Image
+    from skimage.transform import resize
+
+    from edgeopt.zoo import IMAGENET_MEAN, IMAGENET_STD
+
+    photos = []
+    for f in sorted(Path(folder).iterdir()):
+        if f.suffix.lower() not in (".jpg", ".jpeg", ".png"):
+            continue
+        with Image.open(f) as im:
+            if im.mode not in ("RGB", "RGBA") or min(im.size) < 200:
+                continue
+            photos.append(np.asarray(im.convert("RGB"), np.float32) / 255.0)
+    if not photos:
+        raise SystemExit(f"no colour photos of at least 200 px in {folder}")
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, 3, size, size), np.float32)
+    for i in range(n):
+        img = photos[i % len(photos)]
+        h, w = img.shape[:2]
+        side = int(min(h, w) * rng.uniform(0.5, 1.0))
+        y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+        crop = resize(img[y : y + side, x : x + side], (size, size), anti_aliasing=True)
+        out[i] = ((crop - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
+    return out
+
+
 def _latency(models: dict[str, object], x: np.ndarray, rounds: int) -> dict[str, float]:
     """Median ms per model, the models run one after the other in each round (interleaved: load drift hits all)."""
     from edgeopt.fidelity import session
@@ -83,14 +116,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--train", type=int, default=256, help="training crops (224x224)")
     ap.add_argument("--heldout", type=int, default=128, help="held-out crops")
+    ap.add_argument("--calib", type=int, default=128, help="training crops the post-training re-fit (least squares) reads")
     ap.add_argument("--steps", type=int, default=400, help="planned steps per recovery (the budget may stop it first)")
     ap.add_argument("--budget", type=float, default=420, help="seconds per recovery")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--block-steps", type=int, default=0, help="block-wise reconstruction steps per block first")
     ap.add_argument("--train-resolution", default="128,224",
                     help="side of the training crops fed to teacher and student; a list (128,224): progressive resizing")
     ap.add_argument("--rounds", type=int, default=20, help="latency rounds")
     ap.add_argument("--only", default="2:4,unstructured50,channel50,int4")
+    ap.add_argument("--extra-train", help="a folder of colour photos whose crops are added to the training crops")
+    ap.add_argument("--unseen", help="a folder of colour photos never trained on (default: scikit-image's grayscale "
+                                     "photos and logo)")
     args = ap.parse_args()
 
     cpu = hostinfo.detect()
@@ -100,22 +138,31 @@ def main() -> None:
     t0 = time.perf_counter()
     teacher = onnx.load(zoo.mobilenetv2_path())
     xtr = zoo.imagenet_samples(args.train, seed=0)
+    if args.extra_train:  # after the first --calib crops: the post-training re-fit reads the same ones either way
+        xtr = np.concatenate([xtr[: args.calib], folder_photos(args.extra_train, args.train, seed=3), xtr[args.calib :]])
     xte = zoo.imagenet_samples(args.heldout, seed=1234)
     train = as_calibration(xtr, teacher)
     test = as_calibration(xte, teacher)
-    unseen = as_calibration(unseen_photos(args.heldout), teacher)
-    print(f"data: {args.train} training crops (seed 0), {args.heldout} held-out crops (seed 1234), {args.heldout} crops "
-          f"of photos never trained on, "
+    unseen = as_calibration(folder_photos(args.unseen, args.heldout) if args.unseen else unseen_photos(args.heldout),
+                            teacher)
+    print(f"data: {len(xtr)} training crops ({args.train} of scikit-image's photos, seed 0"
+          f"{f', and {args.train} of the photos in ' + args.extra_train if args.extra_train else ''}), "
+          f"{args.heldout} held-out crops (seed 1234), {args.heldout} crops of photos never trained on "
+          f"({args.unseen or 'scikit-image grayscale'}), "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
 
     def build(kind: str):
         """(post-training student, recover() keyword arguments, artifact maker)"""
+        fit = train.subset(min(args.calib, len(train)))
         if kind == "2:4":
-            return run_pass("prune", teacher, {"pattern": "n:m"}, None, evaluate=False).model, {}, None
+            return run_pass("prune", teacher, {"pattern": "n:m", "reconstruct": True, "calib_samples": len(fit)}, fit,
+                            evaluate=False).model, {}, None
         if kind == "unstructured50":
-            return run_pass("prune", teacher, {"sparsity": 0.5}, None, evaluate=False).model, {}, None
+            return run_pass("prune", teacher, {"sparsity": 0.5, "reconstruct": True, "calib_samples": len(fit)}, fit,
+                            evaluate=False).model, {}, None
         if kind == "channel50":
-            return run_pass("channel_prune", teacher, {"ratio": 0.5}, train.subset(64), evaluate=False).model, {}, None
+            return run_pass("channel_prune", teacher, {"ratio": 0.5, "calib_samples": len(fit)}, fit,
+                            evaluate=False).model, {}, None
         if kind == "int4":
             cfg = {"bits": 4, "granularity": "per_channel"}
             pal = run_pass("palettize", teacher, cfg, None, evaluate=False)
@@ -135,7 +182,7 @@ def main() -> None:
         start = teacher if art else student  # int4: LSQ trains the fp32 weights onto a 4-bit grid
         t = time.perf_counter()
         res = recover(art[0] if art else teacher, start, train, steps=args.steps, lr=args.lr, batch_size=args.batch,
-                      time_budget_s=args.budget, seed=0,
+                      time_budget_s=args.budget, seed=0, block_steps=args.block_steps,
                       train_resolution=tuple(int(v) for v in args.train_resolution.split(",")),
                       progress=lambda i, n, loss: print(f"  {i}/{n} loss {loss:.4f}", flush=True) if i % 25 == 0 else None,
                       **extra)
@@ -160,8 +207,9 @@ def main() -> None:
               f"size {student.ByteSize() / 1e6:.2f} -> {after.ByteSize() / 1e6:.2f} MB (fp32 {teacher.ByteSize() / 1e6:.2f}), "
               f"latency fp32/before/after {lat['fp32']:.1f}/{lat['before']:.1f}/{lat['after']:.1f} ms, recovery {wall:.0f} s "
               f"({r.steps} steps x {r.batch_size}, {r.epochs:.1f} epochs, {r.device}, {r.threads} threads"
-              f"{', ' + r.stop_reason if r.stopped_early else ''}); train-set agreement {r.agreement_before:.3f} -> "
-              f"{r.agreement_after:.3f}; unseen photos {u0.top1_agreement:.3f} -> {u1.top1_agreement:.3f}; "
+              f"{', ' + r.stop_reason if r.stopped_early else ''}); validation agreement {r.agreement_before:.3f} -> "
+              f"{r.agreement_after:.3f} ({r.validation}; checkpoints [step, agreement, -noise] "
+              f"{r.checkpoint_scores}, kept step {r.selected_step}); unseen photos {u0.top1_agreement:.3f} -> {u1.top1_agreement:.3f}; "
               f"loss {r.loss_curve[0]:.3f} -> {r.loss_curve[-1]:.3f}", flush=True)
         for n in notes:
             print("  " + n)

@@ -59,9 +59,21 @@ def test_nm_mask_kept_and_fidelity_improves(teacher, data):
     r = res.record
     assert r.steps == 150 and not r.stopped_early and r.device in ("cpu", "cuda")
     assert r.agreement_after > r.agreement_before
+    # checkpoints are scored on samples held out of training (the last quarter at most)
+    assert r.validation.startswith("the last") and r.validation_samples == min(64, len(calib) // 4)
+    assert r.samples == len(calib) - r.validation_samples
     assert r.loss_curve and len(r.loss_curve) <= 50 and np.mean(r.loss_curve[-5:]) < np.mean(r.loss_curve[:5])
     assert r.features_matched  # tensors present with the same shape in both graphs
     assert r.export_max_abs_error < 1e-3
+
+
+def test_given_validation_samples_score_the_checkpoints(teacher, data):
+    calib, test, _ = data
+    pruned = run_pass("prune", teacher, {"pattern": "n:m", "n": 1, "m": 4}, None, evaluate=False).model
+    r = recover(teacher, pruned, calib, steps=4, batch_size=32, seed=0, validation=test.subset(40),
+                checkpoints=2).record
+    assert r.validation == "given" and r.validation_samples == 40 and r.samples == len(calib)
+    assert r.checkpoint_scores[0][0] == 0 and len(r.checkpoint_scores) >= 2
 
 
 def test_channel_pruned_student_recovers(teacher, data):
@@ -166,3 +178,57 @@ def test_best_checkpoint_keeps_recovery_from_ending_worse(teacher, data):
     assert best.selected_step is not None and best.selected_step < 40
     assert len(best.checkpoint_scores) >= 4 and best.checkpoint_scores[0][0] == 0
     assert last.selected_step == 40 and not last.checkpoint_scores
+
+
+def _residual_net(seed: int = 0) -> onnx.ModelProto:
+    """stem Conv -> Relu -> two residual blocks (Conv 1x1 -> Relu -> Conv 3x3, + skip) -> pool -> Gemm: the
+    block boundaries are the stem's Relu and each block's Add."""
+    from conftest import init, make_model, vi
+
+    rng = np.random.default_rng(seed)
+
+    def w(*shape, scale=0.3):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], name="stem", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c0"], ["r0"], name="stem_relu")]
+    inits = [init("w0", w(16, 3, 3, 3)), init("b0", w(16))]
+    prev = "r0"
+    for k in (1, 2):
+        nodes += [helper.make_node("Conv", [prev, f"wa{k}", f"ba{k}"], [f"a{k}"], name=f"b{k}_expand"),
+                  helper.make_node("Relu", [f"a{k}"], [f"ra{k}"], name=f"b{k}_relu"),
+                  helper.make_node("Conv", [f"ra{k}", f"wb{k}", f"bb{k}"], [f"p{k}"], name=f"b{k}_project",
+                                   pads=[1, 1, 1, 1]),
+                  helper.make_node("Add", [prev, f"p{k}"], [f"s{k}"], name=f"b{k}_add")]
+        inits += [init(f"wa{k}", w(32, 16, 1, 1)), init(f"ba{k}", w(32)), init(f"wb{k}", w(16, 32, 3, 3, scale=0.1)),
+                  init(f"bb{k}", w(16))]
+        prev = f"s{k}"
+    nodes += [helper.make_node("GlobalAveragePool", [prev], ["g"], name="pool"),
+              helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+              helper.make_node("Gemm", ["f", "wf", "bf"], ["logits"], name="head", transB=1)]
+    inits += [init("wf", w(10, 16, scale=1.0)), init("bf", w(10))]
+    return make_model(nodes, [vi("x", [None, 3, 12, 12])], [vi("logits", None)], inits)
+
+
+def test_block_phase_segments_at_shared_boundaries_and_recovers():
+    from edgeopt.recover import _segments
+
+    teacher = _residual_net()
+    x = np.random.default_rng(1).standard_normal((192, 3, 12, 12)).astype(np.float32)
+    calib, test = as_calibration(x[:128], teacher), as_calibration(x[128:], teacher)
+    t, s = torch_graph(teacher), torch_graph(teacher)
+    probe = [torch.from_numpy(x[:2])]
+    # pieces: the stem up to its Relu (1 layer), block 1 (2), block 2 with the pool and Flatten after it (2), the
+    # head (1); merged until each block holds 3 layers (the remainder joins the last)
+    assert [g[4] for g in _segments(t, s, probe, min_layers=1)] == ["r0", "s1", "f", None]
+    assert [g[4] for g in _segments(t, s, probe, min_layers=3)] == ["s1", None]
+    pruned = run_pass("prune", teacher, {"pattern": "n:m", "n": 1, "m": 4}, None, evaluate=False).model
+    res = recover(teacher, pruned, calib, steps=0, block_steps=80, lr=3e-3, batch_size=32, augment=False)
+    b = res.record.block_phase
+    assert b["blocks"] == 2 and b["steps"] == 160 and b["kept"]
+    assert all(row[3] < row[2] for row in b["losses"]), b["losses"]  # every block's loss fell
+    assert b["score_after"] > b["score_before"]
+    f0, f1 = compare(teacher, pruned, test), compare(teacher, res.model, test)
+    assert f1.snr_db > f0.snr_db + 3, (f0.snr_db, f1.snr_db)
+    for name in res.record.masked:  # the masks held through the block phase
+        assert is_n_m(_weights(res.model)[name], axis=1, n=1, m=4)

@@ -513,7 +513,13 @@ def _ridge(a: np.ndarray, y: np.ndarray, w0: np.ndarray, b0: np.ndarray | None) 
 
 
 def _reconstruct(original: onnx.ModelProto, model: onnx.ModelProto, consumers: list[onnx.NodeProto],
-                 kept_out: dict[str, np.ndarray], calib: CalibrationData, out: PassOutcome) -> None:
+                 kept_out: dict[str, np.ndarray], calib: CalibrationData, out: PassOutcome,
+                 solve=None) -> None:
+    """Re-fit ``consumers`` one after the other in graph order (see the module docstring).
+
+    ``solve(a, y, w0, b0, node) -> (W, bias)`` fits one consumer from its regressor rows ``a`` [R, D] (the pruned
+    model's inputs), the original outputs ``y`` [R, O] and its current linear form; default: :func:`_ridge`.
+    """
     from ..fidelity import session
     from ..graph import expose_outputs
 
@@ -561,7 +567,7 @@ def _reconstruct(original: onnx.ModelProto, model: onnx.ModelProto, consumers: l
         del xs
         a, y = np.concatenate(rows).astype(np.float64), np.concatenate(ys[i]).astype(np.float64)
         w0, b0 = _linear_form(g, node)
-        wn, bn = _ridge(a, y, w0, b0)
+        wn, bn = _ridge(a, y, w0, b0) if solve is None else solve(a, y, w0, b0, node)
 
         def err(wm, bias, a=a, y=y):
             pred = a @ wm + (bias if bias is not None else 0)

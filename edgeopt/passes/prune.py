@@ -13,6 +13,20 @@ smallest ``|w|`` of ``Conv``/``Gemm``/``MatMul`` weights.
 
 The pass saves no bytes by itself (zeros are stored densely); it is the input to a
 sparse backend or to compression.  Biases are never pruned.
+
+``reconstruct=True`` (needs calibration data) chooses the weights to zero by their
+effect on the layer's output instead of their magnitude, and re-fits the weights
+that stay, as SparseGPT/OBC do: layer after layer in graph order, on the pruned
+model's real inputs (upstream errors included) against the original model's
+outputs.  For a layer with regressors ``A`` (im2col rows, plus a constant for the
+bias) and targets ``Y``: ``W* = (A'A + lam I)^-1 (A'Y + lam W0)`` is the dense
+least-squares optimum pulled towards the original weights; each weight's
+saliency is the OBS cost of removing it, ``W*[q, o]^2 / [(A'A + lam I)^-1]_qq``;
+the pattern (n:m, or the layer's sparsity) keeps the most salient ones; then
+every output's kept weights and bias are solved exactly on that support.  The
+masks obey the same pattern as magnitude pruning, and a layer whose re-fit would
+not lower its output error keeps the magnitude result.  Depthwise and 1-D
+convolutions and N-D MatMul weights are pruned by magnitude only.
 """
 
 from __future__ import annotations
@@ -22,14 +36,27 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from . import PassConfig, PassOutcome
+from . import PassConfig, PassError, PassOutcome
 from ._util import Graph, ensure_names
 from .cleanup import constants_to_initializers
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
 
-NEEDS_CALIBRATION = False
+def needs_calibration(config: Config) -> bool:
+    """Whether the pass needs calibration data under ``config``: only the output-aware re-fit does.
+
+    Args:
+        config: the pass config.
+
+    Returns:
+        ``config.reconstruct``.
+    """
+    return config.reconstruct
+
+
+#: ridge strength of the re-fit, relative to the mean diagonal of the regressors' Gram matrix
+DAMP = 0.01
 
 
 class Config(PassConfig):
@@ -40,6 +67,11 @@ class Config(PassConfig):
     scope: Literal["layer", "global"] = Field(default="layer", description="unstructured: one threshold per layer or "
                                                                              "one across all selected layers")
     op_types: list[str] = Field(default_factory=lambda: ["Conv", "Gemm", "MatMul"])
+    reconstruct: bool = Field(default=False, description="choose the zeros by output error (OBS saliency) and re-fit "
+                                                         "the kept weights by least squares on calibration data")
+    calib_samples: int = Field(default=128, ge=1, description="reconstruct: calibration samples used")
+    damp: float = Field(default=DAMP, gt=0, description="reconstruct: ridge strength relative to the mean diagonal "
+                                                         "of the regressors' Gram matrix")
 
     @model_validator(mode="after")
     def _n_below_m(self) -> Config:
@@ -129,7 +161,7 @@ def apply(model: onnx.ModelProto, config: Config, calib=None) -> PassOutcome:
     Args:
         model: the model (already a copy), modified in place.
         config: pattern, sparsity or n:m, scope, op types and node scoping.
-        calib: unused.
+        calib: calibration data; only ``reconstruct=True`` reads it.
 
     Returns:
         The outcome: the pruned model, the layers pruned, the layers skipped (with reasons) and
@@ -172,6 +204,14 @@ def apply(model: onnx.ModelProto, config: Config, calib=None) -> PassOutcome:
             masks[w] = keep[start : start + size].reshape(weights[w].shape)
             start += size
 
+    import onnx
+
+    original = None
+    if config.reconstruct:
+        if calib is None:
+            raise PassError("prune with reconstruct=True needs calibration data (or set reconstruct=False)")
+        original = onnx.ModelProto()
+        original.CopyFrom(model)
     total = zeros = 0
     for w, (_, nodes) in targets.items():
         pruned = np.where(masks[w], weights[w], 0).astype(weights[w].dtype)
@@ -184,4 +224,92 @@ def apply(model: onnx.ModelProto, config: Config, calib=None) -> PassOutcome:
         out.notes.append(f"{', '.join(nodes)}: {what} sparsity {nz / pruned.size:.3f} ({nz}/{pruned.size} zeros)")
     if total:
         out.notes.insert(0, f"overall sparsity of pruned weights {zeros / total:.3f} ({zeros}/{total})")
+    if original is not None and targets:
+        _refit(original, model, targets, config, calib, out)
     return out
+
+
+def _refit(original: onnx.ModelProto, model: onnx.ModelProto, targets: dict[str, tuple[int, list[str]]],
+           config: Config, calib, out: PassOutcome) -> None:
+    """Re-select each pruned layer's zeros by OBS saliency and re-fit what stays (see the module docstring)."""
+    from .channel_prune import _linear_form, _reconstruct
+
+    g0 = Graph(original)
+    by_name = {n.name: n for n in model.graph.node}
+    nodes, dense = [], {}
+    for w, (axis, names) in targets.items():
+        for name in names:
+            node = by_name[name]
+            w0 = g0.array(w)
+            if (node.op_type == "Conv" and w0.ndim != 4) or (node.op_type == "MatMul" and w0.ndim != 2):
+                out.notes.append(f"{name}: pruned by magnitude (no re-fit for a {w0.ndim}-D {node.op_type} weight)")
+                continue
+            if node.op_type == "Conv" and (_attr(node, "group", 1) or 1) > 1:
+                out.notes.append(f"{name}: pruned by magnitude (grouped convolutions are not re-fitted)")
+                continue
+            nodes.append(node)
+            dense[name] = (_linear_form(g0, node), w0.shape, axis)
+
+    def solve(a, y, w_now, b_now, node):
+        (w0, b0), shape, axis = dense[node.name]
+        return _obs_solve(a, y, w0, b0 if b_now is not None else None, node, shape, axis, config)
+
+    _reconstruct(original, model, nodes, {}, calib.subset(min(config.calib_samples, len(calib))), out, solve=solve)
+    Graph(model).remove_unused_initializers()
+
+
+def _to_weight(lin: np.ndarray, node: onnx.NodeProto, shape: tuple[int, ...]) -> np.ndarray:
+    """A ``[D, O]`` linear-form array in the layout of the node's weight."""
+    if node.op_type == "Conv":
+        return lin.T.reshape(shape)
+    return lin.T if node.op_type == "Gemm" and _attr(node, "transB", 0) else lin
+
+
+def _to_linear(arr: np.ndarray, node: onnx.NodeProto) -> np.ndarray:
+    if node.op_type == "Conv":
+        return arr.reshape(arr.shape[0], -1).T
+    return arr.T if node.op_type == "Gemm" and _attr(node, "transB", 0) else arr
+
+
+def _obs_solve(a: np.ndarray, y: np.ndarray, w0: np.ndarray, b0: np.ndarray | None, node: onnx.NodeProto,
+               shape: tuple[int, ...], axis: int, config: Config) -> tuple[np.ndarray, np.ndarray | None]:
+    """The pruned, re-fitted linear form ``(W [D, O], bias [O] or None)`` of one layer."""
+    d = w0.shape[0]
+    if b0 is not None:
+        a = np.concatenate([a, np.ones((len(a), 1))], axis=1)
+        w0 = np.concatenate([w0, b0[None, :]], axis=0)
+    h = a.T @ a
+    lam = config.damp * max(float(np.mean(np.diag(h))), 1e-12)
+    h[np.diag_indices_from(h)] += lam
+    rhs = a.T @ y + lam * w0
+    try:
+        chol = np.linalg.cholesky(h)
+    except np.linalg.LinAlgError:
+        h[np.diag_indices_from(h)] += lam * 10
+        chol = np.linalg.cholesky(h)
+    inv = np.linalg.inv(chol)
+    hinv_diag = np.sum(inv * inv, axis=0)  # diag of (L L')^-1 = column norms of L^-1
+    wstar = np.linalg.solve(h, rhs)
+    sal = wstar[:d] ** 2 / hinv_diag[:d, None]
+    sal_w = _to_weight(sal, node, shape)
+    if config.pattern == "n:m":
+        keep_w = _nm_mask(sal_w, axis, config.n, config.m)
+    else:
+        keep_w = _smallest_mask(sal_w.ravel(), int(round(config.sparsity * sal_w.size))).reshape(sal_w.shape)
+    keep = _to_linear(keep_w, node)  # [D, O]
+    if b0 is not None:
+        keep = np.concatenate([keep, np.ones((1, keep.shape[1]), bool)], axis=0)
+    sol = np.zeros_like(wstar)
+    counts = keep.sum(0)
+    for k in np.unique(counts):
+        cols = np.flatnonzero(counts == k)
+        if k == 0:
+            continue
+        step = max(1, int(2**26 // (k * k)))  # about 512 MB of float64 systems at a time
+        for c0 in range(0, len(cols), step):
+            cs = cols[c0 : c0 + step]
+            idx = np.stack([np.flatnonzero(keep[:, c]) for c in cs])  # [C, k]
+            hs = h[idx[:, :, None], idx[:, None, :]]
+            bs = rhs[idx, cs[:, None]]
+            sol[idx, cs[:, None]] = np.linalg.solve(hs, bs[..., None])[..., 0]
+    return (sol[:d], sol[d]) if b0 is not None else (sol, None)

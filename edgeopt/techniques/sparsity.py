@@ -1,5 +1,6 @@
-"""Pruning patterns: 2:4 (two of every four weights along the reduction axis), unstructured magnitude pruning, and
-channel pruning (whole output channels removed, consumers re-fitted on calibration data)."""
+"""Pruning patterns: 2:4 (two of every four weights along the reduction axis), unstructured pruning (both with the
+zeros chosen by their effect on the layer's output and the kept weights re-fitted on calibration data, SparseGPT-style),
+and channel pruning (whole output channels removed, consumers re-fitted on calibration data)."""
 
 from __future__ import annotations
 
@@ -26,17 +27,21 @@ def _unstructured(ratio: float) -> dict:
 
 def _prune_simulator(config):
     def simulate(ctx: SimContext, layer: str) -> onnx.ModelProto:
-        """The prune pass itself on this layer."""
-        return scoped_pass(ctx, "prune", layer, config(UNSTRUCTURED_RATIO))
+        """The prune pass itself on this layer: zeros chosen by output error and the kept weights re-fitted on
+        other samples than those it is judged on (``ctx.fit``)."""
+        cfg = {**config(UNSTRUCTURED_RATIO), "reconstruct": True, "calib_samples": len(ctx.fit)}
+        return scoped_pass(ctx, "prune", layer, cfg, ctx.fit)
 
     return simulate
 
 
 def _prune_applier(config):
     def apply(model: onnx.ModelProto, layers: list[str], ctx: ApplyContext) -> tuple[onnx.ModelProto, str | None]:
+        """With calibration data, the output-aware re-fit (as simulated); without, magnitude pruning."""
         from ..passes import run_pass
 
-        res = run_pass("prune", model, {**config(ctx.ratio), "nodes": layers}, None, evaluate=False)
+        cfg = {**config(ctx.ratio), "nodes": layers, "reconstruct": ctx.calib is not None}
+        res = run_pass("prune", model, cfg, ctx.calib, evaluate=False)
         return res.model, res.report.summary()
 
     return apply
