@@ -220,6 +220,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--labels", type=Path, help=".npy labels of the --calib samples (adds a cross-entropy term)")
     r.add_argument("--steps", type=int, default=300, help="optimizer steps at most (default 300)")
     r.add_argument("--time", type=float, default=600.0, metavar="S", help="time budget in seconds (default 600)")
+    r.add_argument("--block-steps", type=int, default=100, metavar="N",
+                   help="block-wise steps per block first (default 100; 0: none)")
     r.add_argument("--weight-bits", type=int, choices=(4, 8),
                    help="also learn a per-channel weight grid of this many bits (LSQ) for every Conv/Gemm/MatMul")
     r.add_argument("-o", "--output", type=Path, required=True, help="where to write the recovered .onnx")
@@ -595,14 +597,14 @@ def _cmd_recover(args: argparse.Namespace) -> int:
     from .io import atomic_write_model
     from .recover import recover
 
-    if args.steps < 1 or not args.time > 0:
-        raise EdgeoptError("--steps must be at least 1 and --time positive")
+    if args.steps < 1 or not args.time > 0 or args.block_steps < 0:
+        raise EdgeoptError("--steps must be at least 1, --block-steps at least 0 and --time positive")
     student = load_model(args.model, load_external_data=True)
     teacher = load_model(args.teacher, load_external_data=True)
     calib = as_calibration(args.calib, teacher, labels=args.labels)
     status, say = _progress()
     with status:
-        res = recover(teacher, student, calib, steps=args.steps, time_budget_s=args.time,
+        res = recover(teacher, student, calib, steps=args.steps, time_budget_s=args.time, block_steps=args.block_steps,
                       quantize={"*": args.weight_bits} if args.weight_bits else None,
                       progress=lambda i, n, loss: say(f"recovery {i}/{n}: loss {loss:.4g}"))
     atomic_write_model(res.model, args.output)
@@ -613,8 +615,8 @@ def _cmd_recover(args: argparse.Namespace) -> int:
         print(f"recovered in {rec.steps} steps ({rec.time_s:.0f} s, {rec.device}, {rec.samples} samples, "
               f"{'labels and ' if rec.labels_used else ''}distillation){'; stopped early: ' + rec.stop_reason if rec.stopped_early else ''}")
         if rec.agreement_before is not None:
-            print(f"top-1 agreement with the teacher on the training samples: {rec.agreement_before:.4f} -> "
-                  f"{rec.agreement_after:.4f}")
+            print(f"top-1 agreement with the teacher on {rec.validation_samples} validation samples ({rec.validation}): "
+                  f"{rec.agreement_before:.4f} -> {rec.agreement_after:.4f}")
         print(f"wrote {args.output}")
     return 0
 

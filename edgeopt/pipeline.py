@@ -146,7 +146,7 @@ def recover_model(inputs: BuildInputs, model: onnx.ModelProto, plan: Plan, setti
     # training: the post-training re-fits read the first ones)
     res = recover(inputs.model, model, inputs.calib, steps=settings.steps, lr=settings.lr,
                   time_budget_s=settings.time_budget_s, quantize=quantize or None, seed=settings.seed, progress=step,
-                  validation=inputs.evaluation)
+                  validation=inputs.evaluation, block_steps=settings.block_steps)
     # recovery must beat post-training where it counts: on held-out samples, by the budget's own measure
     from .fidelity import compare_outputs, run
 
@@ -206,7 +206,8 @@ def fit_inputs(inputs: BuildInputs, target: Target, settings: RecoverySettings, 
     before = compare_outputs(ref, run(student, held, EVAL_LIMIT), held.labels)
     say(f"{target.name}: recovering the fitted model (at most {settings.steps} steps)")
     res = recover(inputs.model, student, calib, steps=settings.steps, lr=settings.lr,
-                  time_budget_s=settings.time_budget_s, seed=settings.seed, validation=inputs.evaluation)
+                  time_budget_s=settings.time_budget_s, seed=settings.seed, validation=inputs.evaluation,
+                  block_steps=settings.block_steps)
     after = compare_outputs(ref, run(res.model, held, EVAL_LIMIT), held.labels)
     kept = _rank(after) >= _rank(before)
     chosen = res.model if kept else student

@@ -719,6 +719,15 @@ def _block_phase(tnet, snet, xs: list, masks: dict, quant: dict, *, steps: int, 
             "losses": rows}
 
 
+def _better(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """Whether checkpoint score ``a`` = (top-1 agreement, -relative output noise) beats ``b``: by output noise.
+    On a few dozen validation samples agreement moves in steps of 1/m and swings by several of them between
+    checkpoints that are equally close to the teacher; the noise is the steadier measure of closeness (measured on
+    MobileNetV2: agreement 0.734 -> 0.797 on 64 validation crops while the noise rose 0.061 -> 0.108 and held-out
+    SNR fell 12.4 -> 9.8 dB)."""
+    return a[1] > b[1]
+
+
 def recover(teacher: onnx.ModelProto, student: onnx.ModelProto, calib: CalibrationData, *,
             labels: np.ndarray | None = None, steps: int = 300, lr: float = 1e-4, batch_size: int = 32,
             time_budget_s: float | None = None, quantize: dict[str, int] | None = None, augment: bool = True,
@@ -756,8 +765,9 @@ def recover(teacher: onnx.ModelProto, student: onnx.ModelProto, calib: Calibrati
         eval_samples: validation samples held out of ``calib`` when ``validation`` is None: the last this many
             (at most a quarter of them; none when fewer than 16 samples, then the first training samples score).
         checkpoints: the student is scored against the teacher on the validation samples before training and this
-            many times during it (evenly over the run); the best-scoring weights are kept (top-1 agreement, then
-            output noise), so fine-tuning cannot end worse than it started there.  0: the last weights.
+            many times during it (evenly over the run); the weights closest to the teacher there (lowest relative
+            output noise, see :func:`_better`) are kept, so fine-tuning cannot end further from it than it started.
+            0: the last weights.
         block_steps: first, block-wise reconstruction: each block shared by both graphs (the nodes between two
             points where one tensor of the same name and shape is live in both) is trained this many steps to
             reproduce the teacher's block output from the student's own input to it; kept only when it scores better
@@ -897,8 +907,8 @@ def recover(teacher: onnx.ModelProto, student: onnx.ModelProto, calib: Calibrati
                                  time_budget_s=left, temperature=temperature, seed=seed, say=None)
             sc = score()
             block.update(score_before=[round(float(v), 6) for v in start_score],
-                         score_after=[round(float(v), 6) for v in sc], kept=bool(sc > start_score))
-            if sc > start_score:
+                         score_after=[round(float(v), 6) for v in sc], kept=_better(sc, start_score))
+            if _better(sc, start_score):
                 best = (sc, 0, snapshot()) if best is not None else None
                 scores = [[0, *sc]] if best is not None else []
             else:  # the block phase made it worse on the validation samples: back to the start
@@ -986,7 +996,7 @@ def recover(teacher: onnx.ModelProto, student: onnx.ModelProto, calib: Calibrati
                 next_check = int(_progress(done) * checkpoints) + 1
                 sc = score()
                 scores.append([done, *sc])
-                if sc > best[0]:
+                if _better(sc, best[0]):
                     best = (sc, done, snapshot())
             if progress is not None:
                 progress(done, steps, curve[-1])
@@ -995,7 +1005,7 @@ def recover(teacher: onnx.ModelProto, student: onnx.ModelProto, calib: Calibrati
             if not scores or scores[-1][0] != done:  # stopped by the time budget between checks: score the last too
                 sc = score()
                 scores.append([done, *sc])
-                if sc > best[0]:
+                if _better(sc, best[0]):
                     best = (sc, done, snapshot())
             if best[1] != done:
                 with torch.no_grad():

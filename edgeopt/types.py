@@ -624,6 +624,8 @@ class RecoverySettings(_Frozen):
     steps: int = Field(default=300, ge=1, description="optimizer steps at most")
     time_budget_s: float | None = Field(default=600.0, gt=0, description="stop after this many seconds (None: the steps)")
     lr: float = Field(default=1e-4, gt=0, description="peak learning rate (Adam, cosine decay)")
+    block_steps: int = Field(default=100, ge=0, description="block-wise reconstruction steps per block before "
+                                                            "end-to-end training (0: none); kept only when it helps")
     seed: int = 0
 
 

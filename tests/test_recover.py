@@ -232,3 +232,33 @@ def test_block_phase_segments_at_shared_boundaries_and_recovers():
     assert f1.snr_db > f0.snr_db + 3, (f0.snr_db, f1.snr_db)
     for name in res.record.masked:  # the masks held through the block phase
         assert is_n_m(_weights(res.model)[name], axis=1, n=1, m=4)
+
+
+def test_busy_cores_sees_a_spinning_thread():
+    """Threads default to the cores left idle: a core kept busy (here by a spinning thread of this very process)
+    counts as busy, whatever the load average was a minute ago."""
+    import os
+    import threading
+    import time
+
+    from edgeopt.recover import _busy_cores, _threads
+
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("no /proc/stat: the load average is used")
+    cores = len(os.sched_getaffinity(0))
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            pass
+
+    t = threading.Thread(target=spin, daemon=True)
+    t.start()
+    try:
+        time.sleep(0.05)
+        busy = _busy_cores(cores, window_s=0.5)
+    finally:
+        stop.set()
+        t.join()
+    assert 1 <= busy <= cores
+    assert 1 <= _threads() <= cores
