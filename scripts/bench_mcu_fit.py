@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--block-steps", type=int, default=100, help="block-wise steps per block before end-to-end")
     ap.add_argument("--artifact-samples", type=int, default=48, help="held-out images run through the TFLM artifact")
     ap.add_argument("--resume", action="store_true", help="reuse OUT/fitted.onnx and OUT/recovered.onnx (skip recovery)")
     ap.add_argument("--out", default="/tmp/edgeopt_mcu_fit")
@@ -136,17 +137,21 @@ def main() -> None:
         student = with_resize_prefix(fitted, 224, side) if side != 224 else fitted
         t1 = time.perf_counter()
         res = recover(teacher, student, as_calibration(x_train, teacher), steps=args.steps, lr=args.lr,
-                      batch_size=args.batch, time_budget_s=args.budget, seed=0,
+                      batch_size=args.batch, time_budget_s=args.budget, seed=0, block_steps=args.block_steps,
                       progress=lambda i, n, loss: print(f"  {i}/{n} loss {loss:.4f}", flush=True) if i % 25 == 0 else None)
-        rec = {"wall_s": round(time.perf_counter() - t1, 1), "steps": res.record.steps, "threads": res.record.threads,
-               "cpu_time_s": res.record.cpu_time_s, "stop_reason": res.record.stop_reason}
+        r = res.record
+        rec = {"wall_s": round(time.perf_counter() - t1, 1), "steps": r.steps, "threads": r.threads,
+               "cpu_time_s": r.cpu_time_s, "stop_reason": r.stop_reason, "validation": r.validation,
+               "block_phase": {k: v for k, v in r.block_phase.items() if k != "losses"},
+               "checkpoints": r.checkpoint_scores, "selected_step": r.selected_step}
         recovered = strip_resize_prefix(res.model, side) if side != 224 else res.model
         onnx.save(recovered, str(out / "recovered.onnx"))
         (out / "recovery.json").write_text(json.dumps(rec, indent=2) + "\n")
     rec_s = rec["wall_s"]
     after = {k: agree(ref[k], logits(recovered, resize_images(xs[k], side))) for k in xs}
     print(f"recovery: {rec['steps']} steps in {rec_s:.0f} s ({rec['threads']} threads, cpu {rec['cpu_time_s']} s; "
-          f"{rec['stop_reason'] or 'all steps'}); agreement after: " + ", ".join(f"{k} {v:.3f}" for k, v in after.items()),
+          f"{rec['stop_reason'] or 'all steps'}; block phase {rec.get('block_phase')}; checkpoints "
+          f"{rec.get('checkpoints')}, kept step {rec.get('selected_step')}); agreement after: " + ", ".join(f"{k} {v:.3f}" for k, v in after.items()),
           flush=True)
 
     t1 = time.perf_counter()
