@@ -615,10 +615,11 @@ def _segments(tnet, snet, probe: list, min_layers: int = 3) -> list[tuple[int, i
 
 
 def _output_loss(t_out: list, s_out: list, temperature: float):
+    """KL divergence (temperature ``T``, scaled by T^2) on logits, normalised MSE on other float outputs."""
     import torch
     import torch.nn.functional as F
 
-    loss = torch.zeros(())
+    loss = torch.zeros((), device=s_out[0].device)
     for to, so in zip(t_out, s_out):
         if not to.is_floating_point():
             continue
@@ -960,16 +961,7 @@ def recover(teacher: onnx.ModelProto, student: onnx.ModelProto, calib: Calibrati
                     raise
                 raise RecoveryError(f"recover: the model does not run at train_resolution {side} (not fully "
                                     f"convolutional?): {' '.join(str(e).split())[:200]}") from None
-            loss = torch.zeros((), device=device)
-            for to, so in zip(t_out, s_out):
-                if not to.is_floating_point():
-                    continue
-                if _is_logits(to):
-                    T = temperature
-                    loss = loss + F.kl_div(F.log_softmax(so / T, 1), F.log_softmax(to / T, 1), reduction="batchmean",
-                                           log_target=True) * T * T
-                else:
-                    loss = loss + F.mse_loss(so, to) / to.pow(2).mean().clamp_min(1e-12)
+            loss = _output_loss(t_out, s_out, temperature)
             if feats:
                 fl = sum(F.mse_loss(s_feat[f], t_feat[f]) / t_feat[f].pow(2).mean().clamp_min(1e-12) for f in feats)
                 loss = loss + feature_weight * fl / len(feats)

@@ -114,7 +114,6 @@ def mobilenetv2_path() -> Path:
 def imagenet_samples(n: int = 64, size: int = 224, seed: int = 0) -> np.ndarray:
     """``n`` normalized NCHW crops from scikit-image's bundled photos (random crop, scale and flip)."""
     from skimage import data as skd
-    from skimage.transform import resize
 
     photos = []
     for name in ("astronaut", "chelsea", "coffee", "rocket", "cat", "immunohistochemistry", "retina", "motorcycle_left",
@@ -128,6 +127,14 @@ def imagenet_samples(n: int = 64, size: int = 224, seed: int = 0) -> np.ndarray:
             continue
         if img.ndim == 3 and img.shape[2] >= 3 and min(img.shape[:2]) >= 128:
             photos.append(img[..., :3].astype(np.float32) / (255.0 if img.dtype == np.uint8 else 1.0))
+    return photo_crops(photos, n, size, seed, flip=True)
+
+
+def photo_crops(photos: list[np.ndarray], n: int, size: int = 224, seed: int = 0, flip: bool = False) -> np.ndarray:
+    """``n`` ImageNet-normalized NCHW crops of HWC float photos in [0, 1], cycling through them: a random square of
+    50-100% of the short side, resized to ``size`` (anti-aliased), mirrored half of the time when ``flip``."""
+    from skimage.transform import resize
+
     rng = np.random.default_rng(seed)
     out = np.empty((n, 3, size, size), np.float32)
     for i in range(n):
@@ -136,7 +143,7 @@ def imagenet_samples(n: int = 64, size: int = 224, seed: int = 0) -> np.ndarray:
         side = int(min(h, w) * rng.uniform(0.5, 1.0))
         y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
         crop = resize(img[y : y + side, x : x + side], (size, size), anti_aliasing=True)
-        if rng.random() < 0.5:
+        if flip and rng.random() < 0.5:
             crop = crop[:, ::-1]
         out[i] = ((crop - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
     return out

@@ -27,9 +27,8 @@ def unseen_photos(n: int, size: int = 224, seed: int = 7) -> np.ndarray:
     """``n`` normalized crops of scikit-image photos that ``zoo.imagenet_samples`` never uses (the grayscale ones,
     replicated to RGB, and the logo): held out by photo, not only by crop."""
     from skimage import data as skd
-    from skimage.transform import resize
 
-    from edgeopt.zoo import IMAGENET_MEAN, IMAGENET_STD
+    from edgeopt.zoo import photo_crops
 
     photos = []
     for name in ("camera", "coins", "brick", "grass", "gravel", "clock", "moon", "page", "text", "logo"):
@@ -41,16 +40,7 @@ def unseen_photos(n: int, size: int = 224, seed: int = 7) -> np.ndarray:
         img = np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img[..., :3]
         if min(img.shape[:2]) >= 128:
             photos.append(img)
-    rng = np.random.default_rng(seed)
-    out = np.empty((n, 3, size, size), np.float32)
-    for i in range(n):
-        img = photos[i % len(photos)]
-        h, w = img.shape[:2]
-        side = int(min(h, w) * rng.uniform(0.5, 1.0))
-        y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
-        crop = resize(img[y : y + side, x : x + side], (size, size), anti_aliasing=True)
-        out[i] = ((crop - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
-    return out
+    return photo_crops(photos, n, size, seed)
 
 
 def folder_photos(folder: str, n: int, size: int = 224, seed: int = 7) -> np.ndarray:
@@ -60,9 +50,8 @@ def folder_photos(folder: str, n: int, size: int = 224, seed: int = 7) -> np.nda
     from pathlib import Path
 
     from PIL import Image
-    from skimage.transform import resize
 
-    from edgeopt.zoo import IMAGENET_MEAN, IMAGENET_STD
+    from edgeopt.zoo import photo_crops
 
     photos = []
     for f in sorted(Path(folder).iterdir()):
@@ -74,16 +63,7 @@ def folder_photos(folder: str, n: int, size: int = 224, seed: int = 7) -> np.nda
             photos.append(np.asarray(im.convert("RGB"), np.float32) / 255.0)
     if not photos:
         raise SystemExit(f"no colour photos of at least 200 px in {folder}")
-    rng = np.random.default_rng(seed)
-    out = np.empty((n, 3, size, size), np.float32)
-    for i in range(n):
-        img = photos[i % len(photos)]
-        h, w = img.shape[:2]
-        side = int(min(h, w) * rng.uniform(0.5, 1.0))
-        y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
-        crop = resize(img[y : y + side, x : x + side], (size, size), anti_aliasing=True)
-        out[i] = ((crop - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
-    return out
+    return photo_crops(photos, n, size, seed)
 
 
 def _latency(models: dict[str, object], x: np.ndarray, rounds: int) -> dict[str, float]:
