@@ -250,9 +250,9 @@ def _refit(original: onnx.ModelProto, model: onnx.ModelProto, targets: dict[str,
             nodes.append(node)
             dense[name] = (_linear_form(g0, node), w0.shape, axis)
 
-    def solve(a, y, w_now, b_now, node):
+    def solve(a, y, w_now, b_now, node):  # from the dense original, not the magnitude-pruned weights now there
         (w0, b0), shape, axis = dense[node.name]
-        return _obs_solve(a, y, w0, b0 if b_now is not None else None, node, shape, axis, config)
+        return _obs_solve(a, y, w0, b0, node, shape, axis, config)
 
     _reconstruct(original, model, nodes, {}, calib.subset(min(config.calib_samples, len(calib))), out, solve=solve)
     Graph(model).remove_unused_initializers()
@@ -287,9 +287,9 @@ def _obs_solve(a: np.ndarray, y: np.ndarray, w0: np.ndarray, b0: np.ndarray | No
     except np.linalg.LinAlgError:
         h[np.diag_indices_from(h)] += lam * 10
         chol = np.linalg.cholesky(h)
-    inv = np.linalg.inv(chol)
+    inv = np.linalg.inv(chol)  # h^-1 = inv' inv: one factorization for the saliencies and the dense optimum
     hinv_diag = np.sum(inv * inv, axis=0)  # diag of (L L')^-1 = column norms of L^-1
-    wstar = np.linalg.solve(h, rhs)
+    wstar = inv.T @ (inv @ rhs)
     sal = wstar[:d] ** 2 / hinv_diag[:d, None]
     sal_w = _to_weight(sal, node, shape)
     if config.pattern == "n:m":
