@@ -379,6 +379,65 @@ class CalibrationData:
         cd._cache = feeds
         return cd
 
+    def augmented(self, count: int, seed: int = 0) -> CalibrationData:
+        """These samples, then random crops and flips of them up to ``count`` samples in all (image data only).
+
+        A least-squares re-fit on a few hundred samples fits them almost exactly and generalizes poorly (MobileNetV2
+        2:4 re-fitted on 128 crops reproduces the teacher on those at 40 dB and on other crops of the same photos at
+        12.4 dB; on 1,024 crops, 15 dB): more views of the same images are what the fit lacks.  Each extra sample is a
+        random crop of 60-100% of one sample's side at a random position, resampled bilinearly to the full size, and
+        flipped left-right half of the time; every image input of a sample gets the same crop, other inputs are
+        repeated.  Image inputs: 4-D float ``[N, C, H, W]`` with ``H, W >= 32``.  Unchanged (self) when there are
+        ``count`` samples already, in the per-sample layout, or without an image input.
+
+        Args:
+            count: samples wanted in all.
+            seed: seeds the crops.
+
+        Returns:
+            The extended data (labels repeated with their samples).
+        """
+        n = len(self)
+        feeds = self.feeds()
+        image = {k for k, v in feeds.items() if v.ndim == 4 and np.issubdtype(v.dtype, np.floating)
+                 and v.shape[2] >= 32 and v.shape[3] >= 32}
+        if self.per_sample or n >= count or not image:
+            return self
+        rng = np.random.default_rng(seed)
+        src = np.arange(count - n) % n
+        frac = rng.uniform(0.6, 1.0, len(src))
+        pos = rng.uniform(0.0, 1.0, (len(src), 2))
+        flip = rng.random(len(src)) < 0.5
+        extra: dict[str, np.ndarray] = {}
+        for k, v in feeds.items():
+            if k not in image:
+                extra[k] = v[src]
+                continue
+            h, w = v.shape[2:]
+            out = np.empty((len(src), *v.shape[1:]), v.dtype)
+            for j, i in enumerate(src):
+                ch, cw = frac[j] * h, frac[j] * w
+                y = pos[j, 0] * (h - ch) + (np.arange(h) + 0.5) * ch / h - 0.5
+                x = pos[j, 1] * (w - cw) + (np.arange(w) + 0.5) * cw / w - 0.5
+                if flip[j]:
+                    x = x[::-1]
+                y0 = np.clip(np.floor(y).astype(int), 0, h - 1)
+                x0 = np.clip(np.floor(x).astype(int), 0, w - 1)
+                y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+                fy = np.clip(y - y0, 0, 1)[:, None].astype(v.dtype)
+                fx = np.clip(x - x0, 0, 1)[None, :].astype(v.dtype)
+                img = v[i]
+                top = img[:, y0][:, :, x0] * (1 - fx) + img[:, y0][:, :, x1] * fx
+                bot = img[:, y1][:, :, x0] * (1 - fx) + img[:, y1][:, :, x1] * fx
+                out[j] = top * (1 - fy) + bot * fy
+            extra[k] = out
+        both = {k: np.concatenate([feeds[k], extra[k]]) for k in feeds}
+        labels = None if self.labels is None else np.concatenate([self.labels[:n], self.labels[:n][src]])
+        cd = CalibrationData(lambda: [both], labels, self.batch_size,
+                             f"{self.description or 'calibration data'} + {count - n} random crops/flips of it", fixed_batch=self.fixed_batch)
+        cd._cache = both
+        return cd
+
     def ort_reader(self, batch_size: int | None = None):
         """An ``onnxruntime.quantization.CalibrationDataReader`` over these samples."""
         from onnxruntime.quantization import CalibrationDataReader

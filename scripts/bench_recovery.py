@@ -97,11 +97,14 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=256, help="training crops (224x224)")
     ap.add_argument("--heldout", type=int, default=128, help="held-out crops")
     ap.add_argument("--calib", type=int, default=128, help="training crops the post-training re-fit (least squares) reads")
+    ap.add_argument("--refit", type=int, default=1024,
+                    help="samples the re-fit reads: the --calib crops, filled up with random crops/flips of them")
     ap.add_argument("--steps", type=int, default=400, help="planned steps per recovery (the budget may stop it first)")
     ap.add_argument("--budget", type=float, default=420, help="seconds per recovery")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--block-steps", type=int, default=0, help="block-wise reconstruction steps per block first")
+    ap.add_argument("--block-share", type=float, default=0.5, help="share of --budget the block phase may use")
     ap.add_argument("--train-resolution", default="128,224",
                     help="side of the training crops fed to teacher and student; a list (128,224): progressive resizing")
     ap.add_argument("--rounds", type=int, default=20, help="latency rounds")
@@ -135,10 +138,10 @@ def main() -> None:
         """(post-training student, recover() keyword arguments, artifact maker)"""
         fit = train.subset(min(args.calib, len(train)))
         if kind == "2:4":
-            return run_pass("prune", teacher, {"pattern": "n:m", "reconstruct": True, "calib_samples": len(fit)}, fit,
+            return run_pass("prune", teacher, {"pattern": "n:m", "reconstruct": True, "calib_samples": args.refit}, fit,
                             evaluate=False).model, {}, None
         if kind == "unstructured50":
-            return run_pass("prune", teacher, {"sparsity": 0.5, "reconstruct": True, "calib_samples": len(fit)}, fit,
+            return run_pass("prune", teacher, {"sparsity": 0.5, "reconstruct": True, "calib_samples": args.refit}, fit,
                             evaluate=False).model, {}, None
         if kind == "channel50":
             return run_pass("channel_prune", teacher, {"ratio": 0.5, "calib_samples": len(fit)}, fit,
@@ -162,7 +165,7 @@ def main() -> None:
         start = teacher if art else student  # int4: LSQ trains the fp32 weights onto a 4-bit grid
         t = time.perf_counter()
         res = recover(art[0] if art else teacher, start, train, steps=args.steps, lr=args.lr, batch_size=args.batch,
-                      time_budget_s=args.budget, seed=0, block_steps=args.block_steps,
+                      time_budget_s=args.budget, seed=0, block_steps=args.block_steps, block_share=args.block_share,
                       train_resolution=tuple(int(v) for v in args.train_resolution.split(",")),
                       progress=lambda i, n, loss: print(f"  {i}/{n} loss {loss:.4f}", flush=True) if i % 25 == 0 else None,
                       **extra)
@@ -191,6 +194,11 @@ def main() -> None:
               f"{r.agreement_after:.3f} ({r.validation}; checkpoints [step, agreement, -noise] "
               f"{r.checkpoint_scores}, kept step {r.selected_step}); unseen photos {u0.top1_agreement:.3f} -> {u1.top1_agreement:.3f}; "
               f"loss {r.loss_curve[0]:.3f} -> {r.loss_curve[-1]:.3f}", flush=True)
+        if r.block_phase:
+            b = r.block_phase
+            notes.append(f"block phase: {b['blocks']} blocks, {b['steps']} steps, {b['time_s']:.0f} s, validation "
+                         f"[agreement, -noise] {b['score_before']} -> {b['score_after']}, "
+                         f"{'kept' if b['kept'] else 'not kept'}")
         for n in notes:
             print("  " + n)
         if kind in ("2:4", "channel50"):

