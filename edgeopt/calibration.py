@@ -426,15 +426,15 @@ class CalibrationData:
                 y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
                 fy = np.clip(y - y0, 0, 1)[:, None].astype(v.dtype)
                 fx = np.clip(x - x0, 0, 1)[None, :].astype(v.dtype)
-                img = v[i]
-                top = img[:, y0][:, :, x0] * (1 - fx) + img[:, y0][:, :, x1] * fx
-                bot = img[:, y1][:, :, x0] * (1 - fx) + img[:, y1][:, :, x1] * fx
+                r0, r1 = v[i][:, y0], v[i][:, y1]  # the two source rows of every output row
+                top = r0[:, :, x0] * (1 - fx) + r0[:, :, x1] * fx
+                bot = r1[:, :, x0] * (1 - fx) + r1[:, :, x1] * fx
                 out[j] = top * (1 - fy) + bot * fy
             extra[k] = out
         both = {k: np.concatenate([feeds[k], extra[k]]) for k in feeds}
         labels = None if self.labels is None else np.concatenate([self.labels[:n], self.labels[:n][src]])
-        cd = CalibrationData(lambda: [both], labels, self.batch_size,
-                             f"{self.description or 'calibration data'} + {count - n} random crops/flips of it", fixed_batch=self.fixed_batch)
+        what = f"{self.description or 'calibration data'} + {count - n} random crops/flips of it"
+        cd = CalibrationData(lambda: [both], labels, self.batch_size, what, fixed_batch=self.fixed_batch)
         cd._cache = both
         return cd
 

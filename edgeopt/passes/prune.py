@@ -49,6 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..calibration import CalibrationData
 
+
 def needs_calibration(config: Config) -> bool:
     """Whether the pass needs calibration data under ``config``: only the output-aware re-fit does.
 
@@ -283,8 +284,7 @@ def _refit(original: onnx.ModelProto, model: onnx.ModelProto, targets: dict[str,
         (w0, b0), shape, axis = dense[node.name]
         return _obs_solve(a, y, w0, b0, node, shape, axis, config)
 
-    _reconstruct(original, model, nodes, {}, _fit_data(calib, config, out), out,
-                 solve=solve)
+    _reconstruct(original, model, nodes, {}, _fit_data(calib, config, out), out, solve=solve)
     Graph(model).remove_unused_initializers()
 
 
