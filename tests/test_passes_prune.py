@@ -443,3 +443,22 @@ def test_mobilenetv2_channel_prune():
     # measured with 32 calibration crops: agreement 0.75, cosine 0.957 on 48 held-out crops (0.80 with 64 on 200);
     # 0.0 without reconstruction
     assert f.top1_agreement >= 0.6 and f.cosine > 0.9
+
+
+@pytest.mark.slow
+def test_imagenet_val_samples_are_labelled_imagenet_images():
+    """foolbox's 20 ImageNet images: centre crops first, then random crops of the same images, labels tiled; fp32
+    MobileNetV2 classifies the centre crops as ImageNet evaluation would (measured 18/20 correct)."""
+    from edgeopt.zoo import imagenet_val_samples, mobilenetv2_path
+
+    x, y = imagenet_val_samples(3)
+    assert x.shape == (60, 3, 224, 224) and x.dtype == np.float32 and y.shape == (60,)
+    assert len(set(y[:20].tolist())) == 19  # two of the 20 images are of class 609 (jeep)
+    assert (y[:20] == y[20:40]).all() and (y[:20] == y[40:]).all()
+    assert not np.allclose(x[:20], x[20:40])
+    assert abs(float(x.mean())) < 1.0 and 0.5 < float(x.std()) < 2.0  # ImageNet-normalized
+    x1, y1 = imagenet_val_samples(1)
+    assert np.array_equal(x1, x[:20]) and np.array_equal(y1, y[:20])
+    m = onnx.load(str(mobilenetv2_path()))
+    out = run(m, as_calibration(x1, m))[0]
+    assert (out.argmax(1) == y1).mean() >= 0.8
