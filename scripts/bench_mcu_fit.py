@@ -4,7 +4,8 @@ Steps: :func:`edgeopt.fit.fit_search` without and with ``allow_resolution`` -> :
 (channel pruning with least-squares re-fit on calibration crops; the lower input side if chosen) ->
 :func:`edgeopt.recover.recover` (teacher: the fp32 original at 224; student: the fitted model, fed the same crops
 resized to its side through a fixed resampling prefix that is stripped afterwards; training crops from
-``zoo.imagenet_samples`` seed 0, held-out crops seed 1234 and photos never trained on) -> the normal build
+``zoo.imagenet_samples`` seed 0, held-out crops seed 1234, photos never trained on and 160 crops of 20 real ImageNet
+images, ``zoo.imagenet_val_samples``) -> the normal build
 (``edgeopt.pipeline.build`` for ``mcu-cortex-m7``: full-int8 TFLM artifact, arena measured with tflite-micro).
 
 Reported: the proposal (per-layer channels, resolution, predicted RAM/flash), the measured arena (arena.json) and
@@ -130,8 +131,10 @@ def main() -> None:
               f"{time.perf_counter() - t1:.1f} s", flush=True)
         onnx.save(fitted, str(out / "fitted.onnx"))
 
-    ref = {"held-out crops": logits(teacher, x_held), "unseen photos": logits(teacher, x_unseen)}
-    xs = {"held-out crops": x_held, "unseen photos": x_unseen}
+    x_inet = zoo.imagenet_val_samples(8)[0]  # 160 crops of 20 real ImageNet images (foolbox's samples)
+    ref = {"held-out crops": logits(teacher, x_held), "unseen photos": logits(teacher, x_unseen),
+           "ImageNet images": logits(teacher, x_inet)}
+    xs = {"held-out crops": x_held, "unseen photos": x_unseen, "ImageNet images": x_inet}
     before = {k: agree(ref[k], logits(fitted, resize_images(xs[k], side))) for k in xs}
     print("agreement before recovery: " + ", ".join(f"{k} {v:.3f}" for k, v in before.items()), flush=True)
 
